@@ -1,0 +1,3 @@
+"""zerotune: fine-tune large language models with LoRA, QLoRA or full training, from one CPU to a GPU cluster."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,186 @@
+"""The ``zerotune`` command: one plain function per subcommand.
+
+Train flags are generated from the typed config (zerotune.config), so flags, YAML keys and
+``section.key=value`` overrides share one schema and one set of help texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+
+from zerotune.errors import ZerotuneError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from zerotune.config import SECTIONS, field_specs
+
+    groups = {name: parser.add_argument_group(f"{name} ({cls.__doc__.strip()})") for name, cls in SECTIONS.items()}
+    for key, spec, annotation in field_specs():
+        flag = spec.metadata.get("flag")
+        if not flag:
+            continue
+        section = key.split(".")[0]
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        help_text = f"{spec.metadata['help']} [{key}; default: {default!r}]"
+        if annotation is bool:
+            groups[section].add_argument(flag, dest=key, action="store_true", default=argparse.SUPPRESS,
+                                         help=help_text)
+            continue
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        groups[section].add_argument(flag, dest=key, default=argparse.SUPPRESS, choices=choices,
+                                     metavar=None if choices else key.split(".")[1].upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zerotune",
+        description="Fine-tune LLMs with LoRA, QLoRA or full training, on one CPU or many GPUs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="fine-tune a model",
+        description="Fine-tune a model. Settings come from CONFIG.yaml, then flags, then section.key=value "
+                    "overrides (highest precedence). Every flag below is also a YAML key, shown in brackets.",
+    )
+    train.add_argument("inputs", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
+                       help="an optional YAML config, then dotted overrides such as train.lr=1e-4")
+    _add_config_flags(train)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    generate = commands.add_parser("generate", help="generate responses with a base model and an adapter")
+    generate.add_argument("--model", required=True, help="base model: hub id or local directory")
+    generate.add_argument("--adapter", help="adapter directory written by train (output_dir/adapter)")
+    generate.add_argument("--instruction", help="the instruction to answer")
+    generate.add_argument("--input", default="", help="optional input / context for the instruction")
+    generate.add_argument("--prompts", help="batch mode: .jsonl of {instruction, input} records, or a text file "
+                                            "with one instruction a line; prints one JSON line per prompt")
+    generate.add_argument("--template", help="alpaca, alpaca_es, chat or auto; default: the one recorded with the "
+                                             "adapter, else alpaca")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    generate.add_argument("--temperature", type=float, default=0.0,
+                          help="sampling temperature; 0 (default) decodes greedily")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    generate.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
+    generate.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    generate.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model and save it")
+    merge.add_argument("--model", required=True, help="base model: hub id or local directory")
+    merge.add_argument("--adapter", required=True, help="adapter directory written by train")
+    merge.add_argument("--output-dir", required=True, help="where to write the merged model (safetensors)")
+    merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="dtype of the merged weights (default fp32)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    quickstart = commands.add_parser(
+        "quickstart", help="offline demo: build a tiny model, fine-tune it on bundled EN+ES data, compare outputs")
+    quickstart.add_argument("--output-dir", default="quickstart-output", help="where the run goes")
+    quickstart.add_argument("--max-steps", type=int, default=None, help="override the example's step count")
+    quickstart.add_argument("--tracking", choices=["mlflow", "none"], default=None,
+                            help="mlflow (default when installed) or none")
+    return parser
+
+
+def split_train_inputs(inputs: list[str]) -> tuple[str | None, list[str]]:
+    config_file, overrides = None, []
+    for item in inputs:
+        if "=" in item:
+            overrides.append(item)
+        elif config_file is None and item.endswith((".yaml", ".yml")):
+            config_file = item
+        else:
+            raise ZerotuneError(f"{item!r}: expected a .yaml config file or a section.key=value override")
+    return config_file, overrides
+
+
+def config_from_args(args: argparse.Namespace):
+    from zerotune.config import build_config, load_yaml, parse_overrides
+
+    config_file, overrides = split_train_inputs(args.inputs)
+    flags = {key: value for key, value in vars(args).items() if "." in key}
+    layers = [load_yaml(config_file)] if config_file else []
+    return build_config(*layers, flags, parse_overrides(overrides))
+
+
+def command_train(args: argparse.Namespace):
+    from zerotune.launchers import launch
+    from zerotune.preflight import preflight
+    from zerotune.train import prepare_output_dir
+
+    config = config_from_args(args)
+    preflight(config)
+    prepare_output_dir(Path(config.output.dir), config.output.overwrite)
+    result = launch(config, show_progress=not args.quiet)
+    print(f"done: outputs in {config.output.dir}")
+    return result
+
+
+def _pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def command_generate(args: argparse.Namespace) -> None:
+    import json
+
+    from zerotune.generate import SamplingOptions, generate, load_for_generation, read_prompt_file, \
+        render_prompt, resolve_template
+
+    if not args.instruction and not args.prompts:
+        raise ZerotuneError("generate: pass --instruction TEXT or --prompts FILE")
+    records = read_prompt_file(args.prompts) if args.prompts else [{"instruction": args.instruction,
+                                                                     "input": args.input}]
+    templates = [resolve_template(args.template, args.adapter, record) for record in records]
+    if args.adapter and not Path(args.adapter, "adapter_config.json").is_file():
+        raise ZerotuneError(f"{args.adapter}: not an adapter directory (no adapter_config.json)")
+    from zerotune.config import ModelConfig
+    from zerotune.model import check_model_source
+
+    check_model_source(ModelConfig(name=args.model, trust_remote_code=args.trust_remote_code))
+    model, tokenizer = load_for_generation(args.model, args.adapter, device=_pick_device(args.device),
+                                           trust_remote_code=args.trust_remote_code)
+    prompts = [render_prompt(record, template, tokenizer) for record, template in zip(records, templates)]
+    options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.num_beams)
+    responses = generate(model, tokenizer, prompts, options)
+    if args.prompts:
+        for record, response in zip(records, responses):
+            print(json.dumps({**record, "response": response}, ensure_ascii=False))
+    else:
+        print(responses[0])
+
+
+def command_merge(args: argparse.Namespace) -> None:
+    from zerotune.merge import merge_to_directory
+
+    merge_to_directory(args.model, args.adapter, Path(args.output_dir), args.dtype, args.overwrite)
+    print(f"merged model written to {args.output_dir}")
+
+
+def command_quickstart(args: argparse.Namespace) -> None:
+    from zerotune.quickstart import run_quickstart
+
+    run_quickstart(Path(args.output_dir), max_steps=args.max_steps, tracking=args.tracking)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
+                "quickstart": command_quickstart}
+    try:
+        handlers[args.command](args)
+    except ZerotuneError as error:
+        print(f"zerotune: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0

@@ -1,0 +1,336 @@
+"""The one schema for a run: YAML files, CLI flags and ``key=value`` overrides all land here.
+
+Each section is a small dataclass. Every field carries its CLI flag and a help text in its metadata, so
+``--help``, the YAML reference in the README and validation all come from this file.
+Precedence, lowest to highest: defaults, YAML, flags, dotted overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from zerotune.errors import ConfigError
+
+
+def option(default: Any, help: str, flag: str | None = None, **kwargs: Any) -> Any:
+    """A config field with its help text and (optionally) its CLI flag."""
+    metadata = {"help": help, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name: str = option("meta-llama/Llama-2-7b-hf", "Hub id or local Hugging Face model directory.", "--model")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Weight and compute dtype. auto: bf16 on GPUs that support it, fp32 on CPU.", "--dtype"
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = option(
+        "auto", "Attention kernel. auto: flash_attention_2 when installed on a GPU, else sdpa.", "--attn-implementation"
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass: less memory, about 30% more compute.",
+        "--gradient-checkpointing",
+    )
+    trust_remote_code: bool = option(
+        False, "Allow model code from the hub to run. Off unless you trust the model's repository.",
+        "--trust-remote-code",
+    )
+
+
+@dataclass
+class AdapterConfig:
+    """What trains: LoRA adapters, QLoRA (4-bit base) or every weight."""
+
+    method: Literal["lora", "qlora", "full"] = option("lora", "lora, qlora (4-bit NF4 base, GPU) or full.", "--method")
+    r: int = option(16, "LoRA rank.", "--lora-r")
+    alpha: int = option(32, "LoRA alpha; the update is scaled by alpha / r.", "--lora-alpha")
+    dropout: float = option(0.05, "Dropout on the LoRA input.", "--lora-dropout")
+    target_modules: list[str] = option(
+        ["all-linear"],
+        "Module names to adapt. all-linear adapts every linear layer but the output head "
+        "(Llama's q_proj..down_proj, Falcon's query_key_value..dense_4h_to_h).",
+        "--lora-target-modules",
+    )
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    path: str = option("", "Local .json, .jsonl or .parquet file, or a hub dataset id.", "--data")
+    template: Literal["auto", "alpaca", "alpaca_es", "chat"] = option(
+        "auto", "Prompt template. auto: chat for records with 'messages', else alpaca.", "--template"
+    )
+    eval_path: str = option("", "Separate evaluation file. Empty: hold out eval_fraction of the data.", "--eval-data")
+    eval_fraction: float = option(0.05, "Fraction held out for evaluation when no eval file is given.", "--eval-fraction")
+    max_seq_len: int = option(1024, "Longest tokenized example, prompt and response together.", "--max-seq-len")
+    overlong: Literal["truncate", "drop"] = option(
+        "truncate", "What to do with examples longer than max_seq_len.", "--overlong"
+    )
+    split: str = option("train", "Split to read from a hub dataset.", "--split")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = option(0, "Optimizer steps to run. 0: run for `epochs` epochs.", "--max-steps")
+    epochs: float = option(1.0, "Epochs over the training data when max_steps is 0.", "--epochs")
+    batch_size: int = option(4, "Micro-batch size per worker (examples per forward pass).", "--batch-size")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", "--grad-accum")
+    lr: float = option(2e-4, "Peak learning rate.", "--lr")
+    weight_decay: float = option(0.0, "AdamW weight decay.", "--weight-decay")
+    warmup_steps: int = option(0, "Linear warmup steps before the schedule starts.", "--warmup-steps")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate decay after warmup.", "--schedule")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", "--max-grad-norm")
+    seed: int = option(42, "Seed for weights of new LoRA layers, data order and dropout.", "--seed")
+    eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", "--eval-every")
+    log_every: int = option(1, "Log training metrics every N steps.", "--log-every")
+
+
+@dataclass
+class DistributedConfig:
+    """How many workers and which engine."""
+
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = option(
+        "auto", "Engine. auto: single for one worker; DDP for several unless the model needs sharding.", "--strategy"
+    )
+    zero_stage: int = option(3, "DeepSpeed ZeRO stage (1, 2 or 3).", "--zero-stage")
+    offload: Literal["none", "optimizer", "params", "all"] = option(
+        "none", "DeepSpeed CPU offload: optimizer states, parameters, or both.", "--offload"
+    )
+    deepspeed_config: str = option(
+        "", "A DeepSpeed JSON, used as-is; its \"auto\" values are filled from this config.", "--deepspeed"
+    )
+    launcher: Literal["auto", "local", "ray"] = option(
+        "auto", "How workers start. auto: ray when --ray-address is set, else local processes.", "--launcher"
+    )
+    num_workers: int = option(1, "Worker processes (one per GPU, or CPU workers with --use-cpu).", "--num-workers")
+    use_cpu: bool = option(False, "Train on CPU workers (gloo) even if GPUs exist.", "--use-cpu")
+    no_deepspeed: bool = option(
+        False, "Never use DeepSpeed (the original tutorial's flag): DDP, or FSDP if asked.", "--no-deepspeed"
+    )
+    ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster. Empty: start a local Ray.",
+                              "--ray-address")
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go."""
+
+    backend: Literal["mlflow", "none"] = option(
+        "mlflow", "mlflow logs params, metrics and artifacts; none writes only metrics.jsonl and loss.png.", "--tracking"
+    )
+    uri: str = option(
+        "", "MLflow tracking URI, e.g. http://127.0.0.1:5000. Empty: a local store in ./mlruns.", "--tracking-uri"
+    )
+    experiment: str = option("zerotune", "MLflow experiment name.", "--experiment")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = option("runs/zerotune", "Output directory for the adapter or model, metrics and plots.", "--output-dir")
+    overwrite: bool = option(False, "Replace an output directory that already holds a run.", "--overwrite")
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+SECTIONS: dict[str, type] = _section_types()
+
+
+def field_specs() -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every leaf field as (dotted key, Field, type annotation)."""
+    specs = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            specs.append((f"{section}.{f.name}", f, hints[f.name]))
+    return specs
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against ``annotation``; convert strings from the command line. Raises ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [coerce(key, v, args[0]) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _flatten(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    """Nested YAML mapping -> {'section.field': value}, naming unknown keys."""
+    flat: dict[str, Any] = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return _flatten(tree, str(path))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``['train.lr=1e-4', ...]`` -> {'train.lr': '1e-4'}; values are typed later by coerce()."""
+    flat = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+        key, value = item.split("=", 1)
+        flat[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return flat
+
+
+def build_config(*layers: dict[str, Any]) -> RunConfig:
+    """Apply flat {'section.key': value} layers over the defaults, checking every key and type."""
+    specs = {key: annotation for key, _, annotation in field_specs()}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in specs:
+                section = key.split(".")[0]
+                if section in SECTIONS:
+                    known = ", ".join(k.split(".", 1)[1] for k in specs if k.startswith(section + "."))
+                    raise ConfigError(f"unknown config key {key!r} (section {section} has: {known})")
+                raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(SECTIONS)})")
+            merged[key] = coerce(key, value, specs[key])
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in merged.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    config = RunConfig(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+    validate(config)
+    return config
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from ``to_dict()`` output (e.g. a config.yaml written by a run)."""
+    return build_config(_flatten(tree, "config"))
+
+
+def validate(config: RunConfig) -> None:
+    """Checks across fields that types alone cannot express."""
+    positive = {
+        "train.batch_size": config.train.batch_size,
+        "train.grad_accum": config.train.grad_accum,
+        "data.max_seq_len": config.data.max_seq_len,
+        "distributed.num_workers": config.distributed.num_workers,
+        "adapter.r": config.adapter.r,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps: must be 0 or more, got {config.train.max_steps}")
+    if config.train.max_steps == 0 and config.train.epochs <= 0:
+        raise ConfigError("train.epochs: must be positive when train.max_steps is 0")
+    if not 0 <= config.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {config.data.eval_fraction}")
+    if config.distributed.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage: ZeRO has stages 1, 2 and 3, got {config.distributed.zero_stage}")
+    if config.distributed.no_deepspeed and config.distributed.strategy == "deepspeed":
+        raise ConfigError("distributed.strategy: 'deepspeed' contradicts --no-deepspeed; pick one")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)

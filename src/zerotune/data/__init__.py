@@ -1,0 +1,1 @@
+"""Data: read records, render prompt templates, tokenize with response-only labels, batch."""

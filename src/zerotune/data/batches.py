@@ -1,0 +1,75 @@
+"""Deterministic global batches, split across workers and micro-steps, and padding collation.
+
+The global order depends only on the seed and the epoch, never on the worker count: a global batch of
+``batch_size * grad_accum * world_size`` examples is the same set whether one worker runs 8 micro-batches
+or two workers run 4 each. With token-weighted loss this makes runs comparable across worker counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zerotune.data.encode import IGNORE_INDEX, EncodedExample
+from zerotune.errors import DataError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    num_examples: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch_size
+
+    def check(self, source: str) -> None:
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{source}: {self.num_examples} training examples is fewer than one global batch "
+                f"(batch_size {self.micro_batch_size} x grad_accum {self.grad_accum} x workers {self.world_size} "
+                f"= {self.global_batch_size}); lower those or add data"
+            )
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator).tolist()
+
+    def micro_batches(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:
+        """Example indices of this rank's micro-batches for one optimizer step."""
+        order = self.epoch_order(epoch)
+        start = step_in_epoch * self.global_batch_size
+        batch = order[start : start + self.global_batch_size]
+        size = self.micro_batch_size
+        return [
+            batch[(micro * self.world_size + rank) * size : (micro * self.world_size + rank + 1) * size]
+            for micro in range(self.grad_accum)
+        ]
+
+
+def collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Padding gets label -100 and attention mask 0."""
+    longest = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids)
+        labels[row, :length] = torch.tensor(example.labels)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def eval_batches(num_examples: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """Contiguous eval batches, dealt round-robin to ranks; every example is seen exactly once."""
+    batches = [list(range(i, min(i + batch_size, num_examples))) for i in range(0, num_examples, batch_size)]
+    return batches[rank::world_size]

@@ -1,0 +1,113 @@
+"""Turn records into token ids with labels on the response only (prompt tokens get -100).
+
+EOS is appended to every response and carries a label, so the model learns to stop. Labels are built
+here, never derived from ``input_ids == pad_token_id``, so this holds when pad == eos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from zerotune.data.templates import get_alpaca_template, template_for_record
+from zerotune.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_label_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class EncodeReport:
+    """What happened to the records, logged at the start of a run."""
+
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    templates: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        used = ", ".join(f"{name}: {count}" for name, count in sorted(self.templates.items()))
+        return (
+            f"{self.kept} of {self.total} examples kept ({self.truncated} truncated, {self.dropped} dropped "
+            f"as too long); templates {used}"
+        )
+
+
+def encode_alpaca(tokenizer, record: dict[str, Any], template_name: str) -> EncodedExample:
+    template = get_alpaca_template(template_name)
+    prompt = template.render_prompt(record["instruction"], record.get("input") or "")
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return EncodedExample(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids)
+
+
+def encode_chat(tokenizer, record: dict[str, Any]) -> EncodedExample:
+    """Render with the tokenizer's chat template; label only what each assistant turn adds."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; use --template alpaca or a chat model's tokenizer")
+    messages = record["messages"]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        else:
+            before = None
+        upto = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if before is not None:
+            _extend(tokenizer, before[len(rendered):], input_ids, labels, learn=False, first=not input_ids)
+            _extend(tokenizer, upto[len(before):], input_ids, labels, learn=True, first=False)
+        else:
+            _extend(tokenizer, upto[len(rendered):], input_ids, labels, learn=False, first=not input_ids)
+        rendered = upto
+    if input_ids[-1] != tokenizer.eos_token_id:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return EncodedExample(input_ids, labels)
+
+
+def _extend(tokenizer, text: str, input_ids: list[int], labels: list[int], learn: bool, first: bool) -> None:
+    if not text:
+        return
+    # A BOS token comes from the template text itself when the template has one.
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    input_ids.extend(ids)
+    labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
+
+
+def encode_records(tokenizer, records, where, template: str, max_seq_len: int, overlong: str):
+    """Encode all records. Returns (examples, report); raises DataError if none survive."""
+    report = EncodeReport(total=len(records))
+    examples = []
+    for record in records:
+        name = template_for_record(record, template)
+        report.templates[name] = report.templates.get(name, 0) + 1
+        example = encode_chat(tokenizer, record) if name == "chat" else encode_alpaca(tokenizer, record, name)
+        if len(example.input_ids) > max_seq_len:
+            if overlong == "drop":
+                report.dropped += 1
+                continue
+            example = EncodedExample(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+            if example.num_label_tokens == 0:  # the prompt alone fills the window: nothing to learn
+                report.dropped += 1
+                continue
+            report.truncated += 1
+        examples.append(example)
+    report.kept = len(examples)
+    if not examples:
+        raise DataError(
+            f"all {report.total} examples are longer than data.max_seq_len={max_seq_len} tokens "
+            "(or their prompt fills it); raise --max-seq-len or use --overlong truncate"
+        )
+    return examples, report

@@ -1,0 +1,110 @@
+"""Read instruction records from local files or the hub, and check every record before any model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from zerotune.data.templates import template_for_record
+from zerotune.errors import DataError
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def looks_local(path: str) -> bool:
+    return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
+
+
+def read_records(path: str, split: str = "train") -> tuple[list[dict[str, Any]], list[str]]:
+    """Records plus, for each, where it came from (``file line N`` or ``file record N``) for error messages."""
+    if not path:
+        raise DataError("data.path is empty: pass --data FILE.jsonl (or .json/.parquet) or a hub dataset id")
+    if looks_local(path):
+        return _read_local(Path(path).expanduser())
+    return _read_hub(path, split)
+
+
+def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; check the path given to --data")
+    if path.suffix == ".jsonl":
+        records, where = [], []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path} line {number}: malformed JSON ({error.msg}); fix or delete that line") from None
+                records.append(record)
+                where.append(f"{path} line {number}")
+        return records, where
+    if path.suffix == ".json":
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {error.lineno}: malformed JSON ({error.msg})") from None
+        if isinstance(content, dict) and isinstance(content.get("data"), list):
+            content = content["data"]
+        if not isinstance(content, list):
+            raise DataError(f"{path}: expected a JSON list of records (or JSON lines in a .jsonl file)")
+        return content, [f"{path} record {i + 1}" for i in range(len(content))]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as parquet
+
+        rows = parquet.read_table(path).to_pylist()
+        return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+
+
+def _read_hub(dataset_id: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{dataset_id!r} is not a local file, and reading hub datasets needs the 'datasets' package: "
+            "pip install 'zerotune[hub]', or pass a local .jsonl file"
+        ) from None
+    try:
+        table = datasets.load_dataset(dataset_id, split=split)
+    except Exception as error:  # the hub raises many types; the user needs one message
+        raise DataError(
+            f"cannot load hub dataset {dataset_id!r} (split {split!r}): {type(error).__name__}; "
+            "if you are offline, download it once or pass a local .jsonl/.json/.parquet file"
+        ) from None
+    rows = table.to_list()
+    return rows, [f"{dataset_id} row {i + 1}" for i in range(len(rows))]
+
+
+def check_records(records: list[dict[str, Any]], where: list[str], template: str, source: str) -> None:
+    """Every record must fit its template: alpaca needs instruction and output, chat needs messages."""
+    if not records:
+        raise DataError(f"{source}: the dataset is empty; it needs at least one record")
+    for record, place in zip(records, where):
+        if not isinstance(record, dict):
+            raise DataError(f"{place}: expected a JSON object, got {type(record).__name__}")
+        kind = template_for_record(record, template)
+        if kind == "chat":
+            _check_chat(record, place)
+            continue
+        for name in ("instruction", "output"):
+            value = record.get(name)
+            if not isinstance(value, str) or (name == "instruction" and not value.strip()):
+                raise DataError(
+                    f'{place}: missing field "{name}" (alpaca records need instruction, optional input, output)'
+                )
+        if record.get("input") is not None and not isinstance(record["input"], str):
+            raise DataError(f'{place}: field "input" must be a string')
+
+
+def _check_chat(record: dict[str, Any], place: str) -> None:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{place}: missing field "messages" (chat records need a list of role/content messages)')
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{place}: messages[{index}] needs role and content")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"{place}: no assistant message, so nothing to learn from this conversation")

@@ -1,0 +1,113 @@
+"""Load a causal LM and its tokenizer: dtype, attention kernel, checkpointing, quantization.
+
+No distributed code lives here; strategies place and wrap the model afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from zerotune.config import ModelConfig
+from zerotune.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attention(name: str, device_type: str) -> str:
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package; use sdpa")
+    if name != "auto":
+        return name
+    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def check_model_source(config: ModelConfig):
+    """Read the model's config.json (no weights) so a bad id fails before anything heavy happens."""
+    from transformers import AutoConfig
+
+    name = config.name
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{local}: not a Hugging Face model directory (no config.json); check --model")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.exists() else name,
+                                          trust_remote_code=config.trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ConfigError(
+                f"model {name!r} needs its own code from the hub; pass --trust-remote-code only if you trust it"
+            ) from None
+        raise ConfigError(f"model {name!r}: {str(error).splitlines()[0]}") from None
+    except OSError:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ConfigError(
+            f"model {name!r} is not a local directory and cannot be reached on the hub"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}; download it once or pass a local model directory"
+        ) from None
+
+
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.name, trust_remote_code=config.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model {config.name!r}: the tokenizer has no EOS token, so the model cannot learn to stop")
+    if tokenizer.pad_token_id is None:
+        # Labels are built explicitly, so pad == eos does not hide the EOS label.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, method: str, device: torch.device, dtype: torch.dtype):
+    """Load the base model onto ``device``. QLoRA loads 4-bit NF4 weights through bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=resolve_attention(config.attn_implementation, device.type),
+        trust_remote_code=config.trust_remote_code,
+    )
+    if method == "qlora":
+        kwargs["quantization_config"] = qlora_quantization_config(dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(config.name, **kwargs)
+    if method != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained returns eval mode, and transformers only checkpoints in train mode.
+    model.train()
+    return model
+
+
+def qlora_quantization_config(compute_dtype: torch.dtype):
+    if not torch.cuda.is_available():
+        raise ConfigError("adapter.method qlora needs a CUDA GPU for bitsandbytes 4-bit; on CPU use --method lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("adapter.method qlora needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,  # lets FSDP and ZeRO-3 shard the packed weights
+    )

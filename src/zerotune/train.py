@@ -1,0 +1,235 @@
+"""THE training loop. Every engine and launcher ends up here; the loop never names a strategy.
+
+Loss normalisation: each optimizer step's loss is the sum of per-token cross-entropy over every label token
+of the global batch (all micro-batches on all ranks), divided by the number of those tokens. Each micro-batch
+backpropagates ``loss_sum * world_size / global_tokens``; the engines average gradients over ranks, which
+turns that back into the global token mean. So 1x8, 2x4 and 4x2 splits give the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zerotune import adapters
+from zerotune.config import RunConfig, dump_yaml
+from zerotune.data.batches import BatchPlan, collate, eval_batches
+from zerotune.data.encode import IGNORE_INDEX
+from zerotune.data.prepare import prepare_data
+from zerotune.model import load_model, load_tokenizer, resolve_dtype
+from zerotune.strategies import create_strategy
+from zerotune.strategies.process_group import join_process_group, leave_process_group
+from zerotune.tracking import NullTracker, Tracker
+
+RUN_METADATA = "zerotune.json"
+
+
+@dataclass
+class RunResult:
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+    output_dir: Path | None = None
+    strategy: str = ""
+    mlflow_run_id: str | None = None
+
+
+def choose_strategy(config: RunConfig, world_size: int) -> str:
+    """The documented rule for --strategy auto (README, 'Choosing an engine')."""
+    wanted = config.distributed.strategy
+    if wanted != "auto":
+        return wanted
+    if config.distributed.deepspeed_config and not config.distributed.no_deepspeed:
+        return "deepspeed"
+    if world_size == 1:
+        return "single"
+    return "ddp"
+
+
+def learning_rate_factor(config: RunConfig, total_steps: int):
+    """Linear warmup, then cosine, linear or constant; a multiplier of the peak lr per step."""
+    warmup = config.train.warmup_steps
+    schedule = config.train.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over label tokens, and the number of those tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Called once, before any worker starts (the CLI checks it again before loading anything)."""
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            from zerotune.errors import ConfigError
+
+            raise ConfigError(f"{output_dir}: output directory already holds a run; pass --overwrite or pick another")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run(config: RunConfig, show_progress: bool = True) -> RunResult:
+    """Train with ``config`` in this process, which is one worker of possibly many."""
+    place = join_process_group(config.distributed.use_cpu, need_group=choose_strategy(config, 1) not in ("single",))
+    strategy_name = choose_strategy(config, place.world_size)
+    strategy = create_strategy(strategy_name, config, place.device, place.rank, place.world_size)
+    output_dir = Path(config.output.dir)
+    try:
+        return _train(config, strategy, output_dir, show_progress)
+    finally:
+        strategy.close()
+        leave_process_group()
+
+
+def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -> RunResult:
+    seed = config.train.seed
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_data(config.data, tokenizer, seed)
+    plan = BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, strategy.world_size, seed)
+    plan.check(config.data.path)
+    if config.train.max_steps:
+        total_steps = config.train.max_steps
+    else:
+        total_steps = max(1, math.ceil(config.train.epochs * plan.steps_per_epoch))
+
+    tracker = Tracker(config, output_dir, show_progress) if strategy.is_main else NullTracker()
+    if strategy.is_main:
+        (output_dir / "config.yaml").write_text(dump_yaml(config))
+        tracker.note(f"data: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval")
+        tracker.note(
+            f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global batch "
+            f"{plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum} "
+            f"x workers {plan.world_size}; {total_steps} steps"
+        )
+
+    dtype = resolve_dtype(config.model.dtype, strategy.device.type)
+    model = load_model(config.model, config.adapter.method, strategy.device, dtype)
+    model = adapters.apply_method(model, config.adapter, seed)
+    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+
+    def build_optimizer(params):
+        fused = strategy.device.type == "cuda"
+        return torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay,
+                                 betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+    def build_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, total_steps))
+
+    model = strategy.wrap(model, build_optimizer, build_scheduler)
+    model.train()
+    result = RunResult(output_dir=output_dir, strategy=strategy.name, mlflow_run_id=tracker.run_id)
+    tracker.start(total_steps)
+    if data.eval and config.train.eval_every:
+        # A step-0 evaluation shows where the base model starts.
+        eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id)
+        result.eval_losses.append(eval_loss)
+        tracker.log(0, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+
+    for step in range(total_steps):
+        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+        micro_indices = plan.micro_batches(epoch, step_in_epoch, strategy.rank)
+        batches = [collate([data.train[i] for i in indices], tokenizer.pad_token_id) for indices in micro_indices]
+        started = time.perf_counter()
+        local_tokens = torch.tensor(float(sum(count_label_tokens(b) for b in batches)), device=strategy.device)
+        global_tokens = strategy.all_reduce_sum(local_tokens)
+        step_loss_sum = torch.zeros((), device=strategy.device)
+        for index, batch in enumerate(batches):
+            batch = to_device(batch, strategy.device)
+            with strategy.accumulating(model, sync=index == len(batches) - 1):
+                loss_sum, _ = token_loss_sum(model, batch)
+                strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
+            step_loss_sum += loss_sum.detach()
+        lr = strategy.current_lr()
+        grad_norm = strategy.optimizer_step(model)
+        input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        totals = strategy.all_reduce_sum(torch.stack([step_loss_sum, torch.tensor(float(input_tokens),
+                                                                                   device=strategy.device)]))
+        elapsed = time.perf_counter() - started
+        loss = float(totals[0] / global_tokens.clamp(min=1))
+        result.losses.append(loss)
+        if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+            tracker.log(step + 1, {
+                "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / plan.steps_per_epoch,
+                "tokens_per_second": float(totals[1]) / elapsed, "label_tokens": float(global_tokens),
+                **memory_metrics(strategy.device),
+            })
+        last = step + 1 == total_steps
+        if data.eval and (last or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)):
+            eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id)
+            result.eval_losses.append(eval_loss)
+            tracker.log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+
+    save_outputs(config, strategy, model, tokenizer, output_dir, data.report.templates, trainable, tracker)
+    tracker.finish()
+    return result
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+@torch.no_grad()
+def evaluate(model, strategy, examples, batch_size: int, pad_token_id: int) -> float:
+    """Token-weighted mean loss over every eval example, across all ranks."""
+    model.eval()
+    totals = torch.zeros(2, device=strategy.device)
+    for indices in eval_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
+        batch = to_device(collate([examples[i] for i in indices], pad_token_id), strategy.device)
+        loss_sum, tokens = token_loss_sum(model, batch)
+        totals += torch.stack([loss_sum, tokens.float()])
+    totals = strategy.all_reduce_sum(totals)
+    model.train()
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def save_outputs(config, strategy, model, tokenizer, output_dir, templates, trainable, tracker) -> None:
+    """Gather what must be saved (only the adapter for LoRA), write it on rank 0, verify it."""
+    method = config.adapter.method
+    state = strategy.full_state_dict(model) if method == "full" else strategy.trainable_state_dict(model)
+    if strategy.is_main:
+        inner = strategy.unwrap(model)
+        target = adapters.save_trained(inner, state, output_dir, method)
+        if method != "full":
+            adapters.verify_adapter(target, len(trainable), sum(count for _, count in trainable))
+        tokenizer.save_pretrained(target)
+        tokenizer.save_pretrained(output_dir)
+        metadata = {"base_model": config.model.name, "method": method, "template": config.data.template,
+                    "templates_used": templates}
+        (target / RUN_METADATA).write_text(json.dumps(metadata, indent=2))
+        tracker.log_artifacts([target, output_dir / "config.yaml"])
+    strategy.barrier()
