@@ -28,7 +28,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         section = key.split(".")[0]
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        help_text = f"{spec.metadata['help']} [{key}; default: {default!r}]"
+        help_text = f"{spec.metadata['help']} [{key}; default: {default!r}]".replace("%", "%%")
         if annotation is bool:
             groups[section].add_argument(flag, dest=key, action="store_true", default=argparse.SUPPRESS,
                                          help=help_text)
@@ -173,9 +173,21 @@ def command_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(Path(args.output_dir), max_steps=args.max_steps, tracking=args.tracking)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but train's overrides may come after flags (argparse stops at the first flag)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or args.command != "train"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see zerotune {args.command} --help)")
+    if args.command == "train":
+        args.inputs = list(args.inputs) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
                 "quickstart": command_quickstart}
     try:

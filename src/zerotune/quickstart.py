@@ -22,7 +22,7 @@ def resource(name: str) -> Path:
     return Path(str(resources.files("zerotune") / "resources" / name))
 
 
-def _tokenizer_corpus(records: list[dict]) -> list[str]:
+def tokenizer_corpus(records: list[dict]) -> list[str]:
     from zerotune.data.templates import ALPACA, ALPACA_ES
 
     texts = []
@@ -61,7 +61,7 @@ def run_quickstart(output_dir: Path, max_steps: int | None = None, tracking: str
     train_file, eval_file = resource("quickstart_train.jsonl"), resource("quickstart_eval.jsonl")
     held_out = _read_jsonl(eval_file)
     base_dir = save_tiny_model(
-        output_dir / "base-model", _tokenizer_corpus(_read_jsonl(train_file) + held_out), "llama",
+        output_dir / "base-model", tokenizer_corpus(_read_jsonl(train_file) + held_out), "llama",
         vocab_size=400, hidden_size=192, layers=4, heads=6, intermediate_size=512, seed=0,
     )
     print(f"built a tiny Llama-architecture model and tokenizer in {base_dir}")

@@ -1,0 +1,102 @@
+"""Each bad input: one-line error naming the file/line/field, exit status 2, nothing loaded or overwritten."""
+
+import json
+
+import pytest
+
+from zerotune.cli import main
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to load weights fails the test: errors must come first."""
+    import zerotune.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input error was reported")
+
+    monkeypatch.setattr(zerotune.train, "load_model", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+
+
+def run_cli(capsys, *argv):
+    status = main(["train", "--tracking", "none", *map(str, argv)])
+    err = capsys.readouterr().err.strip()
+    return status, err
+
+
+def base_args(tiny_llama, data, out):
+    return ["--model", tiny_llama, "--data", data, "--output-dir", out, "--max-steps", "1", "--batch-size", "1"]
+
+
+CASES = {
+    "missing_file": (None, r"missing\.jsonl: data file not found"),
+    "malformed_line": ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output"\n',
+                       r"bad\.jsonl line 2: malformed JSON"),
+    "missing_output": ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n',
+                       r'bad\.jsonl line 2: missing field "output"'),
+    "missing_instruction": ('{"output": "b"}\n', r'bad\.jsonl line 1: missing field "instruction"'),
+    "empty_dataset": ("\n", r"bad\.jsonl: the dataset is empty"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data(case, tiny_llama, tmp_path, capsys, no_model_loading):
+    content, pattern = CASES[case]
+    data = tmp_path / ("missing.jsonl" if content is None else "bad.jsonl")
+    if content is not None:
+        data.write_text(content)
+    status, err = run_cli(capsys, *base_args(tiny_llama, data, tmp_path / "out"))
+    assert status == 2
+    assert len(err.splitlines()) == 1
+    assert err.startswith("zerotune: error: ")
+    import re
+
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_examples_too_long(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"),
+                          "--max-seq-len", "8", "--overlong", "drop")
+    assert status == 2 and "longer than data.max_seq_len=8" in err and "--max-seq-len" in err
+
+
+def test_unknown_template(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "data.template=vicuna")
+    assert status == 2 and "data.template: 'vicuna' is not one of" in err
+
+
+def test_unknown_config_key(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  learning_rate: 0.1\n")
+    status, err = run_cli(capsys, config, *base_args(tiny_llama, alpaca_file, tmp_path / "out"))
+    assert status == 2 and "unknown config key 'train.learning_rate'" in err and "lr" in err
+
+
+def test_unreachable_model(alpaca_file, tmp_path, capsys, monkeypatch, no_model_loading):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    status, err = run_cli(capsys, *base_args("nobody/no-such-model-xyz", alpaca_file, tmp_path / "out"))
+    assert status == 2 and "'nobody/no-such-model-xyz'" in err and "local model directory" in err
+
+
+def test_existing_output_dir_is_kept(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, out))
+    assert status == 2 and "already holds a run; pass --overwrite" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_not_enough_examples_for_one_batch(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out")[:-2],
+                          "--batch-size", "64", "--eval-fraction", "0")
+    assert status == 2 and "fewer than one global batch" in err
+
+
+def test_chat_record_without_messages(tiny_llama, tmp_path, capsys, no_model_loading):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    status, err = run_cli(capsys, *base_args(tiny_llama, data, tmp_path / "out"), "--template", "chat")
+    assert status == 2 and "chat.jsonl line 1: messages[0] needs role and content" in err

@@ -1,0 +1,71 @@
+import pytest
+
+from zerotune.cli import build_parser, config_from_args, parse_args
+from zerotune.config import build_config, dump_yaml, config_from_dict, load_yaml
+from zerotune.errors import ConfigError
+import yaml
+
+
+def parse(argv):
+    return config_from_args(parse_args(["train", *argv]))
+
+
+def test_precedence_yaml_then_flags_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.1\n  batch_size: 7\n  grad_accum: 3\nmodel:\n  name: from-yaml\n")
+    config = parse([str(path), "--lr", "0.2", "--model", "from-flag", "train.lr=0.3"])
+    assert config.train.lr == 0.3  # override beats flag beats yaml
+    assert config.model.name == "from-flag"
+    assert config.train.batch_size == 7  # yaml beats default
+    assert config.train.grad_accum == 3
+    assert config.train.max_steps == 0  # default
+
+
+def test_tutorial_flags_parse():
+    config = parse(["--num-workers", "4", "--use-cpu", "--no-deepspeed", "--model", "tiiuae/falcon-7b"])
+    assert (config.distributed.num_workers, config.distributed.use_cpu, config.distributed.no_deepspeed) == (4, True, True)
+    assert config.model.name == "tiiuae/falcon-7b"
+
+
+def test_list_flag_and_bool_override():
+    config = parse(["--lora-target-modules", "q_proj,v_proj", "model.gradient_checkpointing=true"])
+    assert config.adapter.target_modules == ["q_proj", "v_proj"]
+    assert config.model.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"train.learning_rate": 1}, "unknown config key 'train.learning_rate'"),
+    ({"trainer.lr": 1}, "unknown config key 'trainer.lr'"),
+    ({"train.batch_size": "four"}, "train.batch_size: expected an integer"),
+    ({"train.lr": "fast"}, "train.lr: expected a number"),
+    ({"model.dtype": "int3"}, "model.dtype: 'int3' is not one of"),
+    ({"distributed.zero_stage": 4}, "distributed.zero_stage: ZeRO has stages 1, 2 and 3"),
+    ({"train.batch_size": 0}, "train.batch_size: must be at least 1"),
+])
+def test_bad_values_name_the_key(layer, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_config(layer)
+
+
+def test_unknown_yaml_section_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config section 'optimizer'"):
+        load_yaml(path)
+
+
+def test_resolved_config_round_trips():
+    config = build_config({"train.lr": 5e-5, "adapter.target_modules": ["q_proj"]})
+    again = config_from_dict(yaml.safe_load(dump_yaml(config)))
+    assert again == config
+
+
+def test_help_lists_every_flag(capsys):
+    from zerotune.config import field_specs
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    for key, spec, _ in field_specs():
+        if spec.metadata["flag"]:
+            assert spec.metadata["flag"] in text, key

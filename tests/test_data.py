@@ -1,0 +1,80 @@
+"""Templates, response-only labels, EOS, truncation and the global batch order."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from zerotune.data.batches import BatchPlan, collate
+from zerotune.data.encode import IGNORE_INDEX, encode_alpaca, encode_chat, encode_records
+from zerotune.data.templates import ALPACA, ALPACA_ES, template_for_record
+from zerotune.errors import DataError
+
+RECORD = {"instruction": "Count from 3 to 5.", "input": "", "output": "3, 4, 5"}
+
+
+def test_spanish_template_text():
+    prompt = ALPACA_ES.render_prompt("Cuenta del 1 al 3.", "contexto")
+    assert prompt.startswith("A continuación hay una instrucción que describe una tarea")
+    assert "### Instrucción:\nCuenta del 1 al 3.\n\n### Entrada:\ncontexto\n\n### Respuesta:\n" in prompt
+    assert "### Entrada" not in ALPACA_ES.render_prompt("x")
+
+
+def test_auto_template_per_record():
+    assert template_for_record({"messages": []}, "auto") == "chat"
+    assert template_for_record({"lang": "es"}, "auto") == "alpaca_es"
+    assert template_for_record({}, "auto") == "alpaca"
+    assert template_for_record({"lang": "es"}, "alpaca") == "alpaca"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_pad_eos"])
+def test_labels_mask_prompt_and_keep_eos(fixture, request):
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
+    example = encode_alpaca(tokenizer, RECORD, "alpaca")
+    prompt_ids = tokenizer(ALPACA.render_prompt(RECORD["instruction"]))["input_ids"]
+    response_ids = tokenizer(RECORD["output"], add_special_tokens=False)["input_ids"]
+    assert example.input_ids == prompt_ids + response_ids + [tokenizer.eos_token_id]
+    assert example.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert example.labels[len(prompt_ids):] == response_ids + [tokenizer.eos_token_id]
+    # Padding must not unlabel EOS, also when pad == eos.
+    short = encode_alpaca(tokenizer, {**RECORD, "output": "3"}, "alpaca")
+    batch = collate([example, short], tokenizer.pad_token_id)
+    row = batch["labels"][1]
+    assert row[len(short.labels) - 1] == tokenizer.eos_token_id
+    assert (row[len(short.labels):] == IGNORE_INDEX).all()
+    assert batch["attention_mask"][1].sum() == len(short.input_ids)
+
+
+def test_chat_labels_only_assistant_turns(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    record = {"messages": [{"role": "user", "content": "Count from 1 to 3."},
+                           {"role": "assistant", "content": "1, 2, 3"},
+                           {"role": "user", "content": "Now down."},
+                           {"role": "assistant", "content": "3, 2, 1"}]}
+    example = encode_chat(tokenizer, record)
+    learned = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+    assert learned.replace("</s>", "|").split("|")[:2] == ["1, 2, 3", "\n3, 2, 1"]
+    assert "Count" not in learned and "Now down" not in learned
+    assert example.labels[-2:] != [IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_truncate_and_drop_are_reported(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    long = {"instruction": "Count.", "output": ", ".join(str(i) for i in range(60))}
+    records = [RECORD, long]
+    limit = len(encode_alpaca(tokenizer, RECORD, "alpaca").input_ids) + 2
+    examples, report = encode_records(tokenizer, records, ["a", "b"], "alpaca", limit, "truncate")
+    assert (report.kept, report.truncated, report.dropped) == (2, 1, 0)
+    assert len(examples[1].input_ids) == limit
+    examples, report = encode_records(tokenizer, records, ["a", "b"], "alpaca", limit, "drop")
+    assert (report.kept, report.dropped) == (1, 1)
+    with pytest.raises(DataError, match="all 2 examples are longer than data.max_seq_len=10"):
+        encode_records(tokenizer, records, ["a", "b"], "alpaca", 10, "drop")
+
+
+def test_global_batch_is_the_same_for_any_worker_count():
+    one = BatchPlan(40, 2, 4, 1, seed=3)
+    two = BatchPlan(40, 2, 2, 2, seed=3)
+    for step in range(one.steps_per_epoch):
+        union_one = sorted(i for mb in one.micro_batches(0, step, 0) for i in mb)
+        union_two = sorted(i for rank in range(2) for mb in two.micro_batches(0, step, rank) for i in mb)
+        assert union_one == union_two
+    assert one.epoch_order(0) != one.epoch_order(1)
