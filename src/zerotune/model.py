@@ -111,3 +111,21 @@ def qlora_quantization_config(compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=compute_dtype,  # lets FSDP and ZeRO-3 shard the packed weights
     )
+
+
+def training_state_bytes(config) -> int:
+    """Weights plus fp32 gradients, master copies and Adam moments of the trainable part, per replica.
+    Counts parameters on the meta device, so nothing is allocated."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(config.model.name, trust_remote_code=config.model.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    weight_bytes = 0.5 if config.adapter.method == "qlora" else DTYPES.get(config.model.dtype, torch.bfloat16).itemsize
+    if config.adapter.method == "full":
+        trainable = total
+    else:  # a LoRA adapter is about r * (in + out) per adapted matrix: under 2% of the weights at r=16
+        trainable = int(total * 0.02 * config.adapter.r / 16)
+    return int(total * weight_bytes + trainable * 16)

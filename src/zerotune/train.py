@@ -40,8 +40,10 @@ class RunResult:
     mlflow_run_id: str | None = None
 
 
-def choose_strategy(config: RunConfig, world_size: int) -> str:
-    """The documented rule for --strategy auto (README, 'Choosing an engine')."""
+def choose_strategy(config: RunConfig, world_size: int, device: torch.device | None = None) -> str:
+    """The documented rule for --strategy auto (README, 'Choosing an engine'):
+    a DeepSpeed JSON means DeepSpeed; one worker means single; several workers mean DDP when the model and
+    its training state fit one GPU with room for activations, else FSDP2 (faster than ZeRO-3 for LoRA)."""
     wanted = config.distributed.strategy
     if wanted != "auto":
         return wanted
@@ -49,6 +51,11 @@ def choose_strategy(config: RunConfig, world_size: int) -> str:
         return "deepspeed"
     if world_size == 1:
         return "single"
+    if device is not None and device.type == "cuda":
+        from zerotune.model import training_state_bytes
+
+        if training_state_bytes(config) > 0.6 * torch.cuda.get_device_properties(device).total_memory:
+            return "fsdp"
     return "ddp"
 
 
@@ -58,8 +65,8 @@ def learning_rate_factor(config: RunConfig, total_steps: int):
     schedule = config.train.schedule
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
+        if step < warmup:  # step / warmup, as transformers and DeepSpeed's WarmupLR do
+            return step / warmup
         if schedule == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
@@ -103,7 +110,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
 def run(config: RunConfig, show_progress: bool = True) -> RunResult:
     """Train with ``config`` in this process, which is one worker of possibly many."""
     place = join_process_group(config.distributed.use_cpu, need_group=choose_strategy(config, 1) not in ("single",))
-    strategy_name = choose_strategy(config, place.world_size)
+    strategy_name = choose_strategy(config, place.world_size, place.device)
     strategy = create_strategy(strategy_name, config, place.device, place.rank, place.world_size)
     output_dir = Path(config.output.dir)
     try:
@@ -148,7 +155,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -
     def build_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, total_steps))
 
-    model = strategy.wrap(model, build_optimizer, build_scheduler)
+    model = strategy.wrap(model, build_optimizer, build_scheduler, total_steps)
     model.train()
     result = RunResult(output_dir=output_dir, strategy=strategy.name, mlflow_run_id=tracker.run_id)
     tracker.start(total_steps)

@@ -34,7 +34,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def wrap(self, model: torch.nn.Module, build_optimizer: OptimizerFactory,
-             build_scheduler: SchedulerFactory) -> torch.nn.Module:
+             build_scheduler: SchedulerFactory, total_steps: int) -> torch.nn.Module:
         """Return the model to call forward on; sets self.optimizer and self.scheduler."""
 
     @contextlib.contextmanager

@@ -41,6 +41,7 @@ def join_process_group(use_cpu: bool, need_group: bool) -> WorkerPlace:
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                 device_id=device if use_cuda else None)
     if dist.is_initialized():

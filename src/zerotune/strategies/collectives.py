@@ -1,0 +1,16 @@
+"""torch.distributed helpers shared by the multi-process engines."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class CollectivesMixin:
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        reduced = tensor.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced
+
+    def barrier(self) -> None:
+        dist.barrier()

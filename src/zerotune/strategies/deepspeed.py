@@ -1,0 +1,82 @@
+"""DeepSpeed ZeRO stages 1-3, with optional CPU offload, from our presets or a user's JSON."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from zerotune.strategies.base import Strategy
+from zerotune.strategies.collectives import CollectivesMixin
+from zerotune.strategies.deepspeed_config import preset, read_user_config, resolve
+
+
+class DeepSpeedStrategy(CollectivesMixin, Strategy):
+    name = "deepspeed"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine = None
+        self.ds_config: dict | None = None
+        self._sync = True
+
+    def wrap(self, model, build_optimizer, build_scheduler, total_steps):
+        import deepspeed
+
+        source = read_user_config(self.config.distributed.deepspeed_config) \
+            if self.config.distributed.deepspeed_config else preset(self.config)
+        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        hidden = getattr(getattr(model, "config", None), "hidden_size", 4096)
+        self.ds_config = resolve(source, self.config, self.world_size, hidden, total_steps, self.device.type, bf16_ok)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = None if "optimizer" in self.ds_config else build_optimizer(params)
+        scheduler = None if "scheduler" in self.ds_config else build_scheduler
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
+            config=self.ds_config, dist_init_required=False,
+        )
+        return self.engine
+
+    @contextlib.contextmanager
+    def accumulating(self, model, sync):
+        self._sync = sync
+        yield
+
+    def backward(self, loss):
+        # The loop already divides by the global token count; DeepSpeed must not divide again by grad_accum.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self._sync:
+            self.engine.step()  # counts the micro-step; the optimizer runs only at the boundary
+
+    def optimizer_step(self, model):
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(float(norm) if norm is not None else float("nan"))
+
+    def current_lr(self):
+        return self.engine.get_lr()[0]
+
+    def unwrap(self, model):
+        return self.engine.module
+
+    def _zero3(self) -> bool:
+        return self.ds_config["zero_optimization"].get("stage") == 3
+
+    def trainable_state_dict(self, model):
+        """Under ZeRO-3, gather only the trainable (adapter) tensors, never the frozen base."""
+        inner = self.unwrap(model)
+        named = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]
+        if not self._zero3():
+            return {name: p.detach().cpu() for name, p in named} if self.is_main else {}
+        import deepspeed
+
+        state = {}
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            if self.is_main:
+                state = {name: p.detach().cpu().clone() for name, p in named}
+        return state
+
+    def full_state_dict(self, model):
+        if self._zero3():
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return super().full_state_dict(model) if self.is_main else {}

@@ -1,0 +1,67 @@
+"""FSDP2 (``fully_shard``): one unit per decoder layer plus the root, with a mixed-precision policy.
+
+Frozen base weights and trainable LoRA weights share a unit; FSDP2 shards both and reduces only the
+gradients that exist. Gradients are reduced in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from zerotune.strategies.base import Strategy
+from zerotune.strategies.collectives import CollectivesMixin
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks, found by transformers' own `_no_split_modules` class names."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+class FSDPStrategy(CollectivesMixin, Strategy):
+    name = "fsdp"
+
+    def wrap(self, model, build_optimizer, build_scheduler, total_steps):
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        param_dtype = next(model.parameters()).dtype
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        layers = decoder_layers(model)
+        if not layers:
+            raise RuntimeError(f"FSDP: no decoder layers found in {type(model).__name__}")
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.scheduler = build_scheduler(self.optimizer)
+        return model
+
+    @contextlib.contextmanager
+    def accumulating(self, model, sync):
+        model.set_requires_gradient_sync(sync)
+        yield
+
+    def optimizer_step(self, model):
+        norm = super().optimizer_step(model)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def trainable_state_dict(self, model):
+        """Gathers only trainable tensors (the adapter for LoRA), never the frozen base."""
+        state = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                full = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+                if self.is_main:
+                    state[name] = full.detach().cpu()
+        return state
+
+    def full_state_dict(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
