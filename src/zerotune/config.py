@@ -68,7 +68,8 @@ class AdapterConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    path: str = option("", "Local .json, .jsonl or .parquet file, or a hub dataset id.", "--data")
+    path: str = option("", "Local .json, .jsonl or .parquet file, or a hub dataset id. Empty: the bundled "
+                           "English+Spanish sample (a demo set, not real training data).", "--data")
     template: Literal["auto", "alpaca", "alpaca_es", "chat"] = option(
         "auto", "Prompt template. auto: chat for records with 'messages', else alpaca.", "--template"
     )

@@ -22,6 +22,7 @@ def check_output_dir(config: RunConfig) -> None:
 def preflight(config: RunConfig) -> None:
     """Output dir, data (read, checked, tokenized), batch plan and model source, in that order."""
     check_output_dir(config)
+    check_workers(config)
     if config.adapter.method == "qlora":
         from zerotune.model import qlora_quantization_config, resolve_dtype
 
@@ -37,3 +38,47 @@ def preflight(config: RunConfig) -> None:
     workers = config.distributed.num_workers
     BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, workers,
               config.train.seed).check(config.data.path)
+
+
+def check_workers(config: RunConfig) -> None:
+    """Enough CPUs or GPUs for --num-workers, a reachable Ray, and an engine that can run here."""
+    import importlib.util
+    import os
+
+    import torch
+
+    from zerotune.launchers import choose_launcher
+
+    workers = config.distributed.num_workers
+    launcher = choose_launcher(config)
+    on_gpu = not config.distributed.use_cpu and torch.cuda.is_available()
+    wants_deepspeed = config.distributed.strategy == "deepspeed" or (
+        config.distributed.deepspeed_config and config.distributed.strategy == "auto"
+        and not config.distributed.no_deepspeed)
+    if wants_deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("distributed.strategy deepspeed needs DeepSpeed: pip install 'zerotune[deepspeed]'")
+        if config.distributed.deepspeed_config:
+            from zerotune.strategies.deepspeed_config import read_user_config
+
+            ds = read_user_config(config.distributed.deepspeed_config)
+            for precision in ("fp16", "bf16"):
+                if not on_gpu and ds.get(precision, {}).get("enabled") is True:
+                    raise ConfigError(f"{config.distributed.deepspeed_config}: {precision}.enabled is true, but this "
+                                      f"run is on CPU; set it to \"auto\" or false, or run on GPUs")
+    if not on_gpu and config.model.dtype == "fp16":
+        raise ConfigError("model.dtype fp16 cannot train on CPU; use fp32 (or bf16)")
+    if launcher == "ray":
+        from zerotune.launchers.ray import available_cpus, available_gpus
+
+        if on_gpu or (not config.distributed.use_cpu and available_gpus(config.distributed.ray_address)):
+            have, kind = available_gpus(config.distributed.ray_address), "GPUs in the Ray cluster"
+        else:
+            have, kind = available_cpus(config.distributed.ray_address), "CPUs in the Ray cluster"
+    elif on_gpu:
+        have, kind = torch.cuda.device_count(), "GPUs on this machine"
+    else:
+        have, kind = os.cpu_count() or 1, "CPU cores on this machine"
+    if workers > have:
+        raise ConfigError(f"distributed.num_workers {workers} is more than the {int(have)} {kind}; "
+                          "lower --num-workers" + (" or add --use-cpu" if kind.startswith("GPU") else ""))

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 from zerotune.errors import ConfigError
+from zerotune.resources import resource_path
 
 MARKER = ".zerotune-quickstart"
 
 
-def resource(name: str) -> Path:
-    return Path(str(resources.files("zerotune") / "resources" / name))
+resource = resource_path
 
 
 def tokenizer_corpus(records: list[dict]) -> list[str]:

@@ -50,6 +50,11 @@ class Tracker(NullTracker):
             raise ConfigError("tracking.backend mlflow needs mlflow: pip install mlflow, or pass --tracking none") from None
         if config.tracking.uri:
             mlflow.set_tracking_uri(config.tracking.uri)
+        uri = mlflow.get_tracking_uri()
+        if mlflow.get_experiment_by_name(config.tracking.experiment) is None and uri.startswith("sqlite:///"):
+            # Keep artifacts next to the store, not in whichever directory a worker happens to run.
+            artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+            mlflow.create_experiment(config.tracking.experiment, artifact_location=artifacts.as_uri())
         mlflow.set_experiment(config.tracking.experiment)
         run = mlflow.start_run(run_name=Path(config.output.dir).name)
         self.run_id = run.info.run_id

@@ -135,7 +135,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -
     tracker = Tracker(config, output_dir, show_progress) if strategy.is_main else NullTracker()
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
-        tracker.note(f"data: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval")
+        source = config.data.path or "the bundled English+Spanish sample (no --data given)"
+        tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval")
         tracker.note(
             f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global batch "
             f"{plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum} "
@@ -236,7 +237,7 @@ def save_outputs(config, strategy, model, tokenizer, output_dir, templates, trai
         tokenizer.save_pretrained(target)
         tokenizer.save_pretrained(output_dir)
         metadata = {"base_model": config.model.name, "method": method, "template": config.data.template,
-                    "templates_used": templates}
+                    "templates_used": templates, "strategy": strategy.name, "workers": strategy.world_size}
         (target / RUN_METADATA).write_text(json.dumps(metadata, indent=2))
         tracker.log_artifacts([target, output_dir / "config.yaml"])
     strategy.barrier()

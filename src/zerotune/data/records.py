@@ -19,7 +19,9 @@ def looks_local(path: str) -> bool:
 def read_records(path: str, split: str = "train") -> tuple[list[dict[str, Any]], list[str]]:
     """Records plus, for each, where it came from (``file line N`` or ``file record N``) for error messages."""
     if not path:
-        raise DataError("data.path is empty: pass --data FILE.jsonl (or .json/.parquet) or a hub dataset id")
+        from zerotune.resources import SAMPLE_DATA, resource_path
+
+        path = str(resource_path(SAMPLE_DATA))
     if looks_local(path):
         return _read_local(Path(path).expanduser())
     return _read_hub(path, split)

@@ -6,6 +6,7 @@ joins a running cluster; no address starts a local Ray instance.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,8 +28,37 @@ def _worker(config_tree: dict) -> None:
         os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)
     from zerotune.train import run
 
-    result = run(config, show_progress=context.get_world_rank() == 0)
-    ray.train.report({"losses": result.losses, "eval_losses": result.eval_losses, "strategy": result.strategy})
+    run(config, show_progress=context.get_world_rank() == 0)
+
+
+def available_cpus(address: str) -> float:
+    """Logical CPUs of the Ray cluster (what ScalingConfig's workers reserve, one each)."""
+    import ray
+
+    connect(address, 0)
+    return ray.cluster_resources().get("CPU", 0)
+
+
+def available_gpus(address: str) -> float:
+    import ray
+
+    connect(address, 0)
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds on a host:port nobody listens on (ray.init would retry for minutes)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    if not address or address == "auto" or ":" not in target:
+        return
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot reach Ray at {address!r}: {error}; start it with 'ray start --head' "
+                          "or drop --ray-address to run a local Ray") from None
 
 
 def connect(address: str, num_workers: int):
@@ -36,6 +66,8 @@ def connect(address: str, num_workers: int):
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -53,7 +85,7 @@ def launch_ray(config: RunConfig):
     from zerotune.train import RunResult
 
     connect(config.distributed.ray_address, config.distributed.num_workers)
-    use_gpu = not config.distributed.use_cpu
+    use_gpu = not config.distributed.use_cpu and available_gpus(config.distributed.ray_address) > 0
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config.to_dict(),
@@ -62,7 +94,12 @@ def launch_ray(config: RunConfig):
         run_config=RayRunConfig(name="zerotune", storage_path=str(Path(config.output.dir).resolve() / "ray"),
                                 failure_config=FailureConfig(max_failures=0)),
     )
-    result = trainer.fit()
-    metrics = result.metrics or {}
-    return RunResult(losses=metrics.get("losses", []), eval_losses=metrics.get("eval_losses", []),
-                     output_dir=Path(config.output.dir), strategy=metrics.get("strategy", ""))
+    trainer.fit()
+    from zerotune.tracking import METRICS_FILE, read_metrics
+
+    events = read_metrics(Path(config.output.dir) / METRICS_FILE)
+    saved = Path(config.output.dir) / ("model" if config.adapter.method == "full" else "adapter")
+    summary = json.loads((saved / "zerotune.json").read_text())
+    return RunResult(losses=[e["loss"] for e in events if "loss" in e],
+                     eval_losses=[e["eval_loss"] for e in events if "eval_loss" in e],
+                     output_dir=Path(config.output.dir), strategy=summary["strategy"])
