@@ -100,3 +100,41 @@ def test_chat_record_without_messages(tiny_llama, tmp_path, capsys, no_model_loa
     data.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
     status, err = run_cli(capsys, *base_args(tiny_llama, data, tmp_path / "out"), "--template", "chat")
     assert status == 2 and "chat.jsonl line 1: messages[0] needs role and content" in err
+
+
+def test_too_many_workers(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    import os
+
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--use-cpu",
+                          "--num-workers", str((os.cpu_count() or 1) + 1))
+    assert status == 2 and "distributed.num_workers" in err and "CPU cores on this machine" in err
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("{not json", r"ds\.json line 1: not valid JSON"),
+    ('{"zero_optimisation": {"stage": 3}}', r"ds\.json: unknown DeepSpeed key 'zero_optimisation'"),
+    ('{"zero_optimization": {"stage": 4}}', r"ds\.json: zero_optimization\.stage 4 does not exist"),
+    ('{"bf16": {"enabled": true}}', r"ds\.json: bf16\.enabled is true, but this run is on CPU"),
+])
+def test_bad_deepspeed_json(content, pattern, tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    pytest.importorskip("deepspeed")
+    import re
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(content)
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--use-cpu",
+                          "--deepspeed", ds)
+    assert status == 2 and re.search(pattern, err), err
+
+
+def test_missing_deepspeed_json(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    pytest.importorskip("deepspeed")
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--deepspeed",
+                          tmp_path / "nope.json")
+    assert status == 2 and "nope.json: DeepSpeed config not found" in err
+
+
+def test_fp16_cannot_train_on_cpu(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--use-cpu",
+                          "--dtype", "fp16")
+    assert status == 2 and "model.dtype fp16 cannot train on CPU" in err

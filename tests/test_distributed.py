@@ -81,3 +81,22 @@ def test_tutorial_deepspeed_json_runs_unchanged(tiny_llama, alpaca_file, tmp_pat
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
            if '"loss"' in line]
     assert lrs == pytest.approx([0.0, 0.0, 0.005, 0.01])
+
+
+def test_full_finetune_under_zero3_saves_consolidated_model(tiny_llama, alpaca_file, tmp_path):
+    """--method full under ZeRO-3: the gathered 16-bit-path model equals the single-process model."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    settings = {"adapter.method": "full", "train.lr": 1e-3, "train.max_steps": 2}
+    single = make_config(tiny_llama, alpaca_file, tmp_path / "single",
+                         **{"train.batch_size": 2, "train.grad_accum": 4, **settings})
+    train(single)
+    config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **{
+        "distributed.strategy": "deepspeed", "distributed.zero_stage": 3, **settings})
+    train(config)
+    expected = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
