@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TUTORIAL_JSON = ROOT / "benchmarks" / "tutorial_deepspeed.json"
+TUTORIAL_JSON = ROOT / "examples" / "deepspeed_tutorial_zero3_offload.json"
 
 ENGINES = {
     "single": ["--num-workers", "1", "--grad-accum", "2"],
@@ -96,7 +96,8 @@ def main() -> None:
     if not (model / "config.json").exists():
         build_model(model)
     build_data(data)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
     results = {"workload": "W4-shape engines verification (Llama-2-7B arch, LoRA r16 all-linear, mb4, seq 2048, ckpt)",
                "gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
                "date": datetime.date.today().isoformat(), "commit": commit or "uncommitted",
