@@ -28,6 +28,8 @@ ENGINES = {
     "fsdp": ["--num-workers", "2", "--strategy", "fsdp"],
     "zero3": ["--num-workers", "2", "--strategy", "deepspeed", "--zero-stage", "3"],
     "tutorial_json": ["--num-workers", "2", "--deepspeed", str(TUTORIAL_JSON)],
+    "auto": ["--num-workers", "2"],
+    "ray_fsdp": ["--num-workers", "2", "--launcher", "ray", "--strategy", "fsdp"],
 }
 
 
@@ -73,6 +75,9 @@ def run_engine(name: str, model: Path, data: Path, out: Path, steps: int) -> dic
     events = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if "loss" in e]
     workers = 1 if name == "single" else 2
+    saved = json.loads((out / name / "adapter" / "zerotune.json").read_text())
+    record.update(strategy=saved["strategy"], adapter_mib=round(
+        (out / name / "adapter" / "adapter_model.safetensors").stat().st_size / 2**20, 1))
     timed = [e["tokens_per_second"] for e in train[2:]]  # the first two steps include warm-up
     record.update(losses=[e["loss"] for e in train], workers=workers,
                   tokens_per_second_per_gpu=statistics.median(timed) / workers,
@@ -85,6 +90,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--engines", default="fsdp,ddp,zero3,single,tutorial_json")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--name", default="run", help="suffix of the results file")
     args = parser.parse_args()
     import torch
 
@@ -105,8 +111,8 @@ def main() -> None:
     for name in args.engines.split(","):
         record = run_engine(name, model, data, work / "runs", args.steps)
         results["runs"].append(record)
-        (out / "gpu_engines.json").write_text(json.dumps(results, indent=1))
-        summary = {k: record.get(k) for k in ("engine", "returncode", "tokens_per_second_per_gpu", "peak_gib_rank0",
+        (out / f"gpu_engines_{args.name}.json").write_text(json.dumps(results, indent=1))
+        summary = {k: record.get(k) for k in ("engine", "strategy", "adapter_mib", "returncode", "tokens_per_second_per_gpu", "peak_gib_rank0",
                                                "wall_seconds")}
         print(json.dumps(summary), record.get("losses", [])[:3], flush=True)
         if record["returncode"] != 0:
