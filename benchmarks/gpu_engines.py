@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def main() -> None:
                             cwd=ROOT).stdout.strip()
     results = {"workload": "W4-shape engines verification (Llama-2-7B arch, LoRA r16 all-linear, mb4, seq 2048, ckpt)",
                "gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-               "date": datetime.date.today().isoformat(), "commit": commit or "uncommitted",
+               "date": datetime.date.today().isoformat(), "commit": commit or os.environ.get("ZEROTUNE_COMMIT", "unknown"),
                "command": "python benchmarks/gpu_engines.py " + " ".join(sys.argv[1:]), "runs": []}
     for name in args.engines.split(","):
         record = run_engine(name, model, data, work / "runs", args.steps)
