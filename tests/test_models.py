@@ -1,0 +1,57 @@
+"""Model loading details: LoRA targets per family, checkpointing really on, trust_remote_code refusal."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import corpus, make_config
+from helpers import adapter_weights, train
+from zerotune.config import ModelConfig
+from zerotune.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_falcon(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "falcon", corpus(), "falcon", vocab_size=300,
+                           hidden_size=32, layers=2, heads=4, seed=0)
+
+
+def test_falcon_fused_qkv_is_adapted_by_default(tiny_falcon, alpaca_file, tmp_path):
+    result = train(make_config(tiny_falcon, alpaca_file, tmp_path / "run", **{"train.max_steps": 3}))
+    modules = {key.split(".lora_")[0].split(".")[-1] for key in adapter_weights(tmp_path / "run")}
+    assert modules == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_llama_default_targets_every_linear_but_the_head(config_for):
+    config = config_for(**{"train.max_steps": 1})
+    train(config)
+    modules = {key.split(".lora_")[0].split(".")[-1] for key in adapter_weights(config.output.dir)}
+    assert modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_gradient_checkpointing_is_really_active(tiny_llama):
+    """from_pretrained returns eval mode and transformers checkpoints only in train mode: load_model must
+    leave the model training, with checkpointing on."""
+    import torch
+
+    from zerotune.model import load_model
+
+    model = load_model(ModelConfig(name=str(tiny_llama), gradient_checkpointing=True), "lora",
+                       torch.device("cpu"), torch.float32)
+    assert model.training and model.is_gradient_checkpointing
+    layer = model.model.layers[0]
+    assert layer.training and getattr(layer, "gradient_checkpointing", True)
+
+
+def test_remote_code_model_is_refused(tmp_path):
+    from zerotune.errors import ConfigError
+    from zerotune.model import check_model_source
+
+    directory = tmp_path / "custom"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "zerotune-custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    with pytest.raises(ConfigError, match="--trust-remote-code"):
+        check_model_source(ModelConfig(name=str(directory)))
