@@ -124,7 +124,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -
     seed = config.train.seed
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, seed)
+    # Each worker tokenizes its own slice of the records; the engine's all-gather assembles the whole set.
+    data = prepare_data(config.data, tokenizer, seed, strategy.rank, strategy.world_size, strategy.all_gather_object)
     plan = BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, strategy.world_size, seed)
     plan.check(config.data.path)
     if config.train.max_steps:

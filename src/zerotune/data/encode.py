@@ -35,6 +35,14 @@ class EncodeReport:
     dropped: int = 0
     templates: dict[str, int] = field(default_factory=dict)
 
+    def merge(self, other: "EncodeReport") -> None:
+        self.total += other.total
+        self.kept += other.kept
+        self.truncated += other.truncated
+        self.dropped += other.dropped
+        for name, count in other.templates.items():
+            self.templates[name] = self.templates.get(name, 0) + count
+
     def summary(self) -> str:
         used = ", ".join(f"{name}: {count}" for name, count in sorted(self.templates.items()))
         return (
@@ -86,8 +94,10 @@ def _extend(tokenizer, text: str, input_ids: list[int], labels: list[int], learn
     labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
 
 
-def encode_records(tokenizer, records, where, template: str, max_seq_len: int, overlong: str):
-    """Encode all records. Returns (examples, report); raises DataError if none survive."""
+def encode_records(tokenizer, records, where, template: str, max_seq_len: int, overlong: str,
+                   keep_dropped: bool = False):
+    """Encode all records. Returns (examples, report); raises DataError if none survive.
+    With keep_dropped, dropped records stay in the list as None (positions preserved) and nothing raises."""
     report = EncodeReport(total=len(records))
     examples = []
     for record in records:
@@ -97,14 +107,20 @@ def encode_records(tokenizer, records, where, template: str, max_seq_len: int, o
         if len(example.input_ids) > max_seq_len:
             if overlong == "drop":
                 report.dropped += 1
+                if keep_dropped:
+                    examples.append(None)
                 continue
             example = EncodedExample(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
             if example.num_label_tokens == 0:  # the prompt alone fills the window: nothing to learn
                 report.dropped += 1
+                if keep_dropped:
+                    examples.append(None)
                 continue
             report.truncated += 1
         examples.append(example)
-    report.kept = len(examples)
+    report.kept = sum(example is not None for example in examples)
+    if keep_dropped:
+        return examples, report
     if not examples:
         raise DataError(
             f"all {report.total} examples are longer than data.max_seq_len={max_seq_len} tokens "

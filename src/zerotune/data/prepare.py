@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -10,6 +11,7 @@ from zerotune.config import DataConfig
 from zerotune.data.encode import EncodedExample, EncodeReport, encode_records
 from zerotune.data.records import check_records, read_records
 from zerotune.data.templates import check_template_name
+from zerotune.errors import DataError
 
 
 @dataclass
@@ -26,14 +28,41 @@ def load_and_check(config: DataConfig, path: str):
     return records, where
 
 
-def prepare_data(config: DataConfig, tokenizer, seed: int) -> PreparedData:
+def single_process_gather(value: Any) -> list[Any]:
+    return [value]
+
+
+def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, world_size: int,
+                   gather: Callable[[Any], list[Any]]) -> tuple[list[EncodedExample], EncodeReport]:
+    """Each worker tokenizes records rank, rank + world_size, ...; ``gather`` (an all-gather supplied by
+    the engine) gives every worker the whole list back in the original order."""
+    mine = list(range(rank, len(records), world_size))
+    encoded, report = encode_records(tokenizer, [records[i] for i in mine], [where[i] for i in mine],
+                                     config.template, config.max_seq_len, config.overlong, keep_dropped=True)
+    shards = gather((encoded, report))
+    examples: list[EncodedExample | None] = [None] * len(records)
+    total = EncodeReport()
+    for shard_rank, (shard, shard_report) in enumerate(shards):
+        for index, example in zip(range(shard_rank, len(records), world_size), shard):
+            examples[index] = example
+        total.merge(shard_report)
+    kept = [example for example in examples if example is not None]
+    total.kept = len(kept)
+    if not kept:
+        raise DataError(
+            f"all {total.total} examples are longer than data.max_seq_len={config.max_seq_len} tokens "
+            "(or their prompt fills it); raise --max-seq-len or use --overlong truncate"
+        )
+    return kept, total
+
+
+def prepare_data(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
+                 gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
     records, where = load_and_check(config, config.path)
-    examples, report = encode_records(tokenizer, records, where, config.template, config.max_seq_len, config.overlong)
+    examples, report = encode_sharded(config, tokenizer, records, where, rank, world_size, gather)
     if config.eval_path:
         eval_records, eval_where = load_and_check(config, config.eval_path)
-        eval_examples, _ = encode_records(
-            tokenizer, eval_records, eval_where, config.template, config.max_seq_len, config.overlong
-        )
+        eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather)
         return PreparedData(examples, eval_examples, report)
     if config.eval_fraction == 0 or len(examples) < 2:
         return PreparedData(examples, [], report)

@@ -61,6 +61,10 @@ class Strategy(ABC):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def all_gather_object(self, value):
+        """Every rank's ``value``, in rank order (a list of one in a single process)."""
+        return [value]
+
     def barrier(self) -> None:
         pass
 

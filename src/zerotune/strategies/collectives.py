@@ -12,5 +12,10 @@ class CollectivesMixin:
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         return reduced
 
+    def all_gather_object(self, value):
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         dist.barrier()
