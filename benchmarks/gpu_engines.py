@@ -31,8 +31,8 @@ ENGINES = {
     "tutorial_json": ["--num-workers", "2", "--deepspeed", str(TUTORIAL_JSON)],
     "auto": ["--num-workers", "2"],
     "zero2": ["--num-workers", "2", "--strategy", "deepspeed", "--zero-stage", "2"],
-    # ZeRO-3 with larger prefetch and persistence for every tensor under 50M elements (the LoRA factors,
-    # norms and attention projections stay resident; the MLP matrices and embeddings stay sharded).
+    # ZeRO-3 with larger prefetch and persistence for every tensor under 50M elements: for a 7B Llama that
+    # keeps every per-layer matrix resident and shards only the embeddings and head (close to ZeRO-2).
     "zero3_tuned": ["--num-workers", "2", "--deepspeed", "/tmp/zerotune-gpu/zero3_tuned.json"],
     "ray_fsdp": ["--num-workers", "2", "--launcher", "ray", "--strategy", "fsdp"],
 }
