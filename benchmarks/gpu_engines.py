@@ -30,6 +30,8 @@ ENGINES = {
     "zero3": ["--num-workers", "2", "--strategy", "deepspeed", "--zero-stage", "3"],
     "tutorial_json": ["--num-workers", "2", "--deepspeed", str(TUTORIAL_JSON)],
     "auto": ["--num-workers", "2"],
+    "ddp4": ["--num-workers", "4", "--strategy", "ddp"],
+    "fsdp4": ["--num-workers", "4", "--strategy", "fsdp"],
     "zero2": ["--num-workers", "2", "--strategy", "deepspeed", "--zero-stage", "2"],
     # ZeRO-3 with larger prefetch and persistence for every tensor under 50M elements: for a 7B Llama that
     # keeps every per-layer matrix resident and shards only the embeddings and head (close to ZeRO-2).
@@ -79,7 +81,7 @@ def run_engine(name: str, model: Path, data: Path, out: Path, steps: int) -> dic
         return record
     events = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if "loss" in e]
-    workers = 1 if name == "single" else 2
+    workers = 1 if name == "single" else 4 if name.endswith("4") else 2
     saved = json.loads((out / name / "adapter" / "zerotune.json").read_text())
     record.update(strategy=saved["strategy"], adapter_mib=round(
         (out / name / "adapter" / "adapter_model.safetensors").stat().st_size / 2**20, 1))
