@@ -35,10 +35,6 @@ def apply_method(model, config: AdapterConfig, seed: int):
     return get_peft_model(model, lora)
 
 
-def trainable_names(model) -> list[str]:
-    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-
-
 def save_trained(model, state_dict: dict[str, torch.Tensor], output_dir: Path, method: str) -> Path:
     """Write the adapter (lora/qlora) or the full model (full) as safetensors; returns the directory."""
     if method == "full":

@@ -122,8 +122,12 @@ def encode_records(tokenizer, records, where, template: str, max_seq_len: int, o
     if keep_dropped:
         return examples, report
     if not examples:
-        raise DataError(
-            f"all {report.total} examples are longer than data.max_seq_len={max_seq_len} tokens "
-            "(or their prompt fills it); raise --max-seq-len or use --overlong truncate"
-        )
+        raise all_dropped_error(report.total, max_seq_len)
     return examples, report
+
+
+def all_dropped_error(total: int, max_seq_len: int) -> DataError:
+    return DataError(
+        f"all {total} examples are longer than data.max_seq_len={max_seq_len} tokens "
+        "(or their prompt fills it); raise --max-seq-len or use --overlong truncate"
+    )

@@ -8,10 +8,9 @@ from typing import Any, Callable
 import torch
 
 from zerotune.config import DataConfig
-from zerotune.data.encode import EncodedExample, EncodeReport, encode_records
+from zerotune.data.encode import EncodedExample, EncodeReport, all_dropped_error, encode_records
 from zerotune.data.records import check_records, read_records
 from zerotune.data.templates import check_template_name
-from zerotune.errors import DataError
 
 
 @dataclass
@@ -49,10 +48,7 @@ def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, wor
     kept = [example for example in examples if example is not None]
     total.kept = len(kept)
     if not kept:
-        raise DataError(
-            f"all {total.total} examples are longer than data.max_seq_len={config.max_seq_len} tokens "
-            "(or their prompt fills it); raise --max-seq-len or use --overlong truncate"
-        )
+        raise all_dropped_error(total.total, config.max_seq_len)
     return kept, total
 
 
