@@ -9,7 +9,7 @@ from zerotune.train import prepare_output_dir
 
 
 def train(config):
-    prepare_output_dir(Path(config.output.dir), overwrite=False)
+    prepare_output_dir(Path(config.output.dir), overwrite=False, resume=config.checkpoint.resume)
     return launch(config, show_progress=False)
 
 

@@ -117,10 +117,16 @@ def command_train(args: argparse.Namespace):
 
     config = config_from_args(args)
     preflight(config)
-    prepare_output_dir(Path(config.output.dir), config.output.overwrite)
+    prepare_output_dir(Path(config.output.dir), config.output.overwrite, config.checkpoint.resume)
     result = launch(config, show_progress=not args.quiet)
+    if result.preempted:
+        from zerotune.stopping import EXIT_PREEMPTED
+
+        print(f"zerotune: stopped early; checkpoint {result.checkpoint}. Continue with the same command and "
+              f"--resume (exit status {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(f"done: outputs in {config.output.dir}")
-    return result
+    return 0
 
 
 def _pick_device(name: str) -> str:
@@ -191,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
                 "quickstart": command_quickstart}
     try:
-        handlers[args.command](args)
+        status = handlers[args.command](args)
     except ZerotuneError as error:
         print(f"zerotune: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return 0
+    return status if isinstance(status, int) else 0

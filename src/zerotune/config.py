@@ -98,6 +98,13 @@ class TrainConfig:
     seed: int = option(42, "Seed for weights of new LoRA layers, data order and dropout.", "--seed")
     eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", "--eval-every")
     log_every: int = option(1, "Log training metrics every N steps.", "--log-every")
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop", "A NaN/Inf loss or gradient norm: stop names the step and exits; skip drops that step (no update) "
+                "and stops after max_skipped_steps such steps. No checkpoint ever holds non-finite values.",
+        "--on-nonfinite",
+    )
+    max_skipped_steps: int = option(5, "With on_nonfinite skip: stop once this many steps were skipped.",
+                                    "--max-skipped-steps")
 
 
 @dataclass
@@ -124,6 +131,23 @@ class DistributedConfig:
     )
     ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster. Empty: start a local Ray.",
                               "--ray-address")
+    max_failures: int = option(0, "Ray launcher: restart the workers up to N times after a worker or node dies; "
+                                  "they resume from the latest checkpoint. -1: without limit.", "--max-failures")
+    max_restarts: int = option(0, "Local launcher: restart all workers up to N times after one fails; they "
+                                  "resume from the latest checkpoint.", "--max-restarts")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints and resume: everything needed to continue a run exactly where it stopped."""
+
+    save_steps: int = option(0, "Write a checkpoint every N optimizer steps (0: no step-based checkpoints).",
+                             "--save-steps")
+    save_minutes: float = option(0.0, "Write a checkpoint when this many minutes passed since the last one "
+                                      "(0: no time-based checkpoints).", "--save-minutes")
+    keep: int = option(2, "Keep the newest K complete checkpoints; older ones are deleted.", "--keep-checkpoints")
+    resume: bool = option(False, "Continue the run in --output-dir from its newest complete checkpoint.",
+                          "--resume")
 
 
 @dataclass
@@ -156,6 +180,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -329,6 +354,24 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"distributed.zero_stage: ZeRO has stages 1, 2 and 3, got {config.distributed.zero_stage}")
     if config.distributed.no_deepspeed and config.distributed.strategy == "deepspeed":
         raise ConfigError("distributed.strategy: 'deepspeed' contradicts --no-deepspeed; pick one")
+    if config.checkpoint.resume and config.output.overwrite:
+        raise ConfigError("checkpoint.resume and output.overwrite contradict: --resume continues the run in "
+                          "--output-dir, --overwrite deletes it; pick one")
+    if config.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep: must be at least 1, got {config.checkpoint.keep}")
+    for key, value in (("checkpoint.save_steps", config.checkpoint.save_steps),
+                       ("checkpoint.save_minutes", config.checkpoint.save_minutes),
+                       ("distributed.max_restarts", config.distributed.max_restarts)):
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
+    if config.distributed.max_failures < -1:
+        raise ConfigError(f"distributed.max_failures: must be -1 (no limit), 0 or more, got "
+                          f"{config.distributed.max_failures}")
+    if config.train.on_nonfinite == "skip" and (config.distributed.strategy == "deepspeed" or (
+            config.distributed.strategy == "auto" and config.distributed.deepspeed_config
+            and not config.distributed.no_deepspeed)):
+        raise ConfigError("train.on_nonfinite: skip is not available with DeepSpeed (its engine applies a reduced "
+                          "step and cannot drop it); use stop, or another --strategy")
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
 

@@ -15,6 +15,11 @@ def check_output_dir(config: RunConfig) -> None:
     output_dir = Path(config.output.dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"{output_dir}: exists and is not a directory; pick another --output-dir")
+    if config.checkpoint.resume:
+        from zerotune.checkpoints import check_resumable
+
+        check_resumable(config, output_dir)
+        return
     if output_dir.is_dir() and any(output_dir.iterdir()) and not config.output.overwrite:
         raise ConfigError(f"{output_dir}: output directory already holds a run; pass --overwrite or pick another")
 

@@ -26,11 +26,14 @@ class NullTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
     def note(self, message: str) -> None: ...
     def log_artifacts(self, paths: list[Path]) -> None: ...
-    def finish(self) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
 
 
 class Tracker(NullTracker):
-    def __init__(self, config: RunConfig, output_dir: Path, show_progress: bool = True):
+    def __init__(self, config: RunConfig, output_dir: Path, show_progress: bool = True,
+                 resume_step: int | None = None, resume_run_id: str | None = None):
+        """``resume_step``: continuing from a checkpoint at that step. Events logged after it (by the run that
+        was interrupted) are dropped from metrics.jsonl, and the MLflow run ``resume_run_id`` continues."""
         self.output_dir = output_dir
         self.config = config
         self.show_progress = show_progress
@@ -38,10 +41,13 @@ class Tracker(NullTracker):
         self.progress = None
         self.mlflow = None
         self.run_id = None
+        if resume_step is not None and self.metrics_path.is_file():
+            kept = [e for e in read_metrics(self.metrics_path) if e.get("step", 0) <= resume_step]
+            self.metrics_path.write_text("".join(json.dumps(e) + "\n" for e in kept))
         if config.tracking.backend == "mlflow":
-            self._start_mlflow(config)
+            self._start_mlflow(config, resume_run_id)
 
-    def _start_mlflow(self, config: RunConfig) -> None:
+    def _start_mlflow(self, config: RunConfig, resume_run_id: str | None = None) -> None:
         try:
             import mlflow
         except ImportError:
@@ -56,6 +62,10 @@ class Tracker(NullTracker):
             artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
             mlflow.create_experiment(config.tracking.experiment, artifact_location=artifacts.as_uri())
         mlflow.set_experiment(config.tracking.experiment)
+        if resume_run_id:  # one job, one MLflow run, across resumes
+            self.run_id = mlflow.start_run(run_id=resume_run_id).info.run_id
+            self.mlflow = mlflow
+            return
         run = mlflow.start_run(run_name=Path(config.output.dir).name)
         self.run_id = run.info.run_id
         flat = {}
@@ -106,14 +116,16 @@ class Tracker(NullTracker):
             elif path.is_file():
                 self.mlflow.log_artifact(str(path))
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the bar, draw loss.png, end the MLflow run (FINISHED, KILLED when preempted, FAILED)."""
         if self.progress is not None:
             self.progress.close()
             self.progress = None
         plot_losses(self.metrics_path, self.output_dir / LOSS_PLOT)
         if self.mlflow is not None:
             self.log_artifacts([self.output_dir / LOSS_PLOT])
-            self.mlflow.end_run()
+            self.mlflow.end_run(status=status)
+            self.mlflow = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

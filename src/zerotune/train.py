@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,12 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from zerotune import adapters
+from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
+    save_checkpoint
 from zerotune.config import RunConfig, dump_yaml
 from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
+from zerotune.errors import ZerotuneError
 from zerotune.model import load_model, load_tokenizer, resolve_dtype
 from zerotune.strategies import create_strategy
+from zerotune.stopping import StopSignals
 from zerotune.strategies.process_group import join_process_group, leave_process_group
 from zerotune.tracking import NullTracker, Tracker
 
@@ -38,6 +43,26 @@ class RunResult:
     output_dir: Path | None = None
     strategy: str = ""
     mlflow_run_id: str | None = None
+    resumed_from: int | None = None  # the checkpoint step this run continued from
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
+    skipped_steps: int = 0
+    checkpoint: Path | None = None  # the newest checkpoint this run wrote
+
+
+class NonFiniteError(ZerotuneError):
+    """A NaN or Inf loss or gradient norm."""
+
+
+class RunSession:
+    """What a launcher tells the loop: where to resume from, and whom to tell about a new checkpoint.
+    Here: --resume, or a restart by torch elastic (--max-restarts), continues from the newest checkpoint."""
+
+    def restore_from(self, config: RunConfig, output_dir: Path) -> Path | None:
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        return newest_checkpoint(output_dir) if config.checkpoint.resume or restarted else None
+
+    def checkpoint_saved(self, step: int, path: Path, metrics: dict, is_main: bool) -> None:
+        pass
 
 
 def choose_strategy(config: RunConfig, world_size: int, device: torch.device | None = None) -> str:
@@ -96,8 +121,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Called once, before any worker starts (the CLI checks it again before loading anything)."""
+def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Called once, before any worker starts (the CLI checks it again before loading anything).
+    A resumed run keeps everything in the directory."""
+    if resume:
+        return
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
             from zerotune.errors import ConfigError
@@ -107,20 +135,22 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def run(config: RunConfig, show_progress: bool = True) -> RunResult:
+def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None) -> RunResult:
     """Train with ``config`` in this process, which is one worker of possibly many."""
     place = join_process_group(config.distributed.use_cpu, need_group=choose_strategy(config, 1) not in ("single",))
     strategy_name = choose_strategy(config, place.world_size, place.device)
     strategy = create_strategy(strategy_name, config, place.device, place.rank, place.world_size)
     output_dir = Path(config.output.dir)
     try:
-        return _train(config, strategy, output_dir, show_progress)
+        with StopSignals() as signals:
+            return _train(config, strategy, output_dir, show_progress, session or RunSession(), signals)
     finally:
         strategy.close()
         leave_process_group()
 
 
-def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -> RunResult:
+def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, session: RunSession,
+           signals: StopSignals) -> RunResult:
     seed = config.train.seed
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(config.model)
@@ -133,7 +163,15 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -
     else:
         total_steps = max(1, math.ceil(config.train.epochs * plan.steps_per_epoch))
 
-    tracker = Tracker(config, output_dir, show_progress) if strategy.is_main else NullTracker()
+    restore = session.restore_from(config, output_dir)
+    state = read_trainer_state(restore) if restore else {}
+    if restore:
+        check_engine_matches(state, restore, strategy, len(data.train))
+    start_step = state.get("step", 0)
+
+    # A fresh start keeps nothing a failed earlier attempt (a restart without a checkpoint) logged.
+    tracker = Tracker(config, output_dir, show_progress, resume_step=start_step if restore else -1,
+                      resume_run_id=state.get("mlflow_run_id")) if strategy.is_main else NullTracker()
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
         source = config.data.path or "the bundled English+Spanish sample (no --data given)"
@@ -159,15 +197,28 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -
 
     model = strategy.wrap(model, build_optimizer, build_scheduler, total_steps)
     model.train()
-    result = RunResult(output_dir=output_dir, strategy=strategy.name, mlflow_run_id=tracker.run_id)
-    tracker.start(total_steps)
-    if data.eval and config.train.eval_every:
+    result = RunResult(output_dir=output_dir, strategy=strategy.name, mlflow_run_id=tracker.run_id,
+                       losses=list(state.get("losses", [])), eval_losses=list(state.get("eval_losses", [])),
+                       skipped_steps=state.get("skipped_steps", 0), resumed_from=start_step if restore else None)
+    if restore:
+        strategy.load_state(model, restore)
+        exact = restore_rng(restore, strategy.rank, strategy.device)
+        tracker.note(f"resumed from {restore} at step {start_step}"
+                     + ("" if exact else f" (RNG states reseeded: it was written by {state['world_size']} workers)"))
+        if not exact:
+            torch.manual_seed(seed * 7919 + start_step * 31 + strategy.rank)
+    tracker.start(total_steps, initial_step=start_step)
+    if data.eval and config.train.eval_every and not restore:
         # A step-0 evaluation shows where the base model starts.
         eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id)
         result.eval_losses.append(eval_loss)
         tracker.log(0, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
 
-    for step in range(total_steps):
+    save_every, save_seconds = config.checkpoint.save_steps, config.checkpoint.save_minutes * 60
+    last_save = time.monotonic()
+    elapsed_before = state.get("elapsed_seconds", 0.0)
+    run_started = time.monotonic()
+    for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
         micro_indices = plan.micro_batches(epoch, step_in_epoch, strategy.rank)
         batches = [collate([data.train[i] for i in indices], tokenizer.pad_token_id) for indices in micro_indices]
@@ -181,25 +232,69 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool) -
                 loss_sum, _ = token_loss_sum(model, batch)
                 strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
             step_loss_sum += loss_sum.detach()
-        lr = strategy.current_lr()
-        grad_norm = strategy.optimizer_step(model)
         input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        totals = strategy.all_reduce_sum(torch.stack([step_loss_sum, torch.tensor(float(input_tokens),
-                                                                                   device=strategy.device)]))
-        elapsed = time.perf_counter() - started
+        # One all-reduce carries the loss, the token count, and two agreements: a stop signal on any rank,
+        # and rank 0's clock saying a time-based checkpoint is due.
+        time_due = bool(save_seconds) and strategy.is_main and time.monotonic() - last_save >= save_seconds
+        totals = strategy.all_reduce_sum(torch.stack([
+            step_loss_sum, torch.tensor(float(input_tokens), device=strategy.device),
+            torch.tensor(float(signals.requested is not None), device=strategy.device),
+            torch.tensor(float(time_due), device=strategy.device)]))
         loss = float(totals[0] / global_tokens.clamp(min=1))
+        lr = strategy.current_lr()
+        if math.isfinite(loss):
+            grad_norm, applied = strategy.optimizer_step(model)
+        else:
+            grad_norm, applied = torch.tensor(float("nan")), False
+            if config.train.on_nonfinite == "skip":
+                strategy.skip_step(model)
+        if not applied or not math.isfinite(float(grad_norm)):
+            result.skipped_steps += 1
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(grad_norm)}"
+            if config.train.on_nonfinite == "stop":
+                tracker.finish(status="FAILED")
+                raise NonFiniteError(f"step {step + 1}: {what}; the update was not kept and no checkpoint holds it. "
+                                     "Lower --lr, check the data, or pass --on-nonfinite skip")
+            tracker.note(f"step {step + 1}: {what}; step skipped ({result.skipped_steps} so far)")
+            if result.skipped_steps >= config.train.max_skipped_steps:
+                tracker.finish(status="FAILED")
+                raise NonFiniteError(f"step {step + 1}: {result.skipped_steps} steps had a non-finite loss or "
+                                     f"gradient (train.max_skipped_steps {config.train.max_skipped_steps}); "
+                                     "lower --lr or check the data")
+        elapsed = time.perf_counter() - started
         result.losses.append(loss)
         if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
             tracker.log(step + 1, {
                 "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / plan.steps_per_epoch,
                 "tokens_per_second": float(totals[1]) / elapsed, "label_tokens": float(global_tokens),
-                **memory_metrics(strategy.device),
+                "skipped_steps": result.skipped_steps, **memory_metrics(strategy.device),
             })
         last = step + 1 == total_steps
         if data.eval and (last or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)):
             eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id)
             result.eval_losses.append(eval_loss)
             tracker.log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+        stop = bool(totals[2] > 0) and not last
+        if stop or (save_every and (step + 1) % save_every == 0) or bool(totals[3] > 0):
+            trainer_state = {
+                "step": step + 1, "epoch": (step + 1) // plan.steps_per_epoch,
+                "step_in_epoch": (step + 1) % plan.steps_per_epoch,
+                "examples_seen": (step + 1) * plan.global_batch_size, "global_batch_size": plan.global_batch_size,
+                "train_examples": len(data.train), "world_size": strategy.world_size, "strategy": strategy.name,
+                "format": strategy.checkpoint_format, "losses": result.losses, "eval_losses": result.eval_losses,
+                "skipped_steps": result.skipped_steps, "mlflow_run_id": tracker.run_id,
+                "elapsed_seconds": elapsed_before + time.monotonic() - run_started,
+            }
+            result.checkpoint = save_checkpoint(strategy, model, output_dir, step + 1, trainer_state,
+                                                config.checkpoint.keep)
+            last_save = time.monotonic()
+            session.checkpoint_saved(step + 1, result.checkpoint, {"loss": loss, "step": step + 1}, strategy.is_main)
+        if stop:
+            tracker.note(f"stopped by {signals.requested or 'a signal on another worker'} after step {step + 1}; "
+                         f"checkpoint {result.checkpoint}. Continue with the same command plus --resume")
+            tracker.finish(status="KILLED")
+            result.preempted = True
+            return result
 
     save_outputs(config, strategy, model, tokenizer, output_dir, data.report.templates, trainable, tracker)
     tracker.finish()

@@ -1,12 +1,29 @@
-"""N worker processes on this machine through torch's elastic agent (the machinery behind torchrun)."""
+"""N worker processes on this machine through torch's elastic agent (the machinery behind torchrun).
+
+``--max-restarts N`` lets the agent restart every worker after one fails; the restarted workers resume from
+the newest checkpoint (zerotune.train.RunSession). SIGTERM or SIGINT to this process reaches the workers,
+which finish their step and write a checkpoint within SHUTDOWN_SECONDS.
+"""
 
 from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 from zerotune.config import RunConfig, config_from_dict
+from zerotune.errors import ZerotuneError
 from zerotune.strategies.process_group import free_port
+
+SHUTDOWN_SECONDS = 300  # how long a stopping worker may take to finish its step and checkpoint
+
+
+@dataclass
+class WorkerError:
+    """A user-facing error raised in a worker, carried back to the launching process."""
+
+    message: str
 
 
 def _worker(config_tree: dict):
@@ -18,13 +35,22 @@ def _worker(config_tree: dict):
     workers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     config = config_from_dict(config_tree)
-    result = run(config, show_progress=int(os.environ.get("RANK", 0)) == 0)
+    try:
+        result = run(config, show_progress=int(os.environ.get("RANK", 0)) == 0)
+    except ZerotuneError as error:
+        return WorkerError(str(error))
     return result if int(os.environ.get("RANK", 0)) == 0 else None
 
 
-def launch_local(config: RunConfig, max_restarts: int = 0):
+def launch_local(config: RunConfig):
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    import dataclasses
+
+    # torch >= 2.12 lets the agent wait longer than 30 s for stopping workers; older torch has no such knob.
+    waits = {"shutdown_timeout": SHUTDOWN_SECONDS} if "shutdown_timeout" in {
+        f.name for f in dataclasses.fields(LaunchConfig)} else {}
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -32,9 +58,28 @@ def launch_local(config: RunConfig, max_restarts: int = 0):
         run_id=f"zerotune-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        max_restarts=max_restarts,
+        max_restarts=config.distributed.max_restarts,
         monitor_interval=0.5,
         start_method="spawn",
+        **waits,
     )
-    results = elastic_launch(launch_config, _worker)(config.to_dict())
+    try:
+        results = elastic_launch(launch_config, _worker)(config.to_dict())
+    except SignalException as stop:
+        return _stopped(config, stop)
+    errors = [value.message for value in results.values() if isinstance(value, WorkerError)]
+    if errors:
+        raise ZerotuneError(errors[0])
     return results.get(0)
+
+
+def _stopped(config: RunConfig, stop):
+    """The agent got SIGTERM/SIGINT and passed it on; the workers checkpointed before exiting."""
+    from zerotune.checkpoints import newest_checkpoint
+    from zerotune.train import RunResult
+
+    checkpoint = newest_checkpoint(Path(config.output.dir))
+    if checkpoint is None:
+        raise ZerotuneError(f"stopped by {stop.sigval.name} before any checkpoint was written; "
+                            "start again without --resume")
+    return RunResult(output_dir=Path(config.output.dir), preempted=True, checkpoint=checkpoint)

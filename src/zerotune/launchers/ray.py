@@ -14,6 +14,37 @@ from zerotune.config import RunConfig, config_from_dict
 from zerotune.errors import ConfigError
 
 
+def _ray_session():
+    """The loop's RunSession under Ray Train: restore from the latest checkpoint Ray has (after a worker or
+    node failure, when FailureConfig restarts the group), and report each new checkpoint to Ray."""
+    import ray.train
+
+    from zerotune.train import RunSession
+
+    class RaySession(RunSession):
+        def restore_from(self, config, output_dir):
+            """The newer of Ray's latest registered checkpoint and our newest complete one. Ray registers a
+            checkpoint only once its controller has collected the report, so a worker killed right after a
+            save can leave Ray one checkpoint behind; the output directory (fresh at the job's start, so
+            anything in it is this job's) never is."""
+            from zerotune.checkpoints import newest_checkpoint, step_of
+
+            candidates = [newest_checkpoint(output_dir)]
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:
+                local = type(checkpoint.filesystem).__name__ == "LocalFileSystem"
+                candidates.append(Path(checkpoint.path) if local else Path(checkpoint.to_directory()))
+            candidates = [c for c in candidates if c is not None]
+            return max(candidates, key=step_of) if candidates else None
+
+        def checkpoint_saved(self, step, path, metrics, is_main):
+            # Every worker reports (Ray's barrier); rank 0 hands over the committed directory.
+            checkpoint = ray.train.Checkpoint.from_directory(str(path)) if is_main else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=path.name)
+
+    return RaySession()
+
+
 def _worker(config_tree: dict) -> None:
     import ray.train
     import torch
@@ -28,7 +59,7 @@ def _worker(config_tree: dict) -> None:
         os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)
     from zerotune.train import run
 
-    run(config, show_progress=context.get_world_rank() == 0)
+    run(config, show_progress=context.get_world_rank() == 0, session=_ray_session())
 
 
 def available_cpus(address: str) -> float:
@@ -79,7 +110,7 @@ def connect(address: str, num_workers: int):
 
 
 def launch_ray(config: RunConfig):
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from zerotune.train import RunResult
@@ -92,9 +123,16 @@ def launch_ray(config: RunConfig):
         scaling_config=ScalingConfig(num_workers=config.distributed.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=RayRunConfig(name="zerotune", storage_path=str(Path(config.output.dir).resolve() / "ray"),
-                                failure_config=FailureConfig(max_failures=0)),
+                                failure_config=FailureConfig(max_failures=config.distributed.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as failure:  # Ray wraps worker exceptions; a user-facing one keeps its message
+        user_error = _find_user_error(failure)
+        if user_error is None:
+            raise
+        raise ConfigError(str(user_error)) from None
     from zerotune.tracking import METRICS_FILE, read_metrics
 
     events = read_metrics(Path(config.output.dir) / METRICS_FILE)
@@ -103,3 +141,21 @@ def launch_ray(config: RunConfig):
     return RunResult(losses=[e["loss"] for e in events if "loss" in e],
                      eval_losses=[e["eval_loss"] for e in events if "eval_loss" in e],
                      output_dir=Path(config.output.dir), strategy=summary["strategy"])
+
+
+def _find_user_error(error: BaseException | None):
+    """The ZerotuneError inside Ray's wrappers (TrainingFailedError, WorkerGroupError, ...), if any."""
+    from zerotune.errors import ZerotuneError
+
+    seen = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ZerotuneError):
+            return current
+        stack += [current.__cause__, current.__context__]
+        stack += list(getattr(current, "worker_failures", {}).values() if hasattr(current, "worker_failures") else [])
+    return None

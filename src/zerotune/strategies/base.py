@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -19,6 +20,8 @@ class Strategy(ABC):
     """Places the model, owns optimizer and scheduler, and hides gradient synchronisation."""
 
     name: str = "base"
+    checkpoint_format: str = "replicated"  # what save_state writes; a resume needs the same format
+    reshardable: bool = True  # whether a checkpoint loads on a different number of workers
 
     def __init__(self, config: RunConfig, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config
@@ -45,15 +48,46 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, model: torch.nn.Module) -> torch.Tensor:
-        """Clip, step optimizer and scheduler, zero gradients. Returns the pre-clip global grad norm."""
+    def optimizer_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, bool]:
+        """Clip, step optimizer and scheduler, zero gradients. Returns the pre-clip global grad norm and
+        whether the update was applied: a non-finite gradient is never applied (the step is dropped)."""
         max_norm = self.config.train.max_grad_norm
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-        self.optimizer.step()
+        grad_norm = self._global_norm(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+        applied = bool(torch.isfinite(grad_norm))
+        if applied:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, applied
+
+    def skip_step(self, model: torch.nn.Module) -> None:
+        """Drop this step's gradients (a non-finite loss); the schedule still advances."""
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm
+
+    def save_state(self, model: torch.nn.Module, directory: Path) -> None:
+        """Collective. Write trainable weights, optimizer and scheduler state into ``directory``.
+        Replicated engines: rank 0 writes one copy, which loads on any number of workers."""
+        from safetensors.torch import save_file
+
+        state = self.trainable_state_dict(model)
+        if self.is_main:
+            save_file({name: t.contiguous().clone() for name, t in state.items()}, str(directory / "trainable.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       directory / "optimizer.pt")
+
+    def load_state(self, model: torch.nn.Module, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / "trainable.safetensors"), device=str(self.device))
+        load_trainable(self.unwrap(model), tensors, directory)
+        states = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.scheduler.load_state_dict(states["scheduler"])
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -84,3 +118,13 @@ class Strategy(ABC):
 
     def close(self) -> None:
         pass
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source) -> None:
+    """Copy saved trainable tensors in; every trainable parameter must be covered, nothing else may be."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != trainable:
+        missing, extra = sorted(trainable - set(tensors)), sorted(set(tensors) - trainable)
+        raise RuntimeError(f"{source}: checkpoint does not match the model's trainable parameters "
+                           f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(tensors, strict=False)

@@ -13,6 +13,8 @@ from zerotune.strategies.deepspeed_config import preset, read_user_config, resol
 
 class DeepSpeedStrategy(CollectivesMixin, Strategy):
     name = "deepspeed"
+    checkpoint_format = "deepspeed"
+    reshardable = False  # ZeRO partitions are tied to the worker count (DeepSpeed's universal format aside)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,9 +51,29 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
             self.engine.step()  # counts the micro-step; the optimizer runs only at the boundary
 
     def optimizer_step(self, model):
+        """DeepSpeed clips and applies inside engine.step(); the loop stops before any checkpoint when the
+        norm it reports is not finite (DeepSpeed cannot drop a step, so on_nonfinite=skip is refused)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return torch.tensor(float(norm) if norm is not None else float("nan"))
+        norm = torch.tensor(float(norm) if norm is not None else float("nan"))
+        return norm, True
+
+    def skip_step(self, model):
+        raise RuntimeError("DeepSpeed cannot drop a step; config validation refuses on_nonfinite=skip")
+
+    def save_state(self, model, directory):
+        """DeepSpeed's own format: each rank writes its partition; frozen base weights are left out (they
+        come from the base model on resume)."""
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True,
+                                    save_latest=False)
+
+    def load_state(self, model, directory):
+        # DeepSpeed reads its files with torch.load(weights_only=False); zerotune points it only at checkpoints
+        # this run family wrote into its own output directory, checked against their manifest first.
+        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint to load")
 
     def current_lr(self):
         return self.engine.get_lr()[0]

@@ -47,9 +47,37 @@ class FSDPStrategy(CollectivesMixin, Strategy):
         model.set_requires_gradient_sync(sync)
         yield
 
-    def optimizer_step(self, model):
-        norm = super().optimizer_step(model)
+    checkpoint_format = "dcp"
+
+    def _global_norm(self, norm):
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def save_state(self, model, directory):
+        """Each rank writes its own shard (torch.distributed.checkpoint); nothing is gathered. DCP reshards
+        on load, so a checkpoint resumes on another worker count."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(model), checkpoint_id=str(directory / "fsdp"))
+        if self.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
+
+    def load_state(self, model, directory):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._sharded_state(model)
+        dcp.load(state, checkpoint_id=str(directory / "fsdp"))
+        set_state_dict(model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        scheduler = torch.load(directory / "scheduler.pt", weights_only=True)["scheduler"]
+        self.scheduler.load_state_dict(scheduler)
+
+    def _sharded_state(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, self.optimizer,
+                                                      options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": model_state, "optimizer": optimizer_state}
 
     def trainable_state_dict(self, model):
         """Gathers only trainable tensors (the adapter for LoRA), never the frozen base."""

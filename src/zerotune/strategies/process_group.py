@@ -42,11 +42,26 @@ def join_process_group(use_cpu: bool, need_group: bool) -> WorkerPlace:
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                device_id=device if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                **_restart_safe_store())
     if dist.is_initialized():
         return WorkerPlace(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return WorkerPlace(0, 1, 0, device)
+
+
+def _restart_safe_store() -> dict:
+    """Under torch elastic the workers share the agent's store, which outlives a restart: the ranks' addresses
+    from the failed attempt are still in it, and a restarted group would dial dead ports. A prefix per
+    attempt keeps every attempt's keys apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timedelta(minutes=10))
+    return {"store": dist.PrefixStore(f"zerotune/attempt_{attempt}", agent_store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def leave_process_group() -> None:
