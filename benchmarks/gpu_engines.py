@@ -67,7 +67,27 @@ def build_data(path: Path) -> None:
                                      "output": ", ".join(str(i) for i in range(start, start + 2000))}) + "\n")
 
 
+def run_hf_baseline(model: Path, out: Path, steps: int) -> dict:
+    """transformers + PEFT + DeepSpeed ZeRO-3 on 2 GPUs (benchmarks/hf_deepspeed_baseline.py)."""
+    result = out / "hf_zero3.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               str(ROOT / "benchmarks" / "hf_deepspeed_baseline.py"), "--model", str(model), "--steps", str(steps),
+               "--out", str(result)]
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    completed = subprocess.run(command, capture_output=True, text=True)
+    record = {"engine": "hf_zero3_baseline", "command": " ".join(command[1:]), "returncode": completed.returncode,
+              "wall_seconds": round(time.time() - started, 1), "strategy": "transformers+peft+deepspeed zero3"}
+    if completed.returncode != 0:
+        record["error_tail"] = completed.stderr[-3000:]
+        return record
+    record.update(json.loads(result.read_text()))
+    return record
+
+
 def run_engine(name: str, model: Path, data: Path, out: Path, steps: int) -> dict:
+    if name == "hf_zero3":
+        return run_hf_baseline(model, out, steps)
     command = [sys.executable, "-m", "zerotune", "train", "--model", str(model), "--data", str(data),
                "--output-dir", str(out / name), "--tracking", "none", "--max-steps", str(steps), "--batch-size", "4",
                "--max-seq-len", "2048", "--gradient-checkpointing", "--dtype", "bf16", "--eval-fraction", "0",
