@@ -157,7 +157,8 @@ def save_checkpoint(strategy, model, output_dir: Path, step: int, trainer_state:
 # Fields whose change makes a resumed run a different run. Anything else (steps, lr, logging) may change.
 RESUME_FIELDS = (
     "model.name", "adapter.method", "adapter.r", "adapter.alpha", "adapter.target_modules", "data.path",
-    "data.eval_path", "data.template", "data.max_seq_len", "data.overlong", "data.eval_fraction", "train.seed",
+    "data.eval_path", "data.template", "data.max_seq_len", "data.overlong", "data.eval_fraction", "data.packing",
+    "train.seed",
 )
 
 

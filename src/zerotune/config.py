@@ -80,6 +80,11 @@ class DataConfig:
         "truncate", "What to do with examples longer than max_seq_len.", "--overlong"
     )
     split: str = option("train", "Split to read from a hub dataset.", "--split")
+    packing: bool = option(
+        False, "Pack several training examples into each row of max_seq_len tokens. Attention stays within each "
+               "example (position ids restart per example; transformers then masks per example), and each "
+               "example's loss equals its unpacked loss. Cuts padding on short data.", "--packing",
+    )
 
 
 @dataclass

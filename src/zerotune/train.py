@@ -103,8 +103,12 @@ def learning_rate_factor(config: RunConfig, total_steps: int):
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over label tokens, and the number of those tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Summed next-token cross-entropy over label tokens, and the number of those tokens. Packed batches go in
+    with position ids and no attention mask (and never a KV cache), so attention stays inside each example."""
+    if "position_ids" in batch:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
     loss_sum = F.cross_entropy(
@@ -175,7 +179,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
         source = config.data.path or "the bundled English+Spanish sample (no --data given)"
-        tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval")
+        tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
+                     + (f"; {data.packing.summary()}" if data.packing else ""))
         tracker.note(
             f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global batch "
             f"{plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum} "
@@ -233,13 +238,15 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
                 strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
             step_loss_sum += loss_sum.detach()
         input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        slots = sum(b["input_ids"].numel() for b in batches)
         # One all-reduce carries the loss, the token count, and two agreements: a stop signal on any rank,
         # and rank 0's clock saying a time-based checkpoint is due.
         time_due = bool(save_seconds) and strategy.is_main and time.monotonic() - last_save >= save_seconds
         totals = strategy.all_reduce_sum(torch.stack([
             step_loss_sum, torch.tensor(float(input_tokens), device=strategy.device),
             torch.tensor(float(signals.requested is not None), device=strategy.device),
-            torch.tensor(float(time_due), device=strategy.device)]))
+            torch.tensor(float(time_due), device=strategy.device),
+            torch.tensor(float(slots), device=strategy.device)]))
         loss = float(totals[0] / global_tokens.clamp(min=1))
         lr = strategy.current_lr()
         if math.isfinite(loss):
@@ -267,7 +274,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             tracker.log(step + 1, {
                 "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / plan.steps_per_epoch,
                 "tokens_per_second": float(totals[1]) / elapsed, "label_tokens": float(global_tokens),
-                "skipped_steps": result.skipped_steps, **memory_metrics(strategy.device),
+                "skipped_steps": result.skipped_steps, "real_token_fraction": float(totals[1] / totals[4]),
+                **memory_metrics(strategy.device),
             })
         last = step + 1 == total_steps
         if data.eval and (last or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)):

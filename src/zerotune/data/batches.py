@@ -56,17 +56,28 @@ class BatchPlan:
 
 
 def collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example. Padding gets label -100 and attention mask 0."""
+    """Right-pad to the longest example. Padding gets label -100 and attention mask 0.
+    Packed rows also get ``position_ids`` (padding counts 0, 1, ... as a sequence of its own); the model is
+    then called without the attention mask, which makes transformers build per-example attention."""
     longest = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    if packed:
+        position_ids = torch.arange(longest).repeat(len(examples), 1)
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         input_ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            position_ids[row, :length] = torch.tensor(example.position_ids)
+            position_ids[row, length:] = torch.arange(longest - length)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if packed:
+        batch["position_ids"] = position_ids
+    return batch
 
 
 def eval_batches(num_examples: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:

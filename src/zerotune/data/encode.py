@@ -19,6 +19,7 @@ IGNORE_INDEX = -100
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # set on packed rows: restarts at 0 for each example
 
     @property
     def num_label_tokens(self) -> int:

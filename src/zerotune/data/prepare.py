@@ -18,6 +18,17 @@ class PreparedData:
     train: list[EncodedExample]
     eval: list[EncodedExample]
     report: EncodeReport
+    packing: Any = None  # a PackingReport when data.packing is on
+
+
+def packed(config: DataConfig, data: PreparedData) -> PreparedData:
+    """Training rows are packed; evaluation stays one example per row, so eval loss is comparable."""
+    if not config.packing:
+        return data
+    from zerotune.data.packing import pack_examples
+
+    rows, report = pack_examples(data.train, config.max_seq_len)
+    return PreparedData(rows, data.eval, data.report, report)
 
 
 def load_and_check(config: DataConfig, path: str):
@@ -59,12 +70,12 @@ def prepare_data(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_
     if config.eval_path:
         eval_records, eval_where = load_and_check(config, config.eval_path)
         eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather)
-        return PreparedData(examples, eval_examples, report)
+        return packed(config, PreparedData(examples, eval_examples, report))
     if config.eval_fraction == 0 or len(examples) < 2:
-        return PreparedData(examples, [], report)
+        return packed(config, PreparedData(examples, [], report))
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = max(1, round(config.eval_fraction * len(examples)))
     eval_set = set(order[:held_out])
     train = [example for index, example in enumerate(examples) if index not in eval_set]
     evaluation = [examples[index] for index in sorted(eval_set)]
-    return PreparedData(train, evaluation, report)
+    return packed(config, PreparedData(train, evaluation, report))
