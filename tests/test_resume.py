@@ -371,3 +371,23 @@ def test_resume_continues_the_same_mlflow_run(uninterrupted, tiny_llama, alpaca_
     # Steps 3 and 4 appear twice only because this test resumes a run that had already finished them.
     assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4]
     assert mlflow.tracking.MlflowClient(uri).get_run(first.mlflow_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_local_workers(tiny_llama, alpaca_file, tmp_path):
+    """Two local workers: SIGTERM to the launching process goes through torch's elastic agent to the workers,
+    which finish the step, checkpoint and leave; the job exits 75, and --resume completes it."""
+    out = tmp_path / "run"
+    args = [*run_args(tiny_llama, alpaca_file, out, 40), "--batch-size", "2", "--num-workers", "2", "--use-cpu",
+            "--strategy", "ddp", "--save-steps", "100"]
+    process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, err[-2000:]
+    stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
+    assert 3 <= stopped_at < 40
+    finished = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, 41))

@@ -39,6 +39,14 @@ def _worker(config_tree: dict):
         result = run(config, show_progress=int(os.environ.get("RANK", 0)) == 0)
     except ZerotuneError as error:
         return WorkerError(str(error))
+    if result.preempted:
+        # The agent that forwarded the signal is shutting down and will never collect a return value; a worker
+        # that returned would wait for it until the shutdown timeout. The checkpoint is on disk: leave now.
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return result if int(os.environ.get("RANK", 0)) == 0 else None
 
 
