@@ -42,6 +42,10 @@ class ModelConfig:
         False, "Recompute activations in the backward pass: less memory, about 30% more compute.",
         "--gradient-checkpointing",
     )
+    compile: bool = option(
+        False, "torch.compile each decoder layer (regional compilation). Faster steps on GPUs after a warm-up "
+               "compile; numerics within 1e-4 of eager in our tests.", "--compile",
+    )
     trust_remote_code: bool = option(
         False, "Allow model code from the hub to run. Off unless you trust the model's repository.",
         "--trust-remote-code",

@@ -97,6 +97,23 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
     return model
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks, found by transformers' own `_no_split_modules` class names."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Regional compilation: torch.compile each decoder layer (one graph reused by every layer, so compile
+    time stays that of one layer). Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def qlora_quantization_config(compute_dtype: torch.dtype):
     if not torch.cuda.is_available():
         raise ConfigError("adapter.method qlora needs a CUDA GPU for bitsandbytes 4-bit; on CPU use --method lora")

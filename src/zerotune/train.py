@@ -190,6 +190,10 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
     model = load_model(config.model, config.adapter.method, strategy.device, dtype)
     model = adapters.apply_method(model, config.adapter, seed)
+    if config.model.compile:
+        from zerotune.model import compile_layers
+
+        tracker.note(f"compiling {compile_layers(model)} decoder layers (torch.compile; the first steps are slow)")
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
 
     def build_optimizer(params):
@@ -219,6 +223,9 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         result.eval_losses.append(eval_loss)
         tracker.log(0, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
 
+    # Compiled layers with packed rows: one row length for every step, so nothing recompiles (rows are nearly
+    # full anyway). Unpacked batches vary in length; torch.compile then switches to dynamic shapes.
+    pad_to = config.data.max_seq_len if config.model.compile and config.data.packing else None
     save_every, save_seconds = config.checkpoint.save_steps, config.checkpoint.save_minutes * 60
     last_save = time.monotonic()
     elapsed_before = state.get("elapsed_seconds", 0.0)
@@ -226,7 +233,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
         micro_indices = plan.micro_batches(epoch, step_in_epoch, strategy.rank)
-        batches = [collate([data.train[i] for i in indices], tokenizer.pad_token_id) for indices in micro_indices]
+        batches = [collate([data.train[i] for i in indices], tokenizer.pad_token_id, pad_to) for indices in micro_indices]
         started = time.perf_counter()
         local_tokens = torch.tensor(float(sum(count_label_tokens(b) for b in batches)), device=strategy.device)
         global_tokens = strategy.all_reduce_sum(local_tokens)

@@ -55,11 +55,12 @@ class BatchPlan:
         ]
 
 
-def collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[EncodedExample], pad_token_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Padding gets label -100 and attention mask 0.
     Packed rows also get ``position_ids`` (padding counts 0, 1, ... as a sequence of its own); the model is
-    then called without the attention mask, which makes transformers build per-example attention."""
-    longest = max(len(example.input_ids) for example in examples)
+    then called without the attention mask, which makes transformers build per-example attention.
+    ``pad_to`` pads every batch to one length (compiled layers then see one shape and never recompile)."""
+    longest = max(max(len(example.input_ids) for example in examples), pad_to or 0)
     input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)

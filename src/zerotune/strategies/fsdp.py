@@ -13,16 +13,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from zerotune.model import decoder_layers
 from zerotune.strategies.base import Strategy
 from zerotune.strategies.collectives import CollectivesMixin
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks, found by transformers' own `_no_split_modules` class names."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    return [module for module in model.modules() if type(module).__name__ in names]
 
 
 class FSDPStrategy(CollectivesMixin, Strategy):
