@@ -55,3 +55,52 @@ def test_remote_code_model_is_refused(tmp_path):
         "model_type": "zerotune-custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
     with pytest.raises(ConfigError, match="--trust-remote-code"):
         check_model_source(ModelConfig(name=str(directory)))
+
+
+FAMILIES = {
+    "llama3_gqa": ("llama", {"kv_heads": 2}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"}),
+    "falcon_new_layout": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2},
+                          {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    "falcon_old_layout": ("falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True},
+                          {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    "mistral": ("mistral", {"kv_heads": 2}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}),
+    "qwen2": ("qwen2", {"kv_heads": 2}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj"}),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_and_reloads_in_plain_peft(family, alpaca_file, tmp_path):
+    """Train, save the adapter, reload it with plain transformers + PEFT: the eval loss the run measured on
+    its last step equals the reloaded model's (1e-5), and the adapted modules are the family's linears."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from zerotune.data.batches import collate, eval_batches
+    from zerotune.data.prepare import prepare_data
+    from zerotune.model import load_tokenizer
+    from zerotune.train import token_loss_sum
+
+    architecture, extra, expected_targets = FAMILIES[family]
+    model_dir = save_tiny_model(tmp_path / family, corpus(), architecture, vocab_size=300, hidden_size=32, layers=2,
+                                heads=4, seed=0, **extra)
+    config = make_config(model_dir, alpaca_file, tmp_path / "run", **{"data.eval_fraction": 0.2,
+                                                                     "train.max_steps": 2})
+    result = train(config)
+    adapter = tmp_path / "run" / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    targets = {name.rsplit(".", 1)[-1] for name in saved}
+    assert targets == expected_targets
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    tokenizer = load_tokenizer(config.model)
+    examples = prepare_data(config.data, tokenizer, config.train.seed).eval
+    total, tokens = torch.zeros(()), 0
+    with torch.no_grad():
+        for indices in eval_batches(len(examples), config.train.batch_size, 0, 1):
+            loss_sum, count = token_loss_sum(model, collate([examples[i] for i in indices], tokenizer.pad_token_id))
+            total, tokens = total + loss_sum, tokens + int(count)
+    torch.testing.assert_close(float(total / tokens), result.eval_losses[-1], rtol=1e-5, atol=0)
