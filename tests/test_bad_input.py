@@ -138,3 +138,10 @@ def test_fp16_cannot_train_on_cpu(tiny_llama, alpaca_file, tmp_path, capsys, no_
     status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--use-cpu",
                           "--dtype", "fp16")
     assert status == 2 and "model.dtype fp16 cannot train on CPU" in err
+
+
+def test_qlora_on_cpu_suggests_lora(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--method", "qlora")
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "qlora needs a CUDA GPU" in err and "--method lora" in err
+    assert not (tmp_path / "out").exists()
