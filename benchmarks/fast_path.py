@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from w3_packing import build, lengths, timed  # noqa: E402
+from w3_packing import build, hf_loss, short_examples, timed, zerotune_loss  # noqa: E402
 
 LORA_FLOPS_PER_TOKEN = 4 * 6.607e9 + 6 * 32 * 4096 * 2048  # ANCHORS.md: 4N + 6 L d s
 
@@ -32,29 +32,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     from zerotune.data.batches import collate
-    from zerotune.data.encode import IGNORE_INDEX, EncodedExample
+    from zerotune.data.encode import EncodedExample
     from zerotune.data.packing import pack_examples
     from zerotune.model import compile_layers
-    from zerotune.train import token_loss_sum
 
     rng = random.Random(1)
     full = [collate([EncodedExample(ids, ids)], 0) for ids in
             ([rng.randrange(3, 32000) for _ in range(2048)] for _ in range(args.steps))]
-    short = []
-    for n in lengths(20 * args.steps):
-        ids = [rng.randrange(3, 32000) for _ in range(n)]
-        short.append(EncodedExample(ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
+    short = short_examples(20 * args.steps, rng)
     padded = [collate(short[i:i + 4], 0) for i in range(0, 4 * args.steps, 4)]
     rows, report = pack_examples(short, 2048)
     packed = [collate([row], 0, pad_to=2048) for row in rows[:args.steps]]  # as train does with --compile
-
-    def hf_loss(model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"]).loss
-
-    def zerotune_loss(model, batch):
-        loss_sum, tokens = token_loss_sum(model, batch)
-        return loss_sum / tokens
 
     model = build()
     results = {"workload": "W1 and W3, Llama-2-7B arch, LoRA r16 all-linear, 1 GPU, HF eager vs zerotune --compile",

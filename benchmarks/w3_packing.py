@@ -69,33 +69,41 @@ def timed(model, batches, loss_fn) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": len(batches) - 3}
 
 
+def short_examples(count: int, rng: random.Random) -> list:
+    """Random-token examples with W3's lengths: a third prompt (not a target), the rest response."""
+    from zerotune.data.encode import IGNORE_INDEX, EncodedExample
+
+    examples = []
+    for n in lengths(count):
+        ids = [rng.randrange(3, 32000) for _ in range(n)]
+        examples.append(EncodedExample(ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
+    return examples
+
+
+def hf_loss(model, batch):
+    """What HF+PEFT users run: the model's own loss from labels, with the attention mask."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def zerotune_loss(model, batch):
+    from zerotune.train import token_loss_sum
+
+    loss_sum, tokens = token_loss_sum(model, batch)
+    return loss_sum / tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     from zerotune.data.batches import collate
-    from zerotune.data.encode import IGNORE_INDEX, EncodedExample
     from zerotune.data.packing import pack_examples
-    from zerotune.train import token_loss_sum
 
-    rng = random.Random(1)
-    examples = []
-    for n in lengths(4 * args.steps + 16 * args.steps):
-        ids = [rng.randrange(3, 32000) for _ in range(n)]
-        prompt = n // 3  # a third prompt (not a target), the rest response
-        examples.append(EncodedExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    examples = short_examples(4 * args.steps + 16 * args.steps, random.Random(1))
     baseline_batches = [collate(examples[i:i + 4], 0) for i in range(0, 4 * args.steps, 4)]
     rows, report = pack_examples(examples, 2048)
     packed_batches = [collate([row], 0) for row in rows[:args.steps]]
-
-    def hf_loss(model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"]).loss
-
-    def zerotune_loss(model, batch):
-        loss_sum, tokens = token_loss_sum(model, batch)
-        return loss_sum / tokens
 
     model = build()
     results = {"workload": "W3: short examples, effective tokens/s (Llama-2-7B arch, LoRA r16 all-linear, 1 GPU)",

@@ -157,5 +157,7 @@ def _find_user_error(error: BaseException | None):
         if isinstance(current, ZerotuneError):
             return current
         stack += [current.__cause__, current.__context__]
-        stack += list(getattr(current, "worker_failures", {}).values() if hasattr(current, "worker_failures") else [])
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack += list(failures.values())
     return None
