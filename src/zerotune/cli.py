@@ -29,9 +29,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         section = key.split(".")[0]
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         help_text = f"{spec.metadata['help']} [{key}; default: {default!r}]".replace("%", "%%")
-        if annotation is bool:
-            groups[section].add_argument(flag, dest=key, action="store_true", default=argparse.SUPPRESS,
-                                         help=help_text)
+        if annotation is bool:  # a default-on switch also gets its --no- form
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            groups[section].add_argument(flag, dest=key, action=action, default=argparse.SUPPRESS, help=help_text)
             continue
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
         groups[section].add_argument(flag, dest=key, default=argparse.SUPPRESS, choices=choices,
@@ -86,6 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--max-steps", type=int, default=None, help="override the example's step count")
     quickstart.add_argument("--tracking", choices=["mlflow", "none"], default=None,
                             help="mlflow (default when installed) or none")
+
+    from zerotune.bench import WORKLOADS
+
+    bench = commands.add_parser(
+        "bench", help="time a workload: stock HF+PEFT and zerotune, same run, same data",
+        description="Run a named workload twice in one run, the stock HF+PEFT eager baseline and zerotune's own "
+                    "training loop, on the same random-weight architecture, data and settings. Prints tokens/s, "
+                    "LoRA-MFU, peak memory and the ratio; writes OUT_DIR/<date>-<gpu>-<workload>.json.",
+        epilog="workloads: " + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
+    bench.add_argument("workload", choices=list(WORKLOADS), help="which workload (listed below)")
+    bench.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="zerotune-side settings, e.g. model.compile=false to time the eager path")
+    bench.add_argument("--tiny", action="store_true",
+                       help="a tiny model on the CPU in seconds: tests the harness, not the speed")
+    bench.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 16; tiny 4)")
+    bench.add_argument("--warmup-steps", type=int, default=None,
+                       help="first steps left out of the timing (compilation, allocator warm-up; default 4; tiny 1)")
+    bench.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
+    bench.add_argument("--work-dir", default=None, help="scratch space for model, data and runs (default: a "
+                                                        "new temporary directory)")
+    bench.add_argument("--seed", type=int, default=0, help="weights, data and LoRA seed (default 0)")
     return parser
 
 
@@ -179,15 +200,26 @@ def command_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(Path(args.output_dir), max_steps=args.max_steps, tracking=args.tracking)
 
 
+def command_bench(args: argparse.Namespace) -> None:
+    from zerotune.bench import run_bench
+    from zerotune.config import parse_overrides
+
+    command = "zerotune bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.workload])
+    run_bench(args.workload, tiny=args.tiny, steps=args.steps, warmup=args.warmup_steps, out_dir=args.out_dir,
+              work_dir=args.work_dir, seed=args.seed, ours_overrides=parse_overrides(args.overrides),
+              command=command)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Like parse_args, but train's overrides may come after flags (argparse stops at the first flag)."""
+    """Like parse_args, but overrides of train and bench may come after flags (argparse stops at the first flag)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if item.startswith("-") or args.command != "train"]
+    takes_more = {"train": "inputs", "bench": "overrides"}.get(args.command)
+    unknown = [item for item in extra if item.startswith("-") or not takes_more]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see zerotune {args.command} --help)")
-    if args.command == "train":
-        args.inputs = list(args.inputs) + extra
+    if takes_more:
+        setattr(args, takes_more, list(getattr(args, takes_more)) + extra)
     return args
 
 
@@ -195,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
-                "quickstart": command_quickstart}
+                "quickstart": command_quickstart, "bench": command_bench}
     try:
         status = handlers[args.command](args)
     except ZerotuneError as error:

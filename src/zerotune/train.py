@@ -102,19 +102,24 @@ def learning_rate_factor(config: RunConfig, total_steps: int):
     return factor
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model, batch: dict[str, torch.Tensor], head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over label tokens, and the number of those tokens. Packed batches go in
-    with position ids and no attention mask (and never a KV cache), so attention stays inside each example."""
+    with position ids and no attention mask (and never a KV cache), so attention stays inside each example.
+    With ``head`` (a zerotune.loss.ChunkedLossHead) the output head returns the loss sum itself, chunked."""
     if "position_ids" in batch:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
+    tokens = (labels != IGNORE_INDEX).sum()
+    if head is not None:
+        with head.computing(batch["labels"]):
+            return model(**inputs).logits, tokens
+    logits = model(**inputs).logits[:, :-1].float()
     loss_sum = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss_sum, (labels != IGNORE_INDEX).sum()
+    return loss_sum, tokens
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -190,6 +195,13 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
     model = load_model(config.model, config.adapter.method, strategy.device, dtype)
     model = adapters.apply_method(model, config.adapter, seed)
+    loss_head = None
+    if config.model.chunked_loss:
+        from zerotune.loss import install_chunked_loss
+
+        loss_head, why_not = install_chunked_loss(model)
+        if why_not:
+            tracker.note(f"model.chunked_loss: kept the stock loss because {why_not}")
     if config.model.compile:
         from zerotune.model import compile_layers
 
@@ -219,7 +231,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     tracker.start(total_steps, initial_step=start_step)
     if data.eval and config.train.eval_every and not restore:
         # A step-0 evaluation shows where the base model starts.
-        eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id)
+        eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id, loss_head)
         result.eval_losses.append(eval_loss)
         tracker.log(0, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
 
@@ -241,7 +253,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         for index, batch in enumerate(batches):
             batch = to_device(batch, strategy.device)
             with strategy.accumulating(model, sync=index == len(batches) - 1):
-                loss_sum, _ = token_loss_sum(model, batch)
+                loss_sum, _ = token_loss_sum(model, batch, loss_head)
                 strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
             step_loss_sum += loss_sum.detach()
         input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -280,13 +292,14 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
             tracker.log(step + 1, {
                 "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / plan.steps_per_epoch,
-                "tokens_per_second": float(totals[1]) / elapsed, "label_tokens": float(global_tokens),
+                "tokens_per_second": float(totals[1]) / elapsed, "step_seconds": elapsed, "label_tokens": float(global_tokens),
                 "skipped_steps": result.skipped_steps, "real_token_fraction": float(totals[1] / totals[4]),
                 **memory_metrics(strategy.device),
             })
         last = step + 1 == total_steps
         if data.eval and (last or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)):
-            eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id)
+            eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id,
+                                 loss_head)
             result.eval_losses.append(eval_loss)
             tracker.log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
         stop = bool(totals[2] > 0) and not last
@@ -323,13 +336,13 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, strategy, examples, batch_size: int, pad_token_id: int) -> float:
+def evaluate(model, strategy, examples, batch_size: int, pad_token_id: int, head=None) -> float:
     """Token-weighted mean loss over every eval example, across all ranks."""
     model.eval()
     totals = torch.zeros(2, device=strategy.device)
     for indices in eval_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
         batch = to_device(collate([examples[i] for i in indices], pad_token_id), strategy.device)
-        loss_sum, tokens = token_loss_sum(model, batch)
+        loss_sum, tokens = token_loss_sum(model, batch, head)
         totals += torch.stack([loss_sum, tokens.float()])
     totals = strategy.all_reduce_sum(totals)
     model.train()

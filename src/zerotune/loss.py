@@ -1,0 +1,121 @@
+"""Next-token cross-entropy straight from the last hidden states, in chunks: full fp32 logits never exist.
+
+The stock path materialises logits for every position (bf16), upcasts them all to fp32, and keeps both plus
+an fp32 gradient for the backward pass: at seq 2048 that is ~1 GiB for a 32k vocabulary and ~4 GiB for 128k.
+Here the output head computes, chunk by chunk over the label tokens only, the loss and its gradients with
+respect to the hidden states (and the head's weight, when it trains), then drops the chunk's logits. The
+backward pass just scales those stored gradients. Numerics follow the stock path: bf16 logits from the
+matmul, fp32 log-softmax, the gradient cast back to the compute dtype before the matmuls.
+
+It plugs in at the output head's forward, inside the model's own forward, so every engine's hooks
+(FSDP2 unshard, ZeRO-3 gather) see an ordinary call of that module.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 2**26  # logits per chunk: 256 MiB in fp32
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens):
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        picked, targets = hidden.index_select(0, rows), labels.index_select(0, rows)
+        wide = torch.promote_types(hidden.dtype, torch.float32)  # the softmax runs in fp32 (or fp64 if given)
+        total = torch.zeros((), dtype=wide, device=hidden.device)
+        grad_picked = torch.empty_like(picked) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if want_weight else None
+        for start in range(0, picked.size(0), chunk_tokens):
+            chunk, target = picked[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            logits = (chunk @ weight.t()).to(wide)
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if want_hidden or want_weight:
+                # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the fp32 logits
+                grad_logits = logits.sub_(log_norm[:, None]).exp_()
+                grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((target.size(0), 1), -1.0))
+                grad_logits = grad_logits.to(hidden.dtype)
+                if want_hidden:
+                    grad_picked[start:start + chunk_tokens] = grad_logits @ weight
+                if want_weight:
+                    grad_weight += (grad_logits.t() @ chunk).to(wide)
+        grad_hidden = None
+        if want_hidden:
+            grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_picked)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             chunk_tokens: int | None = None) -> torch.Tensor:
+    """Sum over positions with ``labels != -100`` of cross-entropy(hidden @ weight.T, labels).
+    ``hidden`` [N, d], ``weight`` [V, d], ``labels`` [N] (already aligned: label i is the target of row i)."""
+    chunk = chunk_tokens or max(64, CHUNK_ELEMENTS // weight.size(0))
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why this model's logits are not a plain bias-free linear map of the last hidden states, if they are not."""
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return f"its config sets {name}"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return "its output head is not a plain linear layer"
+    if head.bias is not None:
+        return "its output head has a bias"
+    return None
+
+
+class ChunkedLossHead:
+    """Installed on a causal LM's output head. Inside ``computing(labels)``, the model's forward returns the
+    summed loss in place of ``logits``; outside it (generation, plain calls) the head behaves as before."""
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int | None = None):
+        self.head = model.get_output_embeddings()
+        self.chunk_tokens = chunk_tokens
+        self._labels: torch.Tensor | None = None
+        original = self.head.forward
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            if self._labels is None:
+                return original(hidden)
+            labels, self._labels = self._labels, None
+            return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), self.head.weight, labels,
+                                            self.chunk_tokens)
+
+        self.head.forward = forward
+
+    @contextmanager
+    def computing(self, labels: torch.Tensor):
+        """``labels`` [batch, seq] as in the batch; shifted here so position t predicts label t + 1."""
+        shifted = torch.full_like(labels, IGNORE_INDEX)
+        shifted[:, :-1] = labels[:, 1:]
+        self._labels = shifted.reshape(-1)
+        try:
+            yield
+        finally:
+            self._labels = None
+
+
+def install_chunked_loss(model: torch.nn.Module) -> tuple[ChunkedLossHead | None, str | None]:
+    """The head, or None and the reason the model keeps the stock loss."""
+    reason = unsupported_reason(model)
+    return (None, reason) if reason else (ChunkedLossHead(model), None)
