@@ -10,7 +10,7 @@ import torch
 
 from zerotune.adapters import read_run_metadata
 from zerotune.data.templates import check_template_name, get_alpaca_template
-from zerotune.errors import DataError
+from zerotune.errors import ConfigError, DataError
 
 
 @dataclass
@@ -37,6 +37,9 @@ def resolve_template(requested: str | None, adapter_dir: str | None, record: dic
         name = read_run_metadata(Path(adapter_dir)).get("template")
     name = name or "alpaca"
     check_template_name(name)
+    if name == "tokens":
+        raise ConfigError("template tokens (pre-tokenized training data) has no prompt format to generate with; "
+                          "pass --template alpaca, alpaca_es or chat")
     if name == "auto":
         return "alpaca_es" if (record or {}).get("lang") == "es" else "alpaca"
     return name

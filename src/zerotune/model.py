@@ -83,10 +83,15 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
         attn_implementation=resolve_attention(config.attn_implementation, device.type),
         trust_remote_code=config.trust_remote_code,
     )
-    if method == "qlora":
-        kwargs["quantization_config"] = qlora_quantization_config(dtype)
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(config.name, **kwargs)
+    if config.init == "random":
+        model_config = check_model_source(config)
+        with torch.device(device):  # initialised in place: a 7B model takes seconds on a GPU, not minutes
+            model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    else:
+        if method == "qlora":
+            kwargs["quantization_config"] = qlora_quantization_config(dtype)
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(config.name, **kwargs)
     if method != "qlora":
         model.to(device)
     model.config.use_cache = False

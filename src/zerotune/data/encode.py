@@ -104,7 +104,12 @@ def encode_records(tokenizer, records, where, template: str, max_seq_len: int, o
     for record in records:
         name = template_for_record(record, template)
         report.templates[name] = report.templates.get(name, 0) + 1
-        example = encode_chat(tokenizer, record) if name == "chat" else encode_alpaca(tokenizer, record, name)
+        if name == "tokens":  # pre-tokenized: taken as is; labels default to the inputs
+            example = EncodedExample(list(record["input_ids"]), list(record.get("labels") or record["input_ids"]))
+        elif name == "chat":
+            example = encode_chat(tokenizer, record)
+        else:
+            example = encode_alpaca(tokenizer, record, name)
         if len(example.input_ids) > max_seq_len:
             if overlong == "drop":
                 report.dropped += 1

@@ -91,6 +91,9 @@ def check_records(records: list[dict[str, Any]], where: list[str], template: str
         if kind == "chat":
             _check_chat(record, place)
             continue
+        if kind == "tokens":
+            _check_tokens(record, place)
+            continue
         for name in ("instruction", "output"):
             value = record.get(name)
             if not isinstance(value, str) or (name == "instruction" and not value.strip()):
@@ -99,6 +102,20 @@ def check_records(records: list[dict[str, Any]], where: list[str], template: str
                 )
         if record.get("input") is not None and not isinstance(record["input"], str):
             raise DataError(f'{place}: field "input" must be a string')
+
+
+def _check_tokens(record: dict[str, Any], place: str) -> None:
+    ids = record.get("input_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise DataError(f'{place}: field "input_ids" must be a non-empty list of token ids (integers >= 0)')
+    labels = record.get("labels")
+    if labels is None:
+        return
+    if not isinstance(labels, list) or len(labels) != len(ids) or not all(isinstance(i, int) for i in labels):
+        raise DataError(f'{place}: field "labels" must be a list of integers as long as "input_ids" '
+                        "(-100 for tokens not to learn)")
+    if all(label == -100 for label in labels):
+        raise DataError(f'{place}: every label is -100, so nothing to learn from this record')
 
 
 def _check_chat(record: dict[str, Any], place: str) -> None:

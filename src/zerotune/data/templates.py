@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from zerotune.errors import ConfigError
 
-TEMPLATE_NAMES = ("alpaca", "alpaca_es", "chat")
+TEMPLATE_NAMES = ("alpaca", "alpaca_es", "chat", "tokens")
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,12 @@ def check_template_name(name: str) -> None:
 
 
 def template_for_record(record: dict, configured: str) -> str:
-    """The template one record uses. With 'auto': chat for 'messages' records, alpaca_es for records
-    marked "lang": "es", else alpaca."""
+    """The template one record uses. With 'auto': tokens for pre-tokenized 'input_ids' records, chat for
+    'messages' records, alpaca_es for records marked "lang": "es", else alpaca."""
     if configured != "auto":
         return configured
+    if "input_ids" in record:
+        return "tokens"
     if "messages" in record:
         return "chat"
     return "alpaca_es" if record.get("lang") == "es" else "alpaca"

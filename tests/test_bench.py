@@ -1,0 +1,56 @@
+"""`zerotune bench --tiny`: the harness (not the speed). Both sides must train the same model on the same data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zerotune.bench import ARCHITECTURES, lora_mfu, matmul_weights, run_bench
+from zerotune.cli import main
+
+REQUIRED = {"workload", "gpu", "commit", "command", "ours", "baseline", "ratio"}
+
+
+@pytest.mark.parametrize("workload", ["w1", "w4"])
+def test_bench_writes_a_result_where_both_sides_start_from_the_same_loss(workload, tmp_path):
+    result = run_bench(workload, tiny=True, steps=3, warmup=1, out_dir=str(tmp_path / "results"),
+                       work_dir=str(tmp_path / "work"))
+    written = json.loads((tmp_path / "results" / f"{result['date']}-cpu{'x2' if workload == 'w4' else ''}-"
+                                                 f"{workload}-tiny.json").read_text())
+    assert REQUIRED <= written.keys()
+    for side in ("ours", "baseline"):
+        assert written[side]["tokens_per_second"] > 0 and "peak_gib" in written[side]
+        assert len(written[side]["losses"]) == 3 and written[side]["timed_steps"] == 2
+    assert written["ratio"] == pytest.approx(written["ours"]["tokens_per_second"]
+                                             / written["baseline"]["tokens_per_second"])
+    # same random weights and the same first batch (LoRA B starts at zero): the same step-1 loss
+    assert written["ours"]["losses"][0] == pytest.approx(written["baseline"]["losses"][0], rel=1e-5)
+    assert written["gpus"] == (2 if workload == "w4" else 1)
+
+
+def test_bench_w3_compares_packed_rows_with_padded_batches(tmp_path, capsys):
+    status = main(["bench", "w3", "--tiny", "--steps", "3", "--warmup-steps", "1", "--out-dir", str(tmp_path),
+                   "--work-dir", str(tmp_path / "work"), "model.chunked_loss=false"])
+    assert status == 0
+    (path,) = tmp_path.glob("*-cpu-w3-tiny.json")
+    result = json.loads(path.read_text())
+    assert result["metric"].startswith("effective")
+    assert result["ours"]["real_token_fraction"] > 0.9 > result["baseline"]["real_token_fraction"]
+    assert result["settings"]["ours"]["chunked_loss"] is False and result["settings"]["ours"]["packing"] is True
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_lora_mfu_follows_anchors_accounting():
+    assert matmul_weights(ARCHITECTURES["llama-2-7b"]) == pytest.approx(6.607e9, rel=1e-3)
+    # ANCHORS.md: HF+PEFT mb1 at 7,693 tokens/s is 21.8% LoRA-MFU on an H100
+    assert lora_mfu(7693, ARCHITECTURES["llama-2-7b"], 2048, "NVIDIA H100 80GB HBM3") == pytest.approx(0.218, abs=1e-3)
+    assert lora_mfu(7693, ARCHITECTURES["llama-2-7b"], 2048, "some other accelerator") is None
+
+
+def test_bench_refuses_unknown_workloads_and_gpu_workloads_on_cpu(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "w9"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["bench", "w1", "--out-dir", "/nonexistent"]) == 2
+    assert "--tiny" in capsys.readouterr().err
