@@ -136,7 +136,9 @@ def write_model_dir(directory: Path, arch: dict, dtype: torch.dtype, saved_weigh
     tokenizer = build_tokenizer(tokenizer_corpus(records), vocab_size=300)
     config = LlamaConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    if saved_weights:
+    if saved_weights and any(directory.glob("*.safetensors")):
+        pass  # written by an earlier bench in the same --work-dir (same architecture and seed)
+    elif saved_weights:
         torch.manual_seed(seed)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = LlamaForCausalLM(config).to(dtype)
