@@ -90,6 +90,7 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
     else:
         if method == "qlora":
             kwargs["quantization_config"] = qlora_quantization_config(dtype)
+        if device.type == "cuda":  # straight from the (memory-mapped) files to this worker's GPU
             kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(config.name, **kwargs)
     if method != "qlora":

@@ -1,0 +1,37 @@
+"""Prints the README's `zerotune bench` table from benchmarks/results/*.json (files that `zerotune bench` wrote).
+
+Usage: python scripts/bench_table.py
+"""
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def bench_results() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        if {"workload", "ours", "baseline", "ratio", "command"} <= result.keys():
+            found.append((path.name, result))
+    return found
+
+
+def table() -> str:
+    lines = ["| workload | GPU | HF+PEFT tok/s (per GPU) | zerotune tok/s (per GPU) | ratio | LoRA-MFU ours | "
+             "peak GiB HF / ours | command | file |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in bench_results():
+        ours, base = r["ours"], r["baseline"]
+        mfu = f"{ours['lora_mfu']:.1%}" if ours.get("lora_mfu") else "-"
+        gpu = r["gpu"].replace("NVIDIA ", "") + (f" x{r['gpus']}" if r.get("gpus", 1) > 1 else "")
+        command = r["command"].split(" --out-dir")[0]
+        lines.append(f"| {r['workload']} | {gpu} | {base['tokens_per_second_per_gpu']:,.0f} | "
+                     f"{ours['tokens_per_second_per_gpu']:,.0f} | **{r['ratio']:.2f}x** | {mfu} | "
+                     f"{base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | `{command}` | `{name}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())
