@@ -103,6 +103,17 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
     return model
 
 
+def compute_precision(config: ModelConfig, model: torch.nn.Module, device: torch.device):
+    """The context the forward runs in: autocast to the weights' dtype when they are 16-bit and
+    ``model.mixed_precision`` is on, so fp32 adapter weights do not force fp32 matmuls."""
+    from contextlib import nullcontext
+
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    if not config.mixed_precision or dtype not in (torch.bfloat16, torch.float16):
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks, found by transformers' own `_no_split_modules` class names."""
     names: set[str] = set()

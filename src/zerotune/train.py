@@ -8,6 +8,7 @@ turns that back into the global token mean. So 1x8, 2x4 and 4x2 splits give the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
-from zerotune.model import load_model, load_tokenizer, resolve_dtype
+from zerotune.model import compute_precision, load_model, load_tokenizer, resolve_dtype
 from zerotune.strategies import create_strategy
 from zerotune.stopping import StopSignals
 from zerotune.strategies.process_group import join_process_group, leave_process_group
@@ -202,6 +203,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         loss_head, why_not = install_chunked_loss(model)
         if why_not:
             tracker.note(f"model.chunked_loss: kept the stock loss because {why_not}")
+    precision = compute_precision(config.model, model, strategy.device)
     if config.model.compile:
         from zerotune.model import compile_layers
 
@@ -231,7 +233,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     tracker.start(total_steps, initial_step=start_step)
     if data.eval and config.train.eval_every and not restore:
         # A step-0 evaluation shows where the base model starts.
-        eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id, loss_head)
+        eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id, loss_head,
+                             precision)
         result.eval_losses.append(eval_loss)
         tracker.log(0, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
 
@@ -253,7 +256,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         for index, batch in enumerate(batches):
             batch = to_device(batch, strategy.device)
             with strategy.accumulating(model, sync=index == len(batches) - 1):
-                loss_sum, _ = token_loss_sum(model, batch, loss_head)
+                with precision():
+                    loss_sum, _ = token_loss_sum(model, batch, loss_head)
                 strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
             step_loss_sum += loss_sum.detach()
         input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -299,7 +303,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         last = step + 1 == total_steps
         if data.eval and (last or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)):
             eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id,
-                                 loss_head)
+                                 loss_head, precision)
             result.eval_losses.append(eval_loss)
             tracker.log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
         stop = bool(totals[2] > 0) and not last
@@ -336,13 +340,14 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, strategy, examples, batch_size: int, pad_token_id: int, head=None) -> float:
+def evaluate(model, strategy, examples, batch_size: int, pad_token_id: int, head=None, precision=None) -> float:
     """Token-weighted mean loss over every eval example, across all ranks."""
     model.eval()
     totals = torch.zeros(2, device=strategy.device)
     for indices in eval_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
         batch = to_device(collate([examples[i] for i in indices], pad_token_id), strategy.device)
-        loss_sum, tokens = token_loss_sum(model, batch, head)
+        with (precision or contextlib.nullcontext)():
+            loss_sum, tokens = token_loss_sum(model, batch, head)
         totals += torch.stack([loss_sum, tokens.float()])
     totals = strategy.all_reduce_sum(totals)
     model.train()
