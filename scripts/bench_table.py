@@ -20,8 +20,8 @@ def bench_results() -> list[tuple[str, dict]]:
 
 def table() -> str:
     lines = ["| workload | GPU | HF+PEFT tok/s (per GPU) | zerotune tok/s (per GPU) | ratio | LoRA-MFU ours | "
-             "peak GiB HF / ours | command | file |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "peak GiB HF / ours | commit | command | file |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in bench_results():
         ours, base = r["ours"], r["baseline"]
         mfu = f"{ours['lora_mfu']:.1%}" if ours.get("lora_mfu") else "-"
@@ -29,7 +29,7 @@ def table() -> str:
         command = r["command"].split(" --out-dir")[0]
         lines.append(f"| {r['workload']} | {gpu} | {base['tokens_per_second_per_gpu']:,.0f} | "
                      f"{ours['tokens_per_second_per_gpu']:,.0f} | **{r['ratio']:.2f}x** | {mfu} | "
-                     f"{base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | `{command}` | `{name}` |")
+                     f"{base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | {r['commit'][:7]} | `{command}` | `{name}` |")
     return "\n".join(lines)
 
 

@@ -20,3 +20,11 @@ def test_config_reference_lists_every_key():
     readme = (ROOT / "README.md").read_text()
     for key, spec, _ in field_specs():
         assert f"`{key}`" in readme, key
+
+
+def test_bench_table_matches_the_results_files():
+    import runpy
+
+    table = runpy.run_path(str(ROOT / "scripts" / "bench_table.py"))["table"]()
+    assert table.count("\n") >= 3  # a header, a rule and results
+    assert table in (ROOT / "README.md").read_text(), "README's bench table is stale: python scripts/bench_table.py"

@@ -316,8 +316,8 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
         raise ConfigError(f"workload {name} needs a CUDA GPU; on CPU pass --tiny to test the harness")
     elif torch.cuda.device_count() < workload.gpus:
         raise ConfigError(f"workload {name} needs {workload.gpus} GPUs, this machine has {torch.cuda.device_count()}")
-    steps = steps or (4 if tiny else 16)
-    warmup = warmup if warmup is not None else (1 if tiny else 4)
+    steps = steps or (4 if tiny else 30)
+    warmup = warmup if warmup is not None else (1 if tiny else 5)
     if steps <= warmup:
         raise ConfigError(f"--steps {steps} must be more than --warmup-steps {warmup}")
     arch = ARCHITECTURES[workload.architecture]

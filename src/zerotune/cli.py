@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="zerotune-side settings, e.g. model.compile=false to time the eager path")
     bench.add_argument("--tiny", action="store_true",
                        help="a tiny model on the CPU in seconds: tests the harness, not the speed")
-    bench.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 16; tiny 4)")
+    bench.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 30; tiny 4)")
     bench.add_argument("--warmup-steps", type=int, default=None,
-                       help="first steps left out of the timing (compilation, allocator warm-up; default 4; tiny 1)")
+                       help="first steps left out of the timing (compilation, allocator warm-up; default 5; tiny 1)")
     bench.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
     bench.add_argument("--work-dir", default=None, help="scratch space for model, data and runs (default: a "
                                                         "new temporary directory)")
