@@ -1,0 +1,62 @@
+"""Constants of `zerotune plan`, each fitted to a measurement stored in benchmarks/results (named beside it).
+tests/test_plan.py predicts every stored measurement again, so a change here that breaks accuracy fails CI.
+
+Efficiency model: the GPU runs a step's hardware FLOPs at peak x E_MAX x T / (T + T_HALF), T = tokens per
+micro-batch (small micro-batches leave the GPU under-fed), times a factor for the code path and the engine.
+"""
+
+# compiled layers + mixed precision + chunked loss, one GPU (2026-11-28-h200-w1.json: 14,624 tok/s at T=2048;
+# 2026-11-28-h200-w1-ckpt.json: 11,655 tok/s at T=8192 with recompute). Solving both: E_MAX, T_HALF.
+E_MAX = 0.5216
+T_HALF = 526
+
+# Code-path factors, relative to the compiled + mixed-precision path.
+PATH_FACTOR = {
+    # --no-mixed-precision, compiled: 12,325 vs 14,624 tok/s (2026-11-28-h200-w1-before-autocast.json vs w1.json)
+    ("compiled", "fp32_lora"): 0.843,
+    ("compiled", "bf16_lora"): 1.0,
+    # eager with fp32 LoRA: one GPU, mb 4, checkpointing, 6,396 tok/s (2026-11-28-h200x2-engines-verification.json)
+    ("eager", "fp32_lora"): 0.551,
+    # eager with bf16 LoRA math: the two measured factors combined (not measured on its own)
+    ("eager", "bf16_lora"): 0.551 / 0.843,
+}
+
+# Engine factors per GPU, relative to one GPU on the same path (same-run measurements).
+ENGINE_FACTOR = {
+    "single": 1.0,
+    "ddp": 0.99,  # 6,311 vs 6,396 (2 GPUs, engines-verification); 5,752 vs 5,806 (4x H100, weak-scaling)
+    # FSDP2 casts LoRA weights to bf16 once per layer (its mixed-precision policy); eager: 8,150 vs 7,587
+    # (the one-GPU eager run with bf16 LoRA math), compiled: 9,963 vs 11,655 (2026-11-28-h200x2-w4-fsdp.json)
+    ("fsdp", "eager"): 1.074,
+    ("fsdp", "compiled"): 0.855,
+    # DeepSpeed's bf16 engine holds LoRA weights in bf16. ZeRO-2 8,396, ZeRO-3 3,048 and 3,318, against 7,587
+    # (engines-verification, zero-variants). Compiled DeepSpeed is not measured: the eager factor is used.
+    ("deepspeed", 1): 1.107,
+    ("deepspeed", 2): 1.107,
+    ("deepspeed", 3): 0.42,
+}
+
+# QLoRA: dequantising the 4-bit weights costs a fixed time per pass over them. qlora (mb 1) and qlora-mb4
+# runs: the compute part is the LoRA path's, plus 0.133 s per step for 3 passes over 6.48e9 weights on an
+# H200 (4.8 TB/s): 1.46e11 weights/s, scaled by memory bandwidth.
+DEQUANT_WEIGHTS_PER_S_PER_TBS = 1.46e11 / 4.8
+QLORA_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + double-quantised absmax
+
+# DeepSpeed parameter offload (the tutorial's JSON): 1,243 tok/s vs 7,587 without it, 3 passes over each GPU's
+# 6.7 GB share of the weights per step: 3.67 GB/s of effective host<->GPU traffic per GPU.
+OFFLOAD_GBS = 3.67
+
+# Memory.
+# Activations kept per token, layer and element of each linear layer's input and output (bf16): fitted on
+# W1 without checkpointing (22.3 GiB, compiled + mixed precision + chunked loss).
+ACTIVATION_FACTOR = 0.92
+# Eager path with fp32 LoRA inputs, recompute of one layer under checkpointing: not separable in our
+# measurements (the logits dominate there); the compiled factor is used.
+LOGIT_BYTES_STOCK = 14  # bf16 logits, their fp32 copy, log-softmax, fp32 gradient (engines-verification single)
+CHUNK_ELEMENTS = 2**26  # zerotune.loss.CHUNK_ELEMENTS
+FSDP_LIVE_LAYERS = 2  # the layer in use plus the prefetched one, unsharded
+ZERO3_LIVE_LAYERS = 2.3  # fitted: ZeRO-3 13.68 GiB (engines-verification); prefetch and live-parameter buffers
+CUDA_CONTEXT_GIB = 0.6  # CUDA context and cuBLAS workspaces: outside torch's allocator statistics
+ALLOCATOR_SLACK = 1.05  # fragmentation between allocated and reserved memory
+PAD_REAL_FRACTION = {1: 1.0, 4: 0.59, 16: 0.36}  # ANCHORS.md W3: real tokens when padding to the longest
+PACKED_REAL_FRACTION = 0.975  # zerotune.data.packing on Alpaca-like lengths (W3 runs)

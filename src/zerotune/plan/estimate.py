@@ -1,0 +1,225 @@
+"""Memory, speed and cost of one training setup, from the architecture and the calibration constants."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, replace
+
+from zerotune.plan import calibration as cal
+from zerotune.plan.catalog import GPU, Architecture
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Scenario:
+    arch: Architecture
+    gpu: GPU
+    gpus_per_node: int = 1
+    nodes: int = 1
+    method: str = "lora"  # lora, qlora, full
+    r: int = 16
+    micro_batch: int = 1
+    seq_len: int = 2048
+    grad_accum: int = 1
+    checkpointing: bool = False
+    packing: bool = False
+    compile: bool = False
+    chunked_loss: bool = True
+    mixed_precision: bool = True
+    strategy: str = "single"  # single, ddp, fsdp, deepspeed
+    zero_stage: int = 3
+    offload: str = "none"  # none, optimizer, params, all
+    weight_bytes: float = 2.0  # bf16/fp16; 4 for fp32
+    internode_gbs: float = 12.5  # per node, for FSDP/ZeRO-3 parameter traffic between nodes
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def tokens(self) -> int:  # per micro-batch per GPU
+        return self.micro_batch * self.seq_len
+
+    @property
+    def shards_weights(self) -> bool:
+        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def offload_params(self) -> bool:
+        return self.strategy == "deepspeed" and self.offload in ("params", "all")
+
+    @property
+    def offload_optimizer(self) -> bool:
+        return self.strategy == "deepspeed" and self.offload in ("optimizer", "all")
+
+    def describe(self) -> str:
+        engine = self.strategy
+        if self.strategy == "deepspeed":
+            engine = f"ZeRO-{self.zero_stage}" + (f" + offload {self.offload}" if self.offload != "none" else "")
+        parts = [engine, f"micro-batch {self.micro_batch}", "checkpointing" if self.checkpointing else "no checkpointing"]
+        if self.packing:
+            parts.append("packing")
+        return ", ".join(parts)
+
+
+@dataclass
+class Estimate:
+    scenario: Scenario
+    memory_gib: dict  # per GPU, by part (what torch's allocator reports at its peak)
+    load_peak_gib: float  # every worker holds the whole base model on its GPU before sharding it
+    peak_allocated_gib: float
+    gpu_needed_gib: float  # peak, allocator slack and CUDA context
+    fits: bool
+    host_gib_per_node: float
+    tokens_per_second_per_gpu: float
+    step_seconds: float
+    lora_mfu: float | None
+    notes: list
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["scenario"] = {k: v for k, v in asdict(self.scenario).items() if k not in ("arch", "gpu")}
+        data["scenario"]["model"] = self.scenario.arch.name
+        data["scenario"]["gpu"] = self.scenario.gpu.name
+        return data
+
+
+def _trainable(s: Scenario) -> int:
+    return s.arch.total_params if s.method == "full" else s.arch.lora_params(s.r)
+
+
+def memory(s: Scenario) -> tuple[dict, float, float]:
+    """Per-GPU bytes by part at the training peak, the loading peak, and host bytes per node."""
+    arch, world = s.arch, s.world
+    frozen_linear = arch.linear_params
+    if s.method == "qlora":
+        weights = frozen_linear * cal.QLORA_BYTES_PER_WEIGHT + (arch.total_params - frozen_linear) * s.weight_bytes
+    else:
+        weights = arch.total_params * s.weight_bytes
+    layer_bytes = weights / arch.layers  # close enough: the embeddings are small against the layers
+    parts, host = {}, 0.0
+    load_peak = weights
+    if s.shards_weights:
+        live = cal.FSDP_LIVE_LAYERS if s.strategy == "fsdp" else cal.ZERO3_LIVE_LAYERS
+        parts["weights"] = (0.0 if s.offload_params else weights / world) + live * layer_bytes
+        if s.offload_params:
+            host += weights * s.gpus_per_node / world
+    else:
+        parts["weights"] = weights
+    trainable = _trainable(s)
+    if s.strategy == "deepspeed":  # bf16 params and grads, fp32 master, Adam m and v
+        param, grad, optim = 2.0, 2.0, 12.0
+        if s.method == "full":
+            param = 0.0  # already counted as weights
+        sharded = {1: (param, grad, optim / world), 2: (param, grad / world, optim / world),
+                   3: (param / world, grad / world, optim / world)}[s.zero_stage]
+        if s.offload_optimizer:
+            host += trainable * optim * s.gpus_per_node / world
+            sharded = (sharded[0], sharded[1], 0.0)
+        parts["trainable state"] = trainable * sum(sharded)
+    elif s.method == "full":  # bf16 weights (counted above), bf16 grads, torch AdamW moments in bf16
+        parts["trainable state"] = trainable * 6.0 / (world if s.strategy == "fsdp" else 1)
+    else:  # fp32 LoRA weights, grads, Adam m and v
+        parts["trainable state"] = trainable * 16.0 / (world if s.strategy == "fsdp" else 1)
+    load_peak += trainable * (4.0 if s.method != "full" else 0.0)
+
+    per_layer = s.tokens * arch.activation_elements * 2 * cal.ACTIVATION_FACTOR
+    if s.chunked_loss:
+        chunk = min(s.tokens, max(64, cal.CHUNK_ELEMENTS // arch.vocab))
+        logits = chunk * arch.vocab * 6 + s.tokens * arch.hidden * 4
+    else:
+        logits = s.tokens * arch.vocab * cal.LOGIT_BYTES_STOCK
+    if s.checkpointing:
+        parts["activations"] = arch.layers * s.tokens * arch.hidden * 2
+        transient = max(logits, per_layer)
+        parts["logits / loss" if logits >= per_layer else "recomputed layer"] = transient
+    else:
+        parts["activations"] = arch.layers * per_layer
+        parts["logits / loss"] = logits
+    return {k: v / GIB for k, v in parts.items()}, load_peak / GIB, host / GIB
+
+
+def hardware_flops_per_token(s: Scenario, attention_len: int | None = None) -> float:
+    n, arch = s.arch.matmul_weights, s.arch
+    attention = arch.layers * arch.hidden * (attention_len or s.seq_len)
+    flops = (6 if s.method == "full" else 4) * n + 6 * attention
+    if s.checkpointing:
+        flops += 2 * n + 2 * attention
+    return flops
+
+
+def step_time(s: Scenario) -> tuple[float, list[str]]:
+    notes = []
+    path = "compiled" if s.compile else "eager"
+    bf16_math = s.mixed_precision or s.strategy in ("fsdp", "deepspeed") or s.method == "full"
+    factor = cal.PATH_FACTOR[(path, "bf16_lora" if bf16_math else "fp32_lora")]
+    if s.strategy in ("single", "ddp"):
+        factor *= cal.ENGINE_FACTOR[s.strategy]
+    elif s.strategy == "fsdp":
+        factor *= cal.ENGINE_FACTOR[("fsdp", path)]
+    else:
+        factor *= cal.ENGINE_FACTOR[("deepspeed", s.zero_stage)]
+        if s.compile:
+            notes.append("DeepSpeed with --compile is not measured; its eager efficiency is assumed")
+    efficiency = cal.E_MAX * s.tokens / (s.tokens + cal.T_HALF) * factor
+    seconds = s.tokens * hardware_flops_per_token(s) / (s.gpu.bf16_tflops * 1e12 * efficiency)
+    passes = 3 if s.checkpointing else 2
+    if s.method == "qlora":
+        seconds += passes * s.arch.linear_params / (cal.DEQUANT_WEIGHTS_PER_S_PER_TBS * s.gpu.bandwidth_tbs)
+    weight_bytes = s.arch.total_params * (cal.QLORA_BYTES_PER_WEIGHT if s.method == "qlora" else s.weight_bytes)
+    if s.offload_params:
+        seconds += passes * weight_bytes / s.world / (cal.OFFLOAD_GBS * 1e9)
+    if s.shards_weights and s.nodes > 1:
+        # every pass gathers the other nodes' shards through each node's network link; overlapped with compute
+        between_nodes = passes * weight_bytes * (s.nodes - 1) / s.nodes * s.gpus_per_node / s.gpus_per_node
+        network = between_nodes / (s.internode_gbs * 1e9)
+        if network > seconds:
+            notes.append(f"bound by the network between nodes ({network:.1f} s of parameter traffic per micro-batch)")
+        seconds = max(seconds, network)
+    return seconds, notes
+
+
+def estimate(s: Scenario) -> Estimate:
+    parts, load_peak, host = memory(s)
+    peak = max(sum(parts.values()), load_peak)
+    needed = peak * cal.ALLOCATOR_SLACK + cal.CUDA_CONTEXT_GIB
+    seconds, notes = step_time(s)
+    if load_peak > sum(parts.values()):
+        notes.append(f"the peak is at loading: each worker holds the whole base model ({load_peak:.1f} GiB) on its "
+                     "GPU before sharding it")
+    tokens_per_second = s.tokens / seconds
+    mfu = None
+    if s.method != "full":
+        mfu = tokens_per_second * (4 * s.arch.matmul_weights + 6 * s.arch.layers * s.arch.hidden * s.seq_len) \
+            / (s.gpu.bf16_tflops * 1e12)
+    return Estimate(s, parts, load_peak, peak, needed, needed <= s.gpu.memory_gib, host, tokens_per_second,
+                    seconds * s.grad_accum, mfu, notes)
+
+
+def effective_fraction(s: Scenario) -> float:
+    """Real (non-pad) tokens per token slot, for Alpaca-like lengths (ANCHORS.md W3)."""
+    if s.packing:
+        return cal.PACKED_REAL_FRACTION
+    keys = sorted(cal.PAD_REAL_FRACTION)
+    below = max(k for k in keys if k <= s.micro_batch) if s.micro_batch >= 1 else 1
+    return cal.PAD_REAL_FRACTION[below]
+
+
+def alternatives(base: Scenario, limit: int = 5) -> list[Estimate]:
+    """Setups that fit, fastest (in real tokens per second) first."""
+    engines = [("single", 3, "none")] if base.world == 1 else [
+        ("ddp", 3, "none"), ("fsdp", 3, "none"), ("deepspeed", 2, "none"), ("deepspeed", 3, "none"),
+        ("deepspeed", 3, "optimizer"), ("deepspeed", 3, "all")]
+    found = []
+    for (strategy, stage, offload), mb, ckpt, packing in itertools.product(
+            engines, (1, 2, 4, 8, 16), (False, True), {base.packing, True}):
+        if base.method == "qlora" and strategy == "deepspeed" and offload != "none":
+            continue
+        candidate = replace(base, strategy=strategy, zero_stage=stage, offload=offload, micro_batch=mb,
+                            checkpointing=ckpt, packing=packing)
+        result = estimate(candidate)
+        if result.fits:
+            found.append(result)
+    found.sort(key=lambda e: -e.tokens_per_second_per_gpu * effective_fraction(e.scenario))
+    return found[:limit]
