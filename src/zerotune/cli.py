@@ -87,6 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--tracking", choices=["mlflow", "none"], default=None,
                             help="mlflow (default when installed) or none")
 
+    plan = commands.add_parser(
+        "plan", help="predict memory, speed and cost of a training setup before launching it",
+        description="Predict per-GPU memory (broken down), tokens/s, wall time and cost for the same config and "
+                    "flags as train, list setups that fit (fastest first) and lint known-bad combinations. "
+                    "Offline: reads a local config.json or a built-in table of popular architectures.")
+    plan.add_argument("inputs", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
+                      help="an optional YAML config, then dotted overrides, as for train")
+    plan.add_argument("--gpu", default="h100", help="GPU model: h100, h200, a100-80g, a100-40g, l40s, l4, a10g, t4, "
+                                                    "v100 (default h100)")
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: --num-workers / --nodes)")
+    plan.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
+    plan.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour, for the cost")
+    plan.add_argument("--dataset-tokens", type=float, default=None,
+                      help="tokens in one epoch of the data (e.g. 9.9e6); default: counted from --data when given")
+    plan.add_argument("--internode-gbps", type=float, default=100.0,
+                      help="network between nodes, Gbit/s per node (default 100), for FSDP/ZeRO-3 across nodes")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_config_flags(plan)
+
     from zerotune.bench import WORKLOADS
 
     bench = commands.add_parser(
@@ -200,6 +219,28 @@ def command_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(Path(args.output_dir), max_steps=args.max_steps, tracking=args.tracking)
 
 
+def command_plan(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import replace
+
+    from zerotune.plan.catalog import find_gpu
+    from zerotune.plan.report import count_dataset_tokens, make_plan, render
+
+    config = config_from_args(args)
+    gpu = find_gpu(args.gpu)
+    if args.nodes < 1 or (args.gpus is not None and args.gpus < 1):
+        raise ZerotuneError("--gpus and --nodes must be at least 1")
+    gpus = args.gpus if args.gpus is not None else max(1, config.distributed.num_workers // args.nodes)
+    tokens, note = (int(args.dataset_tokens), "") if args.dataset_tokens else (None, "")
+    if args.dataset_tokens is not None and args.dataset_tokens <= 0:
+        raise ZerotuneError(f"--dataset-tokens must be positive, got {args.dataset_tokens}")
+    if tokens is None and config.data.path:
+        tokens, note = count_dataset_tokens(config)
+    plan = make_plan(config, gpu, gpus, args.nodes, args.price_per_gpu_hour, tokens, note,
+                     internode_gbs=args.internode_gbps / 8)
+    print(json.dumps(plan, indent=1) if args.json else render(plan))
+
+
 def command_bench(args: argparse.Namespace) -> None:
     from zerotune.bench import run_bench
     from zerotune.config import parse_overrides
@@ -214,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like parse_args, but overrides of train and bench may come after flags (argparse stops at the first flag)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_more = {"train": "inputs", "bench": "overrides"}.get(args.command)
+    takes_more = {"train": "inputs", "plan": "inputs", "bench": "overrides"}.get(args.command)
     unknown = [item for item in extra if item.startswith("-") or not takes_more]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see zerotune {args.command} --help)")
@@ -227,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
-                "quickstart": command_quickstart, "bench": command_bench}
+                "quickstart": command_quickstart, "bench": command_bench,
+                "plan": command_plan}
     try:
         status = handlers[args.command](args)
     except ZerotuneError as error:

@@ -68,8 +68,9 @@ class RunSession:
 
 def choose_strategy(config: RunConfig, world_size: int, device: torch.device | None = None) -> str:
     """The documented rule for --strategy auto (README, 'Choosing an engine'):
-    a DeepSpeed JSON means DeepSpeed; one worker means single; several workers mean DDP when the model and
-    its training state fit one GPU with room for activations, else FSDP2 (faster than ZeRO-3 for LoRA)."""
+    a DeepSpeed JSON means DeepSpeed; one worker means single; several GPU workers get the faster of DDP and
+    FSDP2 that fits, as `zerotune plan` predicts it; where the plan does not know the GPU or the model, DDP when
+    the model and its training state fit one GPU with room for activations, else FSDP2. On CPU: DDP."""
     wanted = config.distributed.strategy
     if wanted != "auto":
         return wanted
@@ -78,6 +79,15 @@ def choose_strategy(config: RunConfig, world_size: int, device: torch.device | N
     if world_size == 1:
         return "single"
     if device is not None and device.type == "cuda":
+        from zerotune.plan.report import auto_engine
+
+        try:
+            name = torch.cuda.get_device_name(device)
+        except Exception:  # noqa: BLE001 - no usable CUDA device name (a mocked device in tests): the rule below
+            name = None
+        picked = auto_engine(config, world_size, name, torch.cuda.device_count()) if name else None
+        if picked:
+            return picked[0]
         from zerotune.model import training_state_bytes
 
         if training_state_bytes(config) > 0.6 * torch.cuda.get_device_properties(device).total_memory:
@@ -187,6 +197,14 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         source = config.data.path or "the bundled English+Spanish sample (no --data given)"
         tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
                      + (f"; {data.packing.summary()}" if data.packing else ""))
+        if config.distributed.strategy == "auto" and strategy.device.type == "cuda" and strategy.world_size > 1:
+            from zerotune.plan.report import auto_engine
+
+            picked = auto_engine(config, strategy.world_size, torch.cuda.get_device_name(strategy.device),
+                                 torch.cuda.device_count())
+            tracker.note(f"--strategy auto: {picked[1]}" if picked else
+                         "--strategy auto: GPU or model unknown to zerotune plan; chose by whether the training state "
+                         "fits one GPU")
         tracker.note(
             f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global batch "
             f"{plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum} "

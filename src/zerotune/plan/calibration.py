@@ -36,6 +36,10 @@ ENGINE_FACTOR = {
     ("deepspeed", 3): 0.42,
 }
 
+# Full fine-tuning runs its large weight-gradient matmuls closer to peak than LoRA's path: one GPU, mb 1,
+# checkpointing, 6,956 tok/s eager and 8,493 compiled (2026-11-28-h200-full-finetune-{eager,compiled}.json).
+FULL_FACTOR = {"eager": 1.426, "compiled": 1.138}
+
 # QLoRA: dequantising the 4-bit weights costs a fixed time per pass over them. qlora (mb 1) and qlora-mb4
 # runs: the compute part is the LoRA path's, plus 0.133 s per step for 3 passes over 6.48e9 weights on an
 # H200 (4.8 TB/s): 1.46e11 weights/s, scaled by memory bandwidth.
@@ -52,6 +56,9 @@ OFFLOAD_GBS = 3.67
 ACTIVATION_FACTOR = 0.92
 # Eager path with fp32 LoRA inputs, recompute of one layer under checkpointing: not separable in our
 # measurements (the logits dominate there); the compiled factor is used.
+# --no-mixed-precision (PEFT's fp32 LoRA math) keeps fp32 copies of LoRA inputs: this share of 4 bytes per
+# element of every adapted layer's input, fitted on 2026-11-28-h200-w1-before-autocast.json (25.0 GiB).
+FP32_LORA_EXTRA = 0.31
 LOGIT_BYTES_STOCK = 14  # bf16 logits, their fp32 copy, log-softmax, fp32 gradient (engines-verification single)
 CHUNK_ELEMENTS = 2**26  # zerotune.loss.CHUNK_ELEMENTS
 FSDP_LIVE_LAYERS = 2  # the layer in use plus the prefetched one, unsharded

@@ -68,6 +68,8 @@ class Estimate:
     scenario: Scenario
     memory_gib: dict  # per GPU, by part (what torch's allocator reports at its peak)
     load_peak_gib: float  # every worker holds the whole base model on its GPU before sharding it
+    training_peak_gib: float  # the peak once the model is sharded and training
+    fits_training: bool  # would fit if loading were sharded too
     peak_allocated_gib: float
     gpu_needed_gib: float  # peak, allocator slack and CUDA context
     fits: bool
@@ -125,6 +127,8 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
     load_peak += trainable * (4.0 if s.method != "full" else 0.0)
 
     per_layer = s.tokens * arch.activation_elements * 2 * cal.ACTIVATION_FACTOR
+    if s.method != "full" and not s.mixed_precision and s.strategy in ("single", "ddp"):
+        per_layer += s.tokens * sum(a for a, _ in arch.linears()) * 4 * cal.FP32_LORA_EXTRA
     if s.chunked_loss:
         chunk = min(s.tokens, max(64, cal.CHUNK_ELEMENTS // arch.vocab))
         logits = chunk * arch.vocab * 6 + s.tokens * arch.hidden * 4
@@ -162,6 +166,8 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
         factor *= cal.ENGINE_FACTOR[("deepspeed", s.zero_stage)]
         if s.compile:
             notes.append("DeepSpeed with --compile is not measured; its eager efficiency is assumed")
+    if s.method == "full":
+        factor *= cal.FULL_FACTOR[path]
     efficiency = cal.E_MAX * s.tokens / (s.tokens + cal.T_HALF) * factor
     seconds = s.tokens * hardware_flops_per_token(s) / (s.gpu.bf16_tflops * 1e12 * efficiency)
     passes = 3 if s.checkpointing else 2
@@ -182,18 +188,21 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
 
 def estimate(s: Scenario) -> Estimate:
     parts, load_peak, host = memory(s)
-    peak = max(sum(parts.values()), load_peak)
+    training = sum(parts.values())
+    peak = max(training, load_peak)
     needed = peak * cal.ALLOCATOR_SLACK + cal.CUDA_CONTEXT_GIB
+    fits_training = training * cal.ALLOCATOR_SLACK + cal.CUDA_CONTEXT_GIB <= s.gpu.memory_gib
     seconds, notes = step_time(s)
-    if load_peak > sum(parts.values()):
+    if load_peak > training:
         notes.append(f"the peak is at loading: each worker holds the whole base model ({load_peak:.1f} GiB) on its "
-                     "GPU before sharding it")
+                     f"GPU before sharding it; training itself needs {training:.1f} GiB")
     tokens_per_second = s.tokens / seconds
     mfu = None
     if s.method != "full":
         mfu = tokens_per_second * (4 * s.arch.matmul_weights + 6 * s.arch.layers * s.arch.hidden * s.seq_len) \
             / (s.gpu.bf16_tflops * 1e12)
-    return Estimate(s, parts, load_peak, peak, needed, needed <= s.gpu.memory_gib, host, tokens_per_second,
+    return Estimate(s, parts, load_peak, training, fits_training, peak, needed, needed <= s.gpu.memory_gib, host,
+                    tokens_per_second,
                     seconds * s.grad_accum, mfu, notes)
 
 
@@ -201,9 +210,14 @@ def effective_fraction(s: Scenario) -> float:
     """Real (non-pad) tokens per token slot, for Alpaca-like lengths (ANCHORS.md W3)."""
     if s.packing:
         return cal.PACKED_REAL_FRACTION
-    keys = sorted(cal.PAD_REAL_FRACTION)
-    below = max(k for k in keys if k <= s.micro_batch) if s.micro_batch >= 1 else 1
-    return cal.PAD_REAL_FRACTION[below]
+    import math
+
+    points = sorted((math.log2(k), v) for k, v in cal.PAD_REAL_FRACTION.items())
+    x = math.log2(max(1, s.micro_batch))
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]  # beyond the largest measured micro-batch: no better
 
 
 def alternatives(base: Scenario, limit: int = 5) -> list[Estimate]:
