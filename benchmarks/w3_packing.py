@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import random
 import sys
@@ -27,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def lengths(count: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    sigma = math.sqrt(2 * math.log(190 / 150))  # lognormal mean / median = exp(sigma^2 / 2)
-    return [min(1024, max(16, round(rng.lognormvariate(math.log(150), sigma)))) for _ in range(count)]
+    from zerotune.bench import lengths as w3_lengths
+
+    return w3_lengths(count, 2048, seed)  # the same draw `zerotune bench w3` makes
 
 
 def build():
