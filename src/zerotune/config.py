@@ -155,6 +155,12 @@ class DistributedConfig:
     no_deepspeed: bool = option(
         False, "Never use DeepSpeed (the original tutorial's flag): DDP, or FSDP if asked.", "--no-deepspeed"
     )
+    sharded_loading: bool = option(
+        False, "With --strategy fsdp: build the model on the meta device, shard it, then let each worker read only "
+               "its own rows of every weight from the safetensors files, so neither host nor GPU memory ever holds "
+               "the whole model. LoRA A is drawn after sharding (same distribution, another draw than the default "
+               "path). Not for QLoRA or --init random.", "--sharded-loading",
+    )
     ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster. Empty: start a local Ray.",
                               "--ray-address")
     max_failures: int = option(0, "Ray launcher: restart the workers up to N times after a worker or node dies; "
@@ -398,6 +404,10 @@ def validate(config: RunConfig) -> None:
             and not config.distributed.no_deepspeed)):
         raise ConfigError("train.on_nonfinite: skip is not available with DeepSpeed (its engine applies a reduced "
                           "step and cannot drop it); use stop, or another --strategy")
+    if config.distributed.sharded_loading and (config.distributed.strategy != "fsdp"
+                                               or config.adapter.method == "qlora" or config.model.init == "random"):
+        raise ConfigError("distributed.sharded_loading needs --strategy fsdp, a pretrained model (not --init random) "
+                          "and --method lora or full (QLoRA quantizes while loading)")
     if config.model.init == "random" and config.adapter.method == "qlora":
         raise ConfigError("model.init random cannot be quantized for QLoRA (bitsandbytes quantizes while loading "
                           "weights); save the random model with save_pretrained and load it, or use --method lora")

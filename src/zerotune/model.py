@@ -74,8 +74,10 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_model(config: ModelConfig, method: str, device: torch.device, dtype: torch.dtype):
-    """Load the base model onto ``device``. QLoRA loads 4-bit NF4 weights through bitsandbytes."""
+def load_model(config: ModelConfig, method: str, device: torch.device, dtype: torch.dtype, on_meta: bool = False):
+    """Load the base model onto ``device``. QLoRA loads 4-bit NF4 weights through bitsandbytes.
+    ``on_meta``: parameters on the meta device (no memory; the engine materialises its shards and loads them),
+    buffers such as rotary frequencies computed for real."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(
@@ -83,7 +85,12 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
         attn_implementation=resolve_attention(config.attn_implementation, device.type),
         trust_remote_code=config.trust_remote_code,
     )
-    if config.init == "random":
+    if on_meta:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(check_model_source(config), **kwargs)
+    elif config.init == "random":
         model_config = check_model_source(config)
         with torch.device(device):  # initialised in place: a 7B model takes seconds on a GPU, not minutes
             model = AutoModelForCausalLM.from_config(model_config, **kwargs)
@@ -93,7 +100,7 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
         if device.type == "cuda":  # straight from the (memory-mapped) files to this worker's GPU
             kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(config.name, **kwargs)
-    if method != "qlora":
+    if method != "qlora" and not on_meta:
         model.to(device)
     model.config.use_cache = False
     if config.gradient_checkpointing:

@@ -31,6 +31,7 @@ class Scenario:
     zero_stage: int = 3
     offload: str = "none"  # none, optimizer, params, all
     weight_bytes: float = 2.0  # bf16/fp16; 4 for fp32
+    sharded_loading: bool = False  # FSDP2 --sharded-loading: no worker ever holds the whole model
     internode_gbs: float = 12.5  # per node, for FSDP/ZeRO-3 parameter traffic between nodes
 
     @property
@@ -60,6 +61,8 @@ class Scenario:
         parts = [engine, f"micro-batch {self.micro_batch}", "checkpointing" if self.checkpointing else "no checkpointing"]
         if self.packing:
             parts.append("packing")
+        if self.strategy == "fsdp" and self.sharded_loading:
+            parts.append("sharded loading")
         return ", ".join(parts)
 
 
@@ -125,6 +128,8 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
     else:  # fp32 LoRA weights, grads, Adam m and v
         parts["trainable state"] = trainable * 16.0 / (world if s.strategy == "fsdp" else 1)
     load_peak += trainable * (4.0 if s.method != "full" else 0.0)
+    if s.strategy == "fsdp" and s.sharded_loading:
+        load_peak = 0.0  # each worker allocates and reads only its shards
 
     per_layer = s.tokens * arch.activation_elements * 2 * cal.ACTIVATION_FACTOR
     if s.method != "full" and not s.mixed_precision and s.strategy in ("single", "ddp"):
@@ -231,7 +236,8 @@ def alternatives(base: Scenario, limit: int = 5) -> list[Estimate]:
         if base.method == "qlora" and strategy == "deepspeed" and offload != "none":
             continue
         candidate = replace(base, strategy=strategy, zero_stage=stage, offload=offload, micro_batch=mb,
-                            checkpointing=ckpt, packing=packing)
+                            checkpointing=ckpt, packing=packing,
+                            sharded_loading=strategy == "fsdp" and base.method != "qlora")
         result = estimate(candidate)
         if result.fits:
             found.append(result)

@@ -32,7 +32,7 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
         packing=config.data.packing, compile=config.model.compile, chunked_loss=config.model.chunked_loss,
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
-        weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0)
+        weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading)
 
 
 def pick_engine(base: Scenario) -> tuple[Scenario, str]:
@@ -87,9 +87,11 @@ def lints(config: RunConfig, s: Scenario, result: Estimate) -> list[str]:
     if s.method == "qlora" and s.offload_params:
         found.append("QLoRA with DeepSpeed parameter offload: 4-bit weights are not offloadable; drop the param offload")
     if not result.fits and result.fits_training:
-        found.append(f"training would fit ({result.training_peak_gib:.1f} GiB per GPU), but zerotune loads the whole "
-                     f"base model ({result.load_peak_gib:.1f} GiB) onto each GPU before sharding it, so this cannot "
-                     "run yet: sharded loading is not built (README, QLoRA: host memory)")
+        fix = ("add --sharded-loading" if s.strategy == "fsdp" and s.method != "qlora" else
+               "use --strategy fsdp --sharded-loading" if s.method != "qlora" else
+               "sharded loading does not cover QLoRA yet")
+        found.append(f"training would fit ({result.training_peak_gib:.1f} GiB per GPU), but this loads the whole "
+                     f"base model ({result.load_peak_gib:.1f} GiB) onto each GPU before sharding it: {fix}")
     elif not result.fits:
         roomiest = estimate(replace(s, checkpointing=True, micro_batch=1, strategy="fsdp" if s.world > 1 else s.strategy))
         if not roomiest.fits:

@@ -23,6 +23,8 @@ class FSDPStrategy(CollectivesMixin, Strategy):
 
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        on_meta = any(p.is_meta for p in model.parameters())
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if on_meta else {}
         param_dtype = next(model.parameters()).dtype
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         layers = decoder_layers(model)
@@ -31,6 +33,13 @@ class FSDPStrategy(CollectivesMixin, Strategy):
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
+        if on_meta:  # --sharded-loading: allocate only this rank's shards, then read just those rows
+            from zerotune.strategies.sharded_loading import load_local_shards
+
+            model.to_empty(device=self.device)
+            for name, value in buffers.items():
+                model.get_buffer(name).copy_(value)
+            load_local_shards(model, self.config.model.name, self.config.train.seed)
         self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
         self.scheduler = build_scheduler(self.optimizer)
         return model
