@@ -72,3 +72,13 @@ def assert_state_close(left: dict, right: dict, rtol: float = 1e-5, atol: float 
     assert left.keys() == right.keys()
     for key in left:
         torch.testing.assert_close(left[key], right[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA; on CPU machines (CI) they are skipped, and say so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); run on the GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -107,7 +107,8 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
     load_peak = weights
     if s.shards_weights:
         live = cal.FSDP_LIVE_LAYERS if s.strategy == "fsdp" else cal.ZERO3_LIVE_LAYERS
-        parts["weights"] = (0.0 if s.offload_params else weights / world) + live * layer_bytes
+        parts["weights"] = 0.0 if s.offload_params else weights / world
+        parts["gathered layers"] = live * layer_bytes  # the engine's all-gather and prefetch buffers
         if s.offload_params:
             host += weights * s.gpus_per_node / world
     else:

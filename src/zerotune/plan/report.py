@@ -144,7 +144,7 @@ def make_plan(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes: int, price
 
 def render(plan: dict) -> str:
     e = plan["estimate"]
-    lines = [f"zerotune plan: {plan['model']} on {plan['nodes']} x {plan['gpus_per_node']} {plan['gpu']}, "
+    lines = [f"zerotune plan: {plan['model']} on {plan['nodes']} node(s) x {plan['gpus_per_node']} {plan['gpu']}, "
              f"{e['scenario']['method']}, seq {e['scenario']['seq_len']}", f"setup: {plan['setup']}"]
     if plan["strategy_auto"]:
         lines.append(f"--strategy auto: {plan['strategy_auto']}")
@@ -153,7 +153,9 @@ def render(plan: dict) -> str:
         lines.append(f"  {part:<20} {gib:8.2f}")
     lines += [f"  {'peak allocated':<20} {e['peak_allocated_gib']:8.2f}"
               + ("   (at loading: the whole base model on each GPU first)" if e["load_peak_gib"] >= e["peak_allocated_gib"] else ""),
-              f"  {'+ allocator, CUDA':<20} {e['gpu_needed_gib']:8.2f} of {plan['gpu_memory_gib']:.1f} "
+              f"  {'+ allocator slack':<20} {e['peak_allocated_gib'] * (cal.ALLOCATOR_SLACK - 1):8.2f}",
+              f"  {'+ CUDA context':<20} {cal.CUDA_CONTEXT_GIB:8.2f}",
+              f"  {'= needed':<20} {e['gpu_needed_gib']:8.2f} of {plan['gpu_memory_gib']:.1f} "
               f"-> {'fits' if e['fits'] else 'DOES NOT FIT'}"]
     if e["host_gib_per_node"]:
         lines.append(f"  host RAM per node for offloaded state: {e['host_gib_per_node']:.1f} GiB")

@@ -1,0 +1,67 @@
+"""GPU-only checks (marked gpu, skipped on CPU): bitsandbytes 4-bit QLoRA, the chunked loss and autocast in bf16.
+Run them on a GPU machine with: python -m pytest -q -m gpu tests/test_gpu.py"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from zerotune import adapters
+from zerotune.config import AdapterConfig, ModelConfig
+from zerotune.data.batches import collate
+from zerotune.data.encode import EncodedExample
+from zerotune.train import token_loss_sum
+
+pytestmark = pytest.mark.gpu
+
+
+def _batch(device):
+    ids = list(range(5, 200))
+    return {k: v.to(device) for k, v in collate([EncodedExample(ids, ids)] * 2, 0).items()}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_qlora_4bit_forward_backward_with_matching_storage(tiny_llama):
+    from zerotune.model import load_model
+
+    model = load_model(ModelConfig(name=str(tiny_llama), dtype="bf16", gradient_checkpointing=True), "qlora",
+                       torch.device("cuda"), torch.bfloat16)
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized and all(m.weight.dtype == torch.bfloat16 for m in quantized)  # quant storage = compute dtype
+    assert model.training and model.is_gradient_checkpointing  # the eval-mode trap
+    model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+    loss, tokens = token_loss_sum(model, _batch("cuda"))
+    (loss / tokens).backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(loss) and grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_chunked_loss_matches_stock_in_bf16_and_uses_less_memory(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from zerotune.loss import install_chunked_loss
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.bfloat16).cuda()
+    model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+    batch = _batch("cuda")
+    stock, _ = token_loss_sum(model, batch)
+    head, _ = install_chunked_loss(model)
+    chunked, _ = token_loss_sum(model, batch, head)
+    torch.testing.assert_close(chunked.float(), stock.float(), rtol=1e-2, atol=0)
+
+
+def test_autocast_makes_lora_matmuls_bf16(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from zerotune.model import compute_precision
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.bfloat16).cuda()
+    model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+    seen = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    lora_a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with compute_precision(ModelConfig(), model, torch.device("cuda"))():
+        token_loss_sum(model, _batch("cuda"))
+    assert seen == [torch.bfloat16]
