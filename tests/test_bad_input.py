@@ -37,6 +37,12 @@ CASES = {
                        r'bad\.jsonl line 2: missing field "output"'),
     "missing_instruction": ('{"output": "b"}\n', r'bad\.jsonl line 1: missing field "instruction"'),
     "empty_dataset": ("\n", r"bad\.jsonl: the dataset is empty"),
+    "tokens_not_ints": ('{"input_ids": [5, 6, 7]}\n{"input_ids": "5 6 7"}\n',
+                        r'bad\.jsonl line 2: field "input_ids" must be a non-empty list of token ids'),
+    "tokens_labels_length": ('{"input_ids": [5, 6, 7], "labels": [5, 6]}\n',
+                             r'bad\.jsonl line 1: field "labels" must be a list of integers as long as "input_ids"'),
+    "tokens_nothing_to_learn": ('{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}\n',
+                                r"bad\.jsonl line 1: every label is -100"),
 }
 
 
@@ -145,3 +151,8 @@ def test_qlora_on_cpu_suggests_lora(tiny_llama, alpaca_file, tmp_path, capsys, n
     assert status == 2 and len(err.splitlines()) == 1
     assert "qlora needs a CUDA GPU" in err and "--method lora" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_the_tokens_template(tiny_llama, capsys):
+    assert main(["generate", "--model", str(tiny_llama), "--instruction", "hi", "--template", "tokens"]) == 2
+    assert "no prompt format" in capsys.readouterr().err

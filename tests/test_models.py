@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import corpus, make_config
 from helpers import adapter_weights, train
@@ -104,3 +105,25 @@ def test_family_trains_and_reloads_in_plain_peft(family, alpaca_file, tmp_path):
             loss_sum, count = token_loss_sum(model, collate([examples[i] for i in indices], tokenizer.pad_token_id))
             total, tokens = total + loss_sum, tokens + int(count)
     torch.testing.assert_close(float(total / tokens), result.eval_losses[-1], rtol=1e-5, atol=0)
+
+
+def test_random_init_is_reproducible_and_not_the_saved_weights(config_for, tiny_llama, tmp_path):
+    """model.init random: the architecture of config.json with seeded random weights, built on the device."""
+    from zerotune.model import load_model
+
+    def random_model(seed):
+        torch.manual_seed(seed)
+        return load_model(ModelConfig(name=str(tiny_llama), dtype="fp32", init="random"), "lora",
+                          torch.device("cpu"), torch.float32).state_dict()
+
+    saved = load_model(ModelConfig(name=str(tiny_llama), dtype="fp32"), "lora", torch.device("cpu"),
+                       torch.float32).state_dict()
+    # the tiny model was saved right after building it under manual_seed(0): the same draw
+    same_seed, other_seed = random_model(0), random_model(1)
+    assert same_seed.keys() == saved.keys() == other_seed.keys()
+    assert all(torch.equal(same_seed[k], saved[k]) for k in saved)
+    assert not torch.equal(other_seed["model.layers.0.self_attn.q_proj.weight"],
+                           saved["model.layers.0.self_attn.q_proj.weight"])
+    a = train(config_for(**{"model.init": "random", "output.dir": str(tmp_path / "a")}))
+    b = train(config_for(**{"model.init": "random", "output.dir": str(tmp_path / "b")}))
+    assert a.losses == b.losses and len(a.losses) == 3
