@@ -7,9 +7,7 @@ Usage: python benchmarks/gpu_full_finetune.py --out DIR [--steps 10] [extra zero
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +21,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--work", default="/tmp/full-finetune")
     args, extra = parser.parse_known_args()
-    from zerotune.bench import ARCHITECTURES, Workload, token_records, write_model_dir
+    from zerotune.bench import ARCHITECTURES, Workload, provenance, token_records, write_model_dir
 
     work = Path(args.work)
     model_dir = write_model_dir(work / "model", ARCHITECTURES["llama-2-7b"], torch.bfloat16, saved_weights=False, seed=0)
@@ -34,9 +32,8 @@ def main() -> None:
                "--max-steps", str(args.steps), "--tracking", "none", "--log-every", "1", "--eval-fraction", "0",
                "--warmup-steps", "0", "--output-dir", str(work / "run"), "--overwrite", "--quiet", *extra]
     done = subprocess.run(command, capture_output=True, text=True)
-    result = {"what": __doc__.splitlines()[0], "gpu": torch.cuda.get_device_name(0),
-              "date": datetime.date.today().isoformat(), "commit": os.environ.get("ZEROTUNE_COMMIT", "unknown"),
-              "command": "python benchmarks/gpu_full_finetune.py " + " ".join(sys.argv[1:]),
+    result = {"what": __doc__.splitlines()[0],
+              **provenance("python benchmarks/gpu_full_finetune.py " + " ".join(sys.argv[1:])),
               "exit_status": done.returncode}
     if done.returncode == 0:
         steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -11,10 +11,7 @@ Usage: python benchmarks/gpu_profile_and_memory.py --out DIR
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +95,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", default="/tmp/profile-work")
     args = parser.parse_args()
-    result = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
-              "commit": os.environ.get("ZEROTUNE_COMMIT", "unknown"),
-              "command": "python benchmarks/gpu_profile_and_memory.py " + " ".join(sys.argv[1:])}
+    from zerotune.bench import provenance
+
+    result = provenance("python benchmarks/gpu_profile_and_memory.py " + " ".join(sys.argv[1:]))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "profile_and_memory.json"
     result["w1_profile"] = profile_w1()

@@ -10,9 +10,7 @@ Usage: python benchmarks/gpu_qlora_sharded.py --out DIR [--layers 8]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import random
 import subprocess
 import sys
@@ -27,7 +25,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--work", default="/tmp/qlora-sharded")
     args = parser.parse_args()
-    from zerotune.bench import ARCHITECTURES, write_model_dir
+    from zerotune.bench import ARCHITECTURES, provenance, write_model_dir
 
     work = Path(args.work)
     arch = dict(ARCHITECTURES["llama-2-7b"], num_hidden_layers=args.layers)
@@ -39,9 +37,8 @@ def main() -> None:
     runs = {"single": ["--strategy", "single", "--grad-accum", "2"],
             "fsdp2_2gpu": ["--strategy", "fsdp", "--num-workers", "2"],
             "zero3_2gpu": ["--strategy", "deepspeed", "--zero-stage", "3", "--num-workers", "2"]}
-    results = {"what": __doc__.splitlines()[0], "gpu": torch.cuda.get_device_name(0),
-               "date": datetime.date.today().isoformat(), "commit": os.environ.get("ZEROTUNE_COMMIT", "unknown"),
-               "command": "python benchmarks/gpu_qlora_sharded.py " + " ".join(sys.argv[1:]),
+    results = {"what": __doc__.splitlines()[0],
+               **provenance("python benchmarks/gpu_qlora_sharded.py " + " ".join(sys.argv[1:])),
                "layers": args.layers, "runs": {}}
     for name, flags in runs.items():
         output = work / name

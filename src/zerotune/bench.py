@@ -123,6 +123,11 @@ def commit() -> str:
         return "unknown"
 
 
+def provenance(command: str) -> dict:
+    """What every results file names: the GPU, the date, the commit and the exact command."""
+    return {"gpu": gpu_name(), "date": datetime.date.today().isoformat(), "commit": commit(), "command": command}
+
+
 # ---------------------------------------------------------------------------------------------- setup
 def write_model_dir(directory: Path, arch: dict, dtype: torch.dtype, saved_weights: bool, seed: int) -> Path:
     """config.json and a small tokenizer (the data is pre-tokenized, so its vocabulary does not matter).
@@ -349,9 +354,8 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
                                                            workload.seq_len, gpu)
         side["lora_mfu"] = mfu
     result = {
-        "workload": name + ("-tiny" if tiny else ""), "description": workload.description, "gpu": gpu,
-        "gpus": workload.gpus, "date": datetime.date.today().isoformat(), "commit": commit(),
-        "command": command or f"zerotune bench {name}" + (" --tiny" if tiny else ""),
+        "workload": name + ("-tiny" if tiny else ""), "description": workload.description, "gpus": workload.gpus,
+        **provenance(command or f"zerotune bench {name}" + (" --tiny" if tiny else "")),
         "settings": {"architecture": workload.architecture, "seq_len": workload.seq_len, "steps": steps,
                      "warmup_steps": warmup, "micro_batch": workload.micro_batch, "method": workload.method,
                      "gradient_checkpointing": workload.checkpointing,

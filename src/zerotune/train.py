@@ -67,17 +67,21 @@ class RunSession:
 
 
 def choose_strategy(config: RunConfig, world_size: int, device: torch.device | None = None) -> str:
-    """The documented rule for --strategy auto (README, 'Choosing an engine'):
+    return explain_strategy(config, world_size, device)[0]
+
+
+def explain_strategy(config: RunConfig, world_size: int, device: torch.device | None = None) -> tuple[str, str]:
+    """The documented rule for --strategy auto (README, 'Choosing an engine'), and why it chose:
     a DeepSpeed JSON means DeepSpeed; one worker means single; several GPU workers get the faster of DDP and
     FSDP2 that fits, as `zerotune plan` predicts it; where the plan does not know the GPU or the model, DDP when
     the model and its training state fit one GPU with room for activations, else FSDP2. On CPU: DDP."""
     wanted = config.distributed.strategy
     if wanted != "auto":
-        return wanted
+        return wanted, "asked for"
     if config.distributed.deepspeed_config and not config.distributed.no_deepspeed:
-        return "deepspeed"
+        return "deepspeed", "a DeepSpeed JSON was given"
     if world_size == 1:
-        return "single"
+        return "single", "one worker"
     if device is not None and device.type == "cuda":
         from zerotune.plan.report import auto_engine
 
@@ -87,12 +91,14 @@ def choose_strategy(config: RunConfig, world_size: int, device: torch.device | N
             name = None
         picked = auto_engine(config, world_size, name, torch.cuda.device_count()) if name else None
         if picked:
-            return picked[0]
+            return picked
         from zerotune.model import training_state_bytes
 
+        unknown = "GPU or model unknown to zerotune plan; chose by whether the training state fits one GPU"
         if training_state_bytes(config) > 0.6 * torch.cuda.get_device_properties(device).total_memory:
-            return "fsdp"
-    return "ddp"
+            return "fsdp", unknown
+        return "ddp", unknown
+    return "ddp", "CPU workers"
 
 
 def learning_rate_factor(config: RunConfig, total_steps: int):
@@ -158,19 +164,20 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool = False) 
 def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None) -> RunResult:
     """Train with ``config`` in this process, which is one worker of possibly many."""
     place = join_process_group(config.distributed.use_cpu, need_group=choose_strategy(config, 1) not in ("single",))
-    strategy_name = choose_strategy(config, place.world_size, place.device)
+    strategy_name, strategy_reason = explain_strategy(config, place.world_size, place.device)
     strategy = create_strategy(strategy_name, config, place.device, place.rank, place.world_size)
     output_dir = Path(config.output.dir)
     try:
         with StopSignals() as signals:
-            return _train(config, strategy, output_dir, show_progress, session or RunSession(), signals)
+            return _train(config, strategy, output_dir, show_progress, session or RunSession(), signals,
+                          strategy_reason)
     finally:
         strategy.close()
         leave_process_group()
 
 
 def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, session: RunSession,
-           signals: StopSignals) -> RunResult:
+           signals: StopSignals, strategy_reason: str = "") -> RunResult:
     seed = config.train.seed
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(config.model)
@@ -197,14 +204,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         source = config.data.path or "the bundled English+Spanish sample (no --data given)"
         tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
                      + (f"; {data.packing.summary()}" if data.packing else ""))
-        if config.distributed.strategy == "auto" and strategy.device.type == "cuda" and strategy.world_size > 1:
-            from zerotune.plan.report import auto_engine
-
-            picked = auto_engine(config, strategy.world_size, torch.cuda.get_device_name(strategy.device),
-                                 torch.cuda.device_count())
-            tracker.note(f"--strategy auto: {picked[1]}" if picked else
-                         "--strategy auto: GPU or model unknown to zerotune plan; chose by whether the training state "
-                         "fits one GPU")
+        if config.distributed.strategy == "auto":
+            tracker.note(f"--strategy auto: {strategy_reason}")
         tracker.note(
             f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global batch "
             f"{plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum} "

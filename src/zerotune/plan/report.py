@@ -176,8 +176,8 @@ def render(plan: dict) -> str:
         lines.append(f"lint: {lint}")
     for note in plan["notes"]:
         lines.append(f"note: {note}")
-    lines.append(f"accuracy: memory within 10% and speed within 25% of the measurements in benchmarks/results for "
-                 f"7B-8B models on H100/H200 (tests/test_plan.py); other sizes and GPUs are extrapolated")
+    lines.append("accuracy: memory within 10% and speed within 25% of the measurements in benchmarks/results for "
+                 "7B-8B models on H100/H200 (tests/test_plan.py); other sizes and GPUs are extrapolated")
     return "\n".join(lines)
 
 

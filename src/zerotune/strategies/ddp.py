@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from zerotune.strategies.collectives import CollectivesMixin
