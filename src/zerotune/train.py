@@ -223,6 +223,13 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         loss_head, why_not = install_chunked_loss(model)
         if why_not:
             tracker.note(f"model.chunked_loss: kept the stock loss because {why_not}")
+    if config.adapter.fast_lora and config.adapter.method != "full":
+        if strategy.gathers_per_module:
+            tracker.note("adapter.fast_lora: off under ZeRO-3 (it reads adapter weights outside their modules)")
+        else:
+            from zerotune.fast_lora import install_fast_lora
+
+            install_fast_lora(model)
     precision = compute_precision(config.model, model, strategy.device)
     if config.model.compile:
         from zerotune.model import compile_layers

@@ -35,6 +35,12 @@ class Strategy(ABC):
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def gathers_per_module(self) -> bool:
+        """Whether parameters exist only while their own module runs (ZeRO-3): code must then call each
+        module rather than read a submodule's weight directly."""
+        return False
+
     @abstractmethod
     def wrap(self, model: torch.nn.Module, build_optimizer: OptimizerFactory,
              build_scheduler: SchedulerFactory, total_steps: int) -> torch.nn.Module:

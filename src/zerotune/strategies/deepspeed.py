@@ -22,11 +22,18 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         self.ds_config: dict | None = None
         self._sync = True
 
+    def _source(self) -> dict:
+        return read_user_config(self.config.distributed.deepspeed_config) \
+            if self.config.distributed.deepspeed_config else preset(self.config)
+
+    @property
+    def gathers_per_module(self) -> bool:
+        return int((self._source().get("zero_optimization") or {}).get("stage", 0)) == 3
+
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         import deepspeed
 
-        source = read_user_config(self.config.distributed.deepspeed_config) \
-            if self.config.distributed.deepspeed_config else preset(self.config)
+        source = self._source()
         bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         hidden = getattr(getattr(model, "config", None), "hidden_size", 4096)
         self.ds_config = resolve(source, self.config, self.world_size, hidden, total_steps, self.device.type, bf16_ok)

@@ -1,0 +1,148 @@
+"""Which fast-path pieces pay on W1, one GPU: zerotune's step with pieces switched on and off, each timed
+and profiled in one process (no HF baseline here: this picks defaults; `zerotune bench` reports ratios).
+
+Per variant: tokens/s over timed steps after warm-up, peak GiB, and a torch.profiler pass that splits the
+step's wall time into GEMM, attention, other kernels and idle gaps (wall minus kernel time).
+
+Usage: python benchmarks/w1_variants.py --out DIR [--variants a,b,...] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    # name: (micro-batch, checkpointing, compile, fast_lora, liger)
+    "compiled": (1, False, True, False, False),
+    "compiled+fast_lora": (1, False, True, True, False),
+    "compiled+fast_lora+liger": (1, False, True, True, True),
+    "eager+fast_lora": (1, False, False, True, False),
+    "eager+fast_lora+liger": (1, False, False, True, True),
+    "ckpt-mb4-compiled": (4, True, True, False, False),
+    "ckpt-mb4-compiled+fast_lora": (4, True, True, True, False),
+    "ckpt-mb4-compiled+fast_lora+liger": (4, True, True, True, True),
+}
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    if "flash" in low or "attention" in low or "fmha" in low or "sdpa" in low:
+        return "attention"
+    if "gemm" in low or "nvjet" in low or "cutlass" in low or "matmul" in low or "xmma" in low:
+        return "matmul"
+    return "other"
+
+
+def run_variant(name: str, steps: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from zerotune import adapters
+    from zerotune.bench import ARCHITECTURES
+    from zerotune.config import AdapterConfig
+    from zerotune.fast_lora import install_fast_lora
+    from zerotune.loss import install_chunked_loss
+    from zerotune.model import compile_layers
+    from zerotune.train import token_loss_sum
+
+    micro, ckpt, compiled, fast_lora, liger = VARIANTS[name]
+    torch._dynamo.reset()
+    rope = modeling_llama.apply_rotary_pos_emb
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES["llama-2-7b"])).to(torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    model.config.use_cache = False
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+    head, _ = install_chunked_loss(model)
+    if fast_lora:
+        install_fast_lora(model)
+    if compiled:
+        compile_layers(model)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    ids = torch.randint(4, 32000, (micro, 2048), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, tokens = token_loss_sum(model, batch, head)
+        (loss / tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    losses = [float(step()) / ids.numel() for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - wall) / 2
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA" and event.self_device_time_total > 0:
+            ms = event.self_device_time_total / 2 / 1e3
+            groups[group_of(event.key)] += ms
+            kernels.append((event.key[:110], round(ms, 3)))
+    kernels.sort(key=lambda kv: -kv[1])
+    busy = sum(groups.values())
+    modeling_llama.apply_rotary_pos_emb = rope  # liger patches this module-wide
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return {"micro_batch": micro, "checkpointing": ckpt, "compile": compiled, "fast_lora": fast_lora,
+            "liger": liger, "tokens_per_second": micro * 2048 / seconds, "peak_gib": peak,
+            "first_losses": losses, "step_ms": seconds * 1e3, "profiled_wall_ms": wall * 1e3,
+            "kernel_ms": {k: round(v, 2) for k, v in groups.items()}, "idle_ms": round(wall * 1e3 - busy, 2),
+            "top_kernels_ms": kernels[:25]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    from zerotune.bench import provenance
+
+    result = provenance("python benchmarks/w1_variants.py " + " ".join(sys.argv[1:]))
+    result["variants"] = {}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) / "w1_variants.json"
+    for name in args.variants.split(","):
+        try:
+            result["variants"][name] = run_variant(name, args.steps)
+        except Exception as error:  # one variant failing must not lose the others' numbers
+            result["variants"][name] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+        row = result["variants"][name]
+        print(name, {k: row.get(k) for k in ("tokens_per_second", "peak_gib", "kernel_ms", "idle_ms", "error")},
+              flush=True)
+        out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
