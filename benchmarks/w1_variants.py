@@ -10,6 +10,7 @@ Usage: python benchmarks/w1_variants.py --out DIR [--variants a,b,...] [--steps 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -17,16 +18,20 @@ from pathlib import Path
 
 import torch
 
+BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True)
 VARIANTS = {
-    # name: (micro-batch, checkpointing, compile, fast_lora, liger)
-    "compiled": (1, False, True, False, False),
-    "compiled+fast_lora": (1, False, True, True, False),
-    "compiled+fast_lora+liger": (1, False, True, True, True),
-    "eager+fast_lora": (1, False, False, True, False),
-    "eager+fast_lora+liger": (1, False, False, True, True),
-    "ckpt-mb4-compiled": (4, True, True, False, False),
-    "ckpt-mb4-compiled+fast_lora": (4, True, True, True, False),
-    "ckpt-mb4-compiled+fast_lora+liger": (4, True, True, True, True),
+    "compiled": {},
+    "compiled-nonzero-sync": dict(host_count=False),
+    "compiled+fast_lora": dict(fast_lora=True),
+    "compiled-reduce-overhead": dict(mode="reduce-overhead"),
+    "compiled-max-autotune": dict(mode="max-autotune-no-cudagraphs"),
+    "eager": dict(compile=False),
+    "eager+fast_lora": dict(compile=False, fast_lora=True),
+    "eager+liger": dict(compile=False, liger=True),
+    "compiled+liger": dict(liger=True),
+    "ckpt-mb4-compiled": dict(micro=4, ckpt=True),
+    "ckpt-mb4-compiled+fast_lora": dict(micro=4, ckpt=True, fast_lora=True),
+    "ckpt-mb4-compiled-reduce-overhead": dict(micro=4, ckpt=True, mode="reduce-overhead"),
 }
 
 
@@ -41,7 +46,6 @@ def group_of(name: str) -> str:
 
 def run_variant(name: str, steps: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama import modeling_llama
 
     from zerotune import adapters
     from zerotune.bench import ARCHITECTURES
@@ -51,9 +55,9 @@ def run_variant(name: str, steps: int) -> dict:
     from zerotune.model import compile_layers
     from zerotune.train import token_loss_sum
 
-    micro, ckpt, compiled, fast_lora, liger = VARIANTS[name]
+    options = {**BASE, **VARIANTS[name]}
+    micro, ckpt, compiled, fast_lora, liger = (options[k] for k in ("micro", "ckpt", "compile", "fast_lora", "liger"))
     torch._dynamo.reset()
-    rope = modeling_llama.apply_rotary_pos_emb
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES["llama-2-7b"])).to(torch.bfloat16)
@@ -71,15 +75,19 @@ def run_variant(name: str, steps: int) -> dict:
     if fast_lora:
         install_fast_lora(model)
     if compiled:
-        compile_layers(model)
+        compile_layers(model, options["mode"])
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     ids = torch.randint(4, 32000, (micro, 2048), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
+    count = micro * 2047 if options["host_count"] else None
+
     def step():
+        if options["mode"] == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, tokens = token_loss_sum(model, batch, head)
+            loss, tokens = token_loss_sum(model, batch, head, count)
         (loss / tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -111,11 +119,9 @@ def run_variant(name: str, steps: int) -> dict:
             kernels.append((event.key[:110], round(ms, 3)))
     kernels.sort(key=lambda kv: -kv[1])
     busy = sum(groups.values())
-    modeling_llama.apply_rotary_pos_emb = rope  # liger patches this module-wide
     del model, optimizer
     torch.cuda.empty_cache()
-    return {"micro_batch": micro, "checkpointing": ckpt, "compile": compiled, "fast_lora": fast_lora,
-            "liger": liger, "tokens_per_second": micro * 2048 / seconds, "peak_gib": peak,
+    return {**options, "tokens_per_second": micro * 2048 / seconds, "peak_gib": peak,
             "first_losses": losses, "step_ms": seconds * 1e3, "profiled_wall_ms": wall * 1e3,
             "kernel_ms": {k: round(v, 2) for k, v in groups.items()}, "idle_ms": round(wall * 1e3 - busy, 2),
             "top_kernels_ms": kernels[:25]}
@@ -133,11 +139,20 @@ def main() -> None:
     result["variants"] = {}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "w1_variants.json"
+    from transformers.models.llama import modeling_llama
+
+    # liger swaps these module-wide (classes for new models, the rope function): put them back after each
+    saved = {k: getattr(modeling_llama, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, args.steps)
         except Exception as error:  # one variant failing must not lose the others' numbers
             result["variants"][name] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+        finally:
+            for key, value in saved.items():
+                setattr(modeling_llama, key, value)
+            gc.collect()
+            torch.cuda.empty_cache()
         row = result["variants"][name]
         print(name, {k: row.get(k) for k in ("tokens_per_second", "peak_gib", "kernel_ms", "idle_ms", "error")},
               flush=True)

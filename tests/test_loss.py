@@ -18,14 +18,15 @@ from zerotune.train import token_loss_sum
 from helpers import train
 
 
-@pytest.mark.parametrize("weight_trains", [False, True])
-def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains):
+@pytest.mark.parametrize("weight_trains,host_count", [(False, False), (True, False), (True, True)])
+def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains, host_count):
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_trains)
     labels = torch.randint(0, 50, (37,))
     labels[::4] = -100
-    ours = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=5)  # 6 chunks of label tokens
+    count = int((labels != -100).sum()) if host_count else None  # the sync-free row lookup when known
+    ours = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=5, label_count=count)  # 6 chunks
     ours.mul(0.37).backward()
     ours_grads = [hidden.grad.clone()] + ([weight.grad.clone()] if weight_trains else [])
     hidden.grad = None

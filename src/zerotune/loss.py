@@ -23,9 +23,9 @@ CHUNK_ELEMENTS = 2**26  # logits per chunk: 256 MiB in fp32
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, label_count):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        rows = label_rows(labels, label_count)
         picked, targets = hidden.index_select(0, rows), labels.index_select(0, rows)
         wide = torch.promote_types(hidden.dtype, torch.float32)  # the softmax runs in fp32 (or fp64 if given)
         total = torch.zeros((), dtype=wide, device=hidden.device)
@@ -59,15 +59,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def label_rows(labels: torch.Tensor, label_count: int | None = None) -> torch.Tensor:
+    """Positions of the label tokens. With their number known on the host (the loop counts them on the CPU
+    batch), ``nonzero_static`` finds them without waiting for the GPU: plain ``nonzero`` must copy its result
+    size back, which stalls the host until the forward pass so far has run, and leaves the GPU idle while
+    the host then launches the rest of the step."""
+    mask = labels != IGNORE_INDEX
+    if label_count is None:
+        return mask.nonzero().squeeze(1)
+    return torch.nonzero_static(mask, size=label_count).squeeze(1)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk_tokens: int | None = None) -> torch.Tensor:
+                             chunk_tokens: int | None = None, label_count: int | None = None) -> torch.Tensor:
     """Sum over positions with ``labels != -100`` of cross-entropy(hidden @ weight.T, labels).
-    ``hidden`` [N, d], ``weight`` [V, d], ``labels`` [N] (already aligned: label i is the target of row i)."""
+    ``hidden`` [N, d], ``weight`` [V, d], ``labels`` [N] (already aligned: label i is the target of row i).
+    ``label_count``: how many labels are not -100, when the caller knows it (saves a host-GPU sync)."""
     chunk = chunk_tokens or max(64, CHUNK_ELEMENTS // weight.size(0))
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, label_count)
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -92,6 +104,7 @@ class ChunkedLossHead:
         self.head = model.get_output_embeddings()
         self.chunk_tokens = chunk_tokens
         self._labels: torch.Tensor | None = None
+        self._count: int | None = None
         original = self.head.forward
 
         def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -99,20 +112,21 @@ class ChunkedLossHead:
                 return original(hidden)
             labels, self._labels = self._labels, None
             return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), self.head.weight, labels,
-                                            self.chunk_tokens)
+                                            self.chunk_tokens, self._count)
 
         self.head.forward = forward
 
     @contextmanager
-    def computing(self, labels: torch.Tensor):
-        """``labels`` [batch, seq] as in the batch; shifted here so position t predicts label t + 1."""
+    def computing(self, labels: torch.Tensor, label_count: int | None = None):
+        """``labels`` [batch, seq] as in the batch; shifted here so position t predicts label t + 1.
+        ``label_count``: the number of shifted labels that are not -100, if known on the host."""
         shifted = torch.full_like(labels, IGNORE_INDEX)
         shifted[:, :-1] = labels[:, 1:]
-        self._labels = shifted.reshape(-1)
+        self._labels, self._count = shifted.reshape(-1), label_count
         try:
             yield
         finally:
-            self._labels = None
+            self._labels = self._count = None
 
 
 def install_chunked_loss(model: torch.nn.Module) -> tuple[ChunkedLossHead | None, str | None]:

@@ -129,12 +129,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def compile_layers(model: torch.nn.Module) -> int:
+def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     """Regional compilation: torch.compile each decoder layer (one graph reused by every layer, so compile
     time stays that of one layer). Returns how many layers were compiled."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
 
 

@@ -119,10 +119,12 @@ def learning_rate_factor(config: RunConfig, total_steps: int):
     return factor
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], head=None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model, batch: dict[str, torch.Tensor], head=None,
+                   label_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over label tokens, and the number of those tokens. Packed batches go in
     with position ids and no attention mask (and never a KV cache), so attention stays inside each example.
-    With ``head`` (a zerotune.loss.ChunkedLossHead) the output head returns the loss sum itself, chunked."""
+    With ``head`` (a zerotune.loss.ChunkedLossHead) the output head returns the loss sum itself, chunked;
+    ``label_count`` (count_label_tokens of the batch, taken on the host) lets it skip a host-GPU sync."""
     if "position_ids" in batch:
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     else:
@@ -130,7 +132,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], head=None) -> tuple[to
     labels = batch["labels"][:, 1:]
     tokens = (labels != IGNORE_INDEX).sum()
     if head is not None:
-        with head.computing(batch["labels"]):
+        with head.computing(batch["labels"], label_count):
             return model(**inputs).logits, tokens
     logits = model(**inputs).logits[:, :-1].float()
     loss_sum = F.cross_entropy(
@@ -277,14 +279,15 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         micro_indices = plan.micro_batches(epoch, step_in_epoch, strategy.rank)
         batches = [collate([data.train[i] for i in indices], tokenizer.pad_token_id, pad_to) for indices in micro_indices]
         started = time.perf_counter()
-        local_tokens = torch.tensor(float(sum(count_label_tokens(b) for b in batches)), device=strategy.device)
+        counts = [count_label_tokens(b) for b in batches]  # on the host, before the batches move
+        local_tokens = torch.tensor(float(sum(counts)), device=strategy.device)
         global_tokens = strategy.all_reduce_sum(local_tokens)
         step_loss_sum = torch.zeros((), device=strategy.device)
         for index, batch in enumerate(batches):
             batch = to_device(batch, strategy.device)
             with strategy.accumulating(model, sync=index == len(batches) - 1):
                 with precision():
-                    loss_sum, _ = token_loss_sum(model, batch, loss_head)
+                    loss_sum, _ = token_loss_sum(model, batch, loss_head, counts[index])
                 strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
             step_loss_sum += loss_sum.detach()
         input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
