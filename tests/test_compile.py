@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_compiled_layers_match_eager(config_for, tmp_path):
     settings = {"train.max_steps": 3, "train.batch_size": 2}
     eager = train(config_for(**settings, **{"output.dir": str(tmp_path / "eager")}))
-    compiled = train(config_for(**settings, **{"output.dir": str(tmp_path / "compiled"), "model.compile": True}))
+    compiled = train(config_for(**settings, **{"output.dir": str(tmp_path / "compiled"), "model.compile": "on"}))
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-4, atol=0)
     left, right = adapter_weights(tmp_path / "compiled"), adapter_weights(tmp_path / "eager")
     for key in right:

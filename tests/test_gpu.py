@@ -38,6 +38,33 @@ def test_qlora_4bit_forward_backward_with_matching_storage(tiny_llama):
     assert torch.isfinite(loss) and grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_random_init_qlora_builds_4bit_layers_and_learns(tiny_llama):
+    """--init random --method qlora: every linear but the head is NF4 (storage bf16), nothing left on the
+    meta device, and LoRA fits a repeated batch (the loss falls)."""
+    from zerotune.model import load_model
+
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name=str(tiny_llama), init="random", dtype="bf16", gradient_checkpointing=True),
+                       "qlora", torch.device("cuda"), torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in linears if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == len(linears) - 1 == 2 * 7  # 2 layers x 7 projections; the head stays bf16
+    assert all(m.weight.dtype == torch.bfloat16 and m.weight.quant_state is not None for m in quantized)
+    assert not any(p.is_meta or p.device.type != "cuda" for p in model.parameters())
+    assert model.training and model.is_gradient_checkpointing
+    model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch, losses = _batch("cuda"), []
+    for _ in range(8):
+        loss, tokens = token_loss_sum(model, batch)
+        (loss / tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss / tokens))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 def test_chunked_loss_matches_stock_in_bf16_and_uses_less_memory(tiny_llama):
     from transformers import AutoModelForCausalLM
 

@@ -164,7 +164,7 @@ def run_config(workload: Workload, model_dir: Path, data_path: Path, output: Pat
     layers = {
         "model.name": str(model_dir), "model.init": "pretrained" if workload.method == "qlora" else "random",
         "model.dtype": "fp32" if tiny else "bf16", "model.attn_implementation": "sdpa",
-        "model.gradient_checkpointing": workload.checkpointing, "model.compile": not tiny,
+        "model.gradient_checkpointing": workload.checkpointing, "model.compile": "off" if tiny else "on",
         "adapter.method": workload.method, "adapter.r": 16, "adapter.alpha": 32, "adapter.dropout": 0.0,
         "data.path": str(data_path), "data.template": "tokens", "data.max_seq_len": workload.seq_len,
         "data.eval_fraction": 0.0, "data.packing": workload.short_examples,

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="workloads: " + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
     bench.add_argument("workload", choices=list(WORKLOADS), help="which workload (listed below)")
     bench.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="zerotune-side settings, e.g. model.compile=false to time the eager path")
+                       help="zerotune-side settings, e.g. model.compile=off to time the eager path")
     bench.add_argument("--tiny", action="store_true",
                        help="a tiny model on the CPU in seconds: tests the harness, not the speed")
     bench.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 30; tiny 4)")

@@ -90,6 +90,8 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(check_model_source(config), **kwargs)
+    elif config.init == "random" and method == "qlora":
+        model = random_4bit_model(check_model_source(config), kwargs, device, dtype)
     elif config.init == "random":
         model_config = check_model_source(config)
         with torch.device(device):  # initialised in place: a 7B model takes seconds on a GPU, not minutes
@@ -129,6 +131,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
+def compile_enabled(config: ModelConfig, device_type: str, strategy: str) -> bool:
+    """model.compile auto: on for CUDA GPUs under one process, DDP and FSDP2 (where it was measured);
+    off on CPU and under DeepSpeed (compiled layers inside ZeRO's hooks were never run)."""
+    return config.compile == "on" or (config.compile == "auto" and device_type == "cuda" and strategy != "deepspeed")
+
+
 def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     """Regional compilation: torch.compile each decoder layer (one graph reused by every layer, so compile
     time stays that of one layer). Returns how many layers were compiled."""
@@ -152,6 +160,54 @@ def qlora_quantization_config(compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=compute_dtype,  # lets FSDP and ZeRO-3 shard the packed weights
     )
+
+
+def random_4bit_model(model_config, kwargs: dict, device: torch.device, dtype: torch.dtype):
+    """An architecture with random weights, quantized as QLoRA loads real ones, without the bf16 model ever
+    existing whole: built on the meta device, then each linear layer (all but the output head) gets a random
+    bf16 weight on the GPU that bitsandbytes packs to NF4 (double quantization, storage in ``dtype``) before
+    the next one is drawn. Peak memory is the 4-bit model plus one bf16 matrix, so a 70B architecture
+    builds on one 80 GB GPU with no weight files (benchmarks; a real run loads pretrained weights)."""
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    qlora_quantization_config(dtype)  # the same checks: a CUDA GPU and bitsandbytes
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    std = getattr(model_config, "initializer_range", 0.02)
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                      quant_storage=dtype, device="meta")
+            weight = torch.empty(child.out_features, child.in_features, dtype=dtype, device=device).normal_(0, std)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", quant_storage=dtype, module=layer).to(device)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=dtype, device=device),
+                                                requires_grad=False)
+            setattr(parent, name, layer)
+    for module in model.modules():  # embeddings, norms, the head: real tensors, initialised as transformers does
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            value = torch.empty(param.shape, dtype=dtype, device=device)
+            if param.dim() > 1:
+                value.normal_(0, std)
+            else:
+                value.fill_(0.0 if name == "bias" else 1.0)
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+    if getattr(model_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buffer.to(device)
+    model.is_loaded_in_4bit = True  # what PEFT and transformers look for on a 4-bit model
+    return model
 
 
 def training_state_bytes(config) -> int:

@@ -28,7 +28,7 @@ from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
-from zerotune.model import compute_precision, load_model, load_tokenizer, resolve_dtype
+from zerotune.model import compile_enabled, compute_precision, load_model, load_tokenizer, resolve_dtype
 from zerotune.strategies import create_strategy
 from zerotune.stopping import StopSignals
 from zerotune.strategies.process_group import join_process_group, leave_process_group
@@ -233,7 +233,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
             install_fast_lora(model)
     precision = compute_precision(config.model, model, strategy.device)
-    if config.model.compile:
+    compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
+    if compiled:
         from zerotune.model import compile_layers
 
         tracker.note(f"compiling {compile_layers(model)} decoder layers (torch.compile; the first steps are slow)")
@@ -269,7 +270,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
     # Compiled layers with packed rows: one row length for every step, so nothing recompiles (rows are nearly
     # full anyway). Unpacked batches vary in length; torch.compile then switches to dynamic shapes.
-    pad_to = config.data.max_seq_len if config.model.compile and config.data.packing else None
+    pad_to = config.data.max_seq_len if compiled and config.data.packing else None
     save_every, save_seconds = config.checkpoint.save_steps, config.checkpoint.save_minutes * 60
     last_save = time.monotonic()
     elapsed_before = state.get("elapsed_seconds", 0.0)

@@ -30,7 +30,8 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         arch=arch, gpu=gpu, gpus_per_node=gpus_per_node, nodes=nodes, method=config.adapter.method,
         r=config.adapter.r, micro_batch=config.train.batch_size, seq_len=config.data.max_seq_len,
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
-        packing=config.data.packing, compile=config.model.compile, chunked_loss=config.model.chunked_loss,
+        packing=config.data.packing, chunked_loss=config.model.chunked_loss,
+        compile=config.model.compile == "on" or (config.model.compile == "auto" and strategy != "deepspeed"),
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
         weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading)
 
