@@ -18,6 +18,20 @@ def bench_results() -> list[tuple[str, dict]]:
     return found
 
 
+def shown_command(command: str) -> str:
+    """The command without the machine's own paths (--out-dir, --work-dir and their values)."""
+    words, kept = command.split(), []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("--out-dir", "--work-dir"):
+            skip = True
+        elif not word.startswith(("--out-dir=", "--work-dir=")):
+            kept.append(word)
+    return " ".join(kept)
+
+
 def table() -> str:
     lines = ["| workload | GPU | HF+PEFT tok/s (per GPU) | zerotune tok/s (per GPU) | ratio | LoRA-MFU ours | "
              "peak GiB HF / ours | commit | command | file |",
@@ -26,7 +40,7 @@ def table() -> str:
         ours, base = r["ours"], r["baseline"]
         mfu = f"{ours['lora_mfu']:.1%}" if ours.get("lora_mfu") else "-"
         gpu = r["gpu"].replace("NVIDIA ", "") + (f" x{r['gpus']}" if r.get("gpus", 1) > 1 else "")
-        command = r["command"].split(" --out-dir")[0]
+        command = shown_command(r["command"])
         lines.append(f"| {r['workload']} | {gpu} | {base['tokens_per_second_per_gpu']:,.0f} | "
                      f"{ours['tokens_per_second_per_gpu']:,.0f} | **{r['ratio']:.2f}x** | {mfu} | "
                      f"{base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | {r['commit'][:7]} | `{command}` | `{name}` |")

@@ -59,6 +59,8 @@ MEASURED = [
      dict(arch=L7, compile=True, checkpointing=True, method="qlora"), False),
     (*_bench("2026-11-28-h200-qlora-mb4-at-4234758.json"), dict(arch=L7, compile=True, method="qlora", **CKPT4),
      False),
+    (*_bench("2026-11-28-h200-qlora-at-e944061.json"),
+     dict(arch=L7, compile=True, checkpointing=True, method="qlora"), False),
     (*_bench("2026-11-28-h200x2-w4-at-4234758.json"),
      dict(arch=L7, compile=True, gpus_per_node=2, strategy="ddp", **CKPT4), False),
     (*_bench("2026-11-28-h200-w1-before-autocast.json"), dict(arch=L7, compile=True, mixed_precision=False), True),

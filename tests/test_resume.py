@@ -274,8 +274,8 @@ def test_nonfinite_skip_drops_the_step(config_for, monkeypatch):
 
     real, calls = loop.token_loss_sum, []
 
-    def nan_on_second_step(model, batch, head=None):
-        loss_sum, tokens = real(model, batch, head)
+    def nan_on_second_step(model, batch, head=None, label_count=None):
+        loss_sum, tokens = real(model, batch, head, label_count)
         calls.append(1)
         return (loss_sum * float("nan") if len(calls) == 2 else loss_sum), tokens
 
