@@ -69,3 +69,23 @@ def test_help_lists_every_flag(capsys):
     for key, spec, _ in field_specs():
         if spec.metadata["flag"]:
             assert spec.metadata["flag"] in text, key
+
+
+def test_compile_auto_rule_and_yaml_on_off(tmp_path):
+    """model.compile: auto compiles on CUDA except under DeepSpeed; YAML's bare on/off (read as booleans)
+    and the flag's values all land on the same three settings."""
+    from zerotune.model import compile_enabled
+
+    auto = parse([]).model
+    assert auto.compile == "auto"
+    assert compile_enabled(auto, "cuda", "single") and compile_enabled(auto, "cuda", "fsdp")
+    assert not compile_enabled(auto, "cuda", "deepspeed") and not compile_enabled(auto, "cpu", "ddp")
+    assert compile_enabled(parse(["--compile", "on"]).model, "cpu", "single")
+    assert not compile_enabled(parse(["--compile", "off"]).model, "cuda", "single")
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  compile: off\n")  # YAML 1.1 reads this as False
+    assert parse([str(path)]).model.compile == "off"
+    path.write_text("model:\n  compile: on\n")
+    assert parse([str(path)]).model.compile == "on"
+    with pytest.raises(ConfigError, match="model.compile"):
+        build_config({"model.compile": "sometimes"})

@@ -94,3 +94,23 @@ def test_training_with_and_without_fast_lora_gives_the_same_losses(tiny_llama, a
     assert used[True] > 0 and used[False] == 0
     assert len(losses[True]) == 3 and losses[True][0] > losses[True][-1]
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("settings,gathers", [
+    ({"distributed.strategy": "deepspeed", "distributed.zero_stage": 3}, True),
+    ({"distributed.strategy": "deepspeed", "distributed.zero_stage": 2}, False),
+    ({"distributed.deepspeed_config": "examples/deepspeed_tutorial_zero3_offload.json"}, True),
+])
+def test_fast_lora_is_kept_off_where_zero3_gathers_per_module(settings, gathers, tiny_llama, alpaca_file, tmp_path):
+    """ZeRO-3 only materialises a module's weights inside its own call, so the fused path (which reads
+    lora_A/lora_B weights directly) must not be installed there."""
+    from pathlib import Path
+
+    from zerotune.strategies.deepspeed import DeepSpeedStrategy
+
+    pytest.importorskip("deepspeed")
+    if "distributed.deepspeed_config" in settings:
+        root = Path(__file__).resolve().parents[1]
+        settings = {"distributed.deepspeed_config": str(root / settings["distributed.deepspeed_config"])}
+    config = make_config(tiny_llama, alpaca_file, tmp_path, **settings)
+    assert DeepSpeedStrategy(config, torch.device("cpu")).gathers_per_module is gathers
