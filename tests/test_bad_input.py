@@ -133,6 +133,17 @@ def test_bad_deepspeed_json(content, pattern, tiny_llama, alpaca_file, tmp_path,
     assert status == 2 and re.search(pattern, err), err
 
 
+@pytest.mark.parametrize("engine", [["--strategy", "deepspeed", "--zero-stage", "2"], ["--deepspeed", "ds.json"]])
+def test_sharded_loading_needs_zero3(engine, tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    pytest.importorskip("deepspeed")
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 1}}')
+    engine = [str(tmp_path / e) if e == "ds.json" else e for e in engine]
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--use-cpu",
+                          "--num-workers", "2", "--sharded-loading", *engine)
+    assert status == 2 and "sharded_loading under DeepSpeed needs ZeRO stage 3" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_deepspeed_json(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
     pytest.importorskip("deepspeed")
     status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--deepspeed",

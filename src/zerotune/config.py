@@ -167,10 +167,11 @@ class DistributedConfig:
         False, "Never use DeepSpeed (the original tutorial's flag): DDP, or FSDP if asked.", "--no-deepspeed"
     )
     sharded_loading: bool = option(
-        False, "With --strategy fsdp: build the model on the meta device, shard it, then let each worker read only "
-               "its own rows of every weight from the safetensors files, so neither host nor GPU memory ever holds "
-               "the whole model. LoRA A is drawn after sharding (same distribution, another draw than the default "
-               "path). Not for QLoRA or --init random.", "--sharded-loading",
+        False, "Never hold the whole model on one worker while loading. FSDP2: build it on the meta device, shard "
+               "it, then let each worker read only its own rows of every weight from the safetensors files (LoRA A "
+               "is drawn after sharding: same distribution, another draw than the default path). DeepSpeed ZeRO-3: "
+               "transformers builds it inside deepspeed.zero.Init (partitioned as created) and copies the weights "
+               "in one module at a time. Not for QLoRA or --init random.", "--sharded-loading",
     )
     ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster. Empty: start a local Ray.",
                               "--ray-address")
@@ -417,10 +418,13 @@ def validate(config: RunConfig) -> None:
             and not config.distributed.no_deepspeed)):
         raise ConfigError("train.on_nonfinite: skip is not available with DeepSpeed (its engine applies a reduced "
                           "step and cannot drop it); use stop, or another --strategy")
-    if config.distributed.sharded_loading and (config.distributed.strategy != "fsdp"
+    deepspeed = config.distributed.strategy == "deepspeed" or (
+        config.distributed.strategy == "auto" and config.distributed.deepspeed_config
+        and not config.distributed.no_deepspeed)
+    if config.distributed.sharded_loading and (not (config.distributed.strategy == "fsdp" or deepspeed)
                                                or config.adapter.method == "qlora" or config.model.init == "random"):
-        raise ConfigError("distributed.sharded_loading needs --strategy fsdp, a pretrained model (not --init random) "
-                          "and --method lora or full (QLoRA quantizes while loading)")
+        raise ConfigError("distributed.sharded_loading needs --strategy fsdp or DeepSpeed ZeRO-3, a pretrained model "
+                          "(not --init random) and --method lora or full (QLoRA quantizes while loading)")
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
 

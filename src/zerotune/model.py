@@ -74,10 +74,12 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_model(config: ModelConfig, method: str, device: torch.device, dtype: torch.dtype, on_meta: bool = False):
+def load_model(config: ModelConfig, method: str, device: torch.device, dtype: torch.dtype, on_meta: bool = False,
+               partitioned: bool = False):
     """Load the base model onto ``device``. QLoRA loads 4-bit NF4 weights through bitsandbytes.
     ``on_meta``: parameters on the meta device (no memory; the engine materialises its shards and loads them),
-    buffers such as rotary frequencies computed for real."""
+    buffers such as rotary frequencies computed for real. ``partitioned``: the caller has switched on
+    transformers' ZeRO-3 loading, which partitions parameters as they are created; they stay where it put them."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(
@@ -99,10 +101,10 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
     else:
         if method == "qlora":
             kwargs["quantization_config"] = qlora_quantization_config(dtype)
-        if device.type == "cuda":  # straight from the (memory-mapped) files to this worker's GPU
+        if device.type == "cuda" and not partitioned:  # straight from the (memory-mapped) files to this GPU
             kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(config.name, **kwargs)
-    if method != "qlora" and not on_meta:
+    if method != "qlora" and not on_meta and not partitioned:
         model.to(device)
     model.config.use_cache = False
     if config.gradient_checkpointing:

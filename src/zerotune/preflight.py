@@ -71,6 +71,12 @@ def check_workers(config: RunConfig) -> None:
                 if not on_gpu and ds.get(precision, {}).get("enabled") is True:
                     raise ConfigError(f"{config.distributed.deepspeed_config}: {precision}.enabled is true, but this "
                                       f"run is on CPU; set it to \"auto\" or false, or run on GPUs")
+            stage, where = (ds.get("zero_optimization") or {}).get("stage", 0), config.distributed.deepspeed_config
+        else:
+            stage, where = config.distributed.zero_stage, "distributed.zero_stage"
+        if config.distributed.sharded_loading and stage != 3:
+            raise ConfigError(f"distributed.sharded_loading under DeepSpeed needs ZeRO stage 3 ({where} gives stage "
+                              f"{stage}, which keeps whole weights on every worker); use --zero-stage 3")
     if not on_gpu and config.model.dtype == "fp16":
         raise ConfigError("model.dtype fp16 cannot train on CPU; use fp32 (or bf16)")
     if launcher == "ray":

@@ -215,8 +215,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         )
 
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
-    sharded_loading = config.distributed.sharded_loading and strategy.name == "fsdp"
-    model = load_model(config.model, config.adapter.method, strategy.device, dtype, on_meta=sharded_loading)
+    model = strategy.load_base_model(dtype, total_steps)
     model = adapters.apply_method(model, config.adapter, seed)
     loss_head = None
     if config.model.chunked_loss:

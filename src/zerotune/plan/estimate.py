@@ -31,7 +31,7 @@ class Scenario:
     zero_stage: int = 3
     offload: str = "none"  # none, optimizer, params, all
     weight_bytes: float = 2.0  # bf16/fp16; 4 for fp32
-    sharded_loading: bool = False  # FSDP2 --sharded-loading: no worker ever holds the whole model
+    sharded_loading: bool = False  # --sharded-loading (FSDP2, ZeRO-3): no worker ever holds the whole model
     internode_gbs: float = 12.5  # per node, for FSDP/ZeRO-3 parameter traffic between nodes
 
     @property
@@ -54,6 +54,11 @@ class Scenario:
     def offload_optimizer(self) -> bool:
         return self.strategy == "deepspeed" and self.offload in ("optimizer", "all")
 
+    @property
+    def loads_sharded(self) -> bool:
+        zero3 = self.strategy == "deepspeed" and self.zero_stage == 3
+        return self.sharded_loading and (self.strategy == "fsdp" or zero3)
+
     def describe(self) -> str:
         engine = self.strategy
         if self.strategy == "deepspeed":
@@ -61,7 +66,7 @@ class Scenario:
         parts = [engine, f"micro-batch {self.micro_batch}", "checkpointing" if self.checkpointing else "no checkpointing"]
         if self.packing:
             parts.append("packing")
-        if self.strategy == "fsdp" and self.sharded_loading:
+        if self.loads_sharded:
             parts.append("sharded loading")
         return ", ".join(parts)
 
@@ -129,8 +134,8 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
     else:  # fp32 LoRA weights, grads, Adam m and v
         parts["trainable state"] = trainable * 16.0 / (world if s.strategy == "fsdp" else 1)
     load_peak += trainable * (4.0 if s.method != "full" else 0.0)
-    if s.strategy == "fsdp" and s.sharded_loading:
-        load_peak = 0.0  # each worker allocates and reads only its shards
+    if s.loads_sharded:
+        load_peak = 0.0  # each worker allocates only its shards (FSDP2) or partitions (ZeRO-3 zero.Init)
 
     per_layer = s.tokens * arch.activation_elements * 2 * cal.ACTIVATION_FACTOR
     if s.method != "full" and not s.mixed_precision and s.strategy in ("single", "ddp"):
@@ -238,7 +243,7 @@ def alternatives(base: Scenario, limit: int = 5) -> list[Estimate]:
             continue
         candidate = replace(base, strategy=strategy, zero_stage=stage, offload=offload, micro_batch=mb,
                             checkpointing=ckpt, packing=packing,
-                            sharded_loading=strategy == "fsdp" and base.method != "qlora")
+                            sharded_loading=(strategy == "fsdp" or stage == 3) and base.method != "qlora")
         result = estimate(candidate)
         if result.fits:
             found.append(result)

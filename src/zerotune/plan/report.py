@@ -88,7 +88,8 @@ def lints(config: RunConfig, s: Scenario, result: Estimate) -> list[str]:
     if s.method == "qlora" and s.offload_params:
         found.append("QLoRA with DeepSpeed parameter offload: 4-bit weights are not offloadable; drop the param offload")
     if not result.fits and result.fits_training:
-        fix = ("add --sharded-loading" if s.strategy == "fsdp" and s.method != "qlora" else
+        fix = ("add --sharded-loading" if (s.strategy == "fsdp" or (s.strategy == "deepspeed" and s.zero_stage == 3))
+               and s.method != "qlora" else
                "use --strategy fsdp --sharded-loading" if s.method != "qlora" else
                "sharded loading does not cover QLoRA yet")
         found.append(f"training would fit ({result.training_peak_gib:.1f} GiB per GPU), but this loads the whole "

@@ -21,6 +21,35 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         self.engine = None
         self.ds_config: dict | None = None
         self._sync = True
+        self._hf_zero3 = None  # transformers' ZeRO-3 switch, alive for the run once the model loaded partitioned
+
+    def _resolved(self, hidden_size: int, total_steps: int) -> dict:
+        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return resolve(self._source(), self.config, self.world_size, hidden_size, total_steps, self.device.type,
+                       bf16_ok)
+
+    def load_base_model(self, dtype, total_steps):
+        """--sharded-loading under ZeRO-3: transformers builds the model inside deepspeed.zero.Init, so each
+        parameter is partitioned as it is created, and fills it from the checkpoint one tensor at a time
+        (each worker maps the safetensors files; weights are copied in one module at a time and broadcast).
+        No worker ever holds the whole model in memory."""
+        from zerotune.model import load_model
+
+        if not (self.config.distributed.sharded_loading and self.gathers_per_module):
+            return super().load_base_model(dtype, total_steps)
+        import deepspeed
+        import torch.distributed as dist
+        from transformers import AutoConfig
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # DeepSpeed's config checks the batch against its own view of the world: join it to our process group
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+        hidden = getattr(AutoConfig.from_pretrained(self.config.model.name,
+                                                    trust_remote_code=self.config.model.trust_remote_code),
+                         "hidden_size", 4096)
+        self._hf_zero3 = HfDeepSpeedConfig(self._resolved(hidden, total_steps))
+        return load_model(self.config.model, self.config.adapter.method, self.device, dtype, partitioned=True)
 
     def _source(self) -> dict:
         return read_user_config(self.config.distributed.deepspeed_config) \
@@ -33,10 +62,8 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         import deepspeed
 
-        source = self._source()
-        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         hidden = getattr(getattr(model, "config", None), "hidden_size", 4096)
-        self.ds_config = resolve(source, self.config, self.world_size, hidden, total_steps, self.device.type, bf16_ok)
+        self.ds_config = self._resolved(hidden, total_steps)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None if "optimizer" in self.ds_config else build_optimizer(params)
         scheduler = None if "scheduler" in self.ds_config else build_scheduler

@@ -21,6 +21,14 @@ from zerotune.strategies.collectives import CollectivesMixin
 class FSDPStrategy(CollectivesMixin, Strategy):
     name = "fsdp"
 
+    def load_base_model(self, dtype, total_steps):
+        """--sharded-loading: parameters on the meta device; wrap() allocates this rank's shards and reads
+        only their rows from the safetensors files."""
+        from zerotune.model import load_model
+
+        return load_model(self.config.model, self.config.adapter.method, self.device, dtype,
+                          on_meta=self.config.distributed.sharded_loading)
+
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         on_meta = any(p.is_meta for p in model.parameters())
