@@ -10,12 +10,12 @@ from zerotune.cli import main
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Any attempt to load weights fails the test: errors must come first."""
-    import zerotune.train
+    import zerotune.model
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input error was reported")
 
-    monkeypatch.setattr(zerotune.train, "load_model", refuse)
+    monkeypatch.setattr(zerotune.model, "load_model", refuse)  # what every strategy's load_base_model calls
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
 
 

@@ -1,7 +1,6 @@
 """Model loading details: LoRA targets per family, checkpointing really on, trust_remote_code refusal."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

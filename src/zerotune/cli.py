@@ -221,7 +221,6 @@ def command_quickstart(args: argparse.Namespace) -> None:
 
 def command_plan(args: argparse.Namespace) -> None:
     import json
-    from dataclasses import replace
 
     from zerotune.plan.catalog import find_gpu
     from zerotune.plan.report import count_dataset_tokens, make_plan, render

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -378,6 +378,18 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return build_config(_flatten(tree, "config"))
 
 
+def uses_deepspeed(config: RunConfig) -> bool:
+    """DeepSpeed is asked for by name, or by a JSON under --strategy auto (unless --no-deepspeed)."""
+    d = config.distributed
+    return d.strategy == "deepspeed" or (d.strategy == "auto" and bool(d.deepspeed_config) and not d.no_deepspeed)
+
+
+def compile_enabled(model: ModelConfig, device_type: str, strategy: str) -> bool:
+    """model.compile auto: on for CUDA GPUs under one process, DDP and FSDP2 (where it was measured);
+    off on CPU and under DeepSpeed (compiled layers inside ZeRO's hooks were never run)."""
+    return model.compile == "on" or (model.compile == "auto" and device_type == "cuda" and strategy != "deepspeed")
+
+
 def validate(config: RunConfig) -> None:
     """Checks across fields that types alone cannot express."""
     positive = {
@@ -413,15 +425,10 @@ def validate(config: RunConfig) -> None:
     if config.distributed.max_failures < -1:
         raise ConfigError(f"distributed.max_failures: must be -1 (no limit), 0 or more, got "
                           f"{config.distributed.max_failures}")
-    if config.train.on_nonfinite == "skip" and (config.distributed.strategy == "deepspeed" or (
-            config.distributed.strategy == "auto" and config.distributed.deepspeed_config
-            and not config.distributed.no_deepspeed)):
+    if config.train.on_nonfinite == "skip" and uses_deepspeed(config):
         raise ConfigError("train.on_nonfinite: skip is not available with DeepSpeed (its engine applies a reduced "
                           "step and cannot drop it); use stop, or another --strategy")
-    deepspeed = config.distributed.strategy == "deepspeed" or (
-        config.distributed.strategy == "auto" and config.distributed.deepspeed_config
-        and not config.distributed.no_deepspeed)
-    if config.distributed.sharded_loading and (not (config.distributed.strategy == "fsdp" or deepspeed)
+    if config.distributed.sharded_loading and (not (config.distributed.strategy == "fsdp" or uses_deepspeed(config))
                                                or config.adapter.method == "qlora" or config.model.init == "random"):
         raise ConfigError("distributed.sharded_loading needs --strategy fsdp or DeepSpeed ZeRO-3, a pretrained model "
                           "(not --init random) and --method lora or full (QLoRA quantizes while loading)")

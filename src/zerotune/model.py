@@ -133,12 +133,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def compile_enabled(config: ModelConfig, device_type: str, strategy: str) -> bool:
-    """model.compile auto: on for CUDA GPUs under one process, DDP and FSDP2 (where it was measured);
-    off on CPU and under DeepSpeed (compiled layers inside ZeRO's hooks were never run)."""
-    return config.compile == "on" or (config.compile == "auto" and device_type == "cuda" and strategy != "deepspeed")
-
-
 def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     """Regional compilation: torch.compile each decoder layer (one graph reused by every layer, so compile
     time stays that of one layer). Returns how many layers were compiled."""

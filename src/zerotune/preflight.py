@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zerotune.config import RunConfig
+from zerotune.config import RunConfig, uses_deepspeed
 from zerotune.data.batches import BatchPlan
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError
@@ -57,10 +57,7 @@ def check_workers(config: RunConfig) -> None:
     workers = config.distributed.num_workers
     launcher = choose_launcher(config)
     on_gpu = not config.distributed.use_cpu and torch.cuda.is_available()
-    wants_deepspeed = config.distributed.strategy == "deepspeed" or (
-        config.distributed.deepspeed_config and config.distributed.strategy == "auto"
-        and not config.distributed.no_deepspeed)
-    if wants_deepspeed:
+    if uses_deepspeed(config):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("distributed.strategy deepspeed needs DeepSpeed: pip install 'zerotune[deepspeed]'")
         if config.distributed.deepspeed_config:

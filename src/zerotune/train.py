@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from zerotune import adapters
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
     save_checkpoint
-from zerotune.config import RunConfig, dump_yaml
+from zerotune.config import RunConfig, compile_enabled, dump_yaml
 from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
-from zerotune.model import compile_enabled, compute_precision, load_model, load_tokenizer, resolve_dtype
+from zerotune.model import compute_precision, load_tokenizer, resolve_dtype
 from zerotune.strategies import create_strategy
 from zerotune.stopping import StopSignals
 from zerotune.strategies.process_group import join_process_group, leave_process_group

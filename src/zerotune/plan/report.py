@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from zerotune.config import RunConfig
+from zerotune.config import RunConfig, compile_enabled
 from zerotune.errors import ConfigError
 from zerotune.plan import calibration as cal
 from zerotune.plan.catalog import GPU, architecture_for
@@ -31,7 +31,7 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         r=config.adapter.r, micro_batch=config.train.batch_size, seq_len=config.data.max_seq_len,
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
         packing=config.data.packing, chunked_loss=config.model.chunked_loss,
-        compile=config.model.compile == "on" or (config.model.compile == "auto" and strategy != "deepspeed"),
+        compile=compile_enabled(config.model, "cuda", strategy),  # the plan is for GPUs
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
         weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading)
 
