@@ -78,3 +78,35 @@ def test_full_finetune_saves_model(config_for):
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert len(changed) == len(list(base.parameters()))  # every weight trained
     assert result.losses[1] < result.losses[0]
+
+
+def test_each_step_is_read_back_after_the_next_is_queued(config_for, monkeypatch, tmp_path):
+    """On a GPU, reading a step's loss at once would make the host wait for the GPU's queue to drain every step.
+    The loop reads step k's loss and grad norm only after step k+1's optimizer step is queued, and those
+    late reads give exactly the losses of reading each step at once (as the DeepSpeed engine does)."""
+    import zerotune.train as loop
+    from zerotune.strategies.base import Strategy
+
+    events = []
+    real_step, real_values = Strategy.optimizer_step, loop.HostCopy.values
+
+    def optimizer_step(self, model, loss_total):
+        events.append("queue")
+        return real_step(self, model, loss_total)
+
+    def values(self):
+        if self._values is None and self.host.numel() == 3:  # a step's [loss sum, grad norm, applied]
+            events.append("read")
+        return real_values(self)
+
+    monkeypatch.setattr(Strategy, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(loop.HostCopy, "values", values)
+    overrides = {"train.max_steps": 4, "train.grad_accum": 2, "train.eval_every": 0}
+    late = train(config_for(**overrides))
+    assert events == ["queue", "queue", "read", "queue", "read", "queue", "read", "read"]
+
+    events.clear()
+    monkeypatch.setattr(Strategy, "drops_steps_on_device", False)
+    at_once = train(config_for(**overrides, **{"output.dir": str(tmp_path / "at_once")}))
+    assert events == ["queue", "read"] * 4
+    assert late.losses == at_once.losses

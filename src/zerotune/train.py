@@ -128,7 +128,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], head=None,
     if "position_ids" in batch:
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     else:
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        # A batch without padding may come without its mask (see without_full_mask): plain causal attention.
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     labels = batch["labels"][:, 1:]
     tokens = (labels != IGNORE_INDEX).sum()
     if head is not None:
@@ -145,8 +146,60 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def without_full_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop an all-ones attention mask, checked on the host: transformers would otherwise test it on the GPU
+    (``mask.all()``) in every forward, a sync that drains the GPU's queue."""
+    if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+        return {key: value for key, value in batch.items() if key != "attention_mask"}
+    return batch
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    """Copies that do not wait for the GPU: from pinned memory, a host-to-device copy is queued like a kernel
+    (from pageable memory it would stall the host until the GPU's queue drains)."""
+    if device.type != "cuda":
+        return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def host_values(device: torch.device, values: list[float]) -> torch.Tensor:
+    """Host numbers as one float64 tensor on ``device`` (exact for counts up to 2**53), queued without a sync."""
+    return to_device({"values": torch.tensor([float(v) for v in values], dtype=torch.float64)}, device)["values"]
+
+
+class HostCopy:
+    """A small device tensor on its way to the host: the copy is queued behind the work that produces it, and
+    ``values()`` waits for that work alone (an event), not for everything queued after it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach()
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.clone()
+        self._values: list[float] | None = None
+
+    def values(self) -> list[float]:
+        if self._values is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._values = [float(v) for v in self.host.tolist()]
+        return self._values
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose work is queued: its reduced host counts and signals, and its loss sum, grad norm and
+    whether its update was applied, on their way back."""
+
+    step: int
+    lr: float
+    info: HostCopy
+    outcome: HostCopy
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool = False) -> None:
@@ -240,9 +293,9 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
 
     def build_optimizer(params):
-        fused = strategy.device.type == "cuda"
+        # Fused (CUDA and CPU): one kernel per step, and it can drop a non-finite step on the device (found_inf).
         return torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                 betas=(0.9, 0.999), eps=1e-8, fused=fused)
+                                 betas=(0.9, 0.999), eps=1e-8, fused=True)
 
     def build_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, total_steps))
@@ -274,43 +327,22 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     last_save = time.monotonic()
     elapsed_before = state.get("elapsed_seconds", 0.0)
     run_started = time.monotonic()
-    for step in range(start_step, total_steps):
-        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-        micro_indices = plan.micro_batches(epoch, step_in_epoch, strategy.rank)
-        batches = [collate([data.train[i] for i in indices], tokenizer.pad_token_id, pad_to) for indices in micro_indices]
-        started = time.perf_counter()
-        counts = [count_label_tokens(b) for b in batches]  # on the host, before the batches move
-        local_tokens = torch.tensor(float(sum(counts)), device=strategy.device)
-        global_tokens = strategy.all_reduce_sum(local_tokens)
-        step_loss_sum = torch.zeros((), device=strategy.device)
-        for index, batch in enumerate(batches):
-            batch = to_device(batch, strategy.device)
-            with strategy.accumulating(model, sync=index == len(batches) - 1):
-                with precision():
-                    loss_sum, _ = token_loss_sum(model, batch, loss_head, counts[index])
-                strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
-            step_loss_sum += loss_sum.detach()
-        input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        slots = sum(b["input_ids"].numel() for b in batches)
-        # One all-reduce carries the loss, the token count, and two agreements: a stop signal on any rank,
-        # and rank 0's clock saying a time-based checkpoint is due.
-        time_due = bool(save_seconds) and strategy.is_main and time.monotonic() - last_save >= save_seconds
-        totals = strategy.all_reduce_sum(torch.stack([
-            step_loss_sum, torch.tensor(float(input_tokens), device=strategy.device),
-            torch.tensor(float(signals.requested is not None), device=strategy.device),
-            torch.tensor(float(time_due), device=strategy.device),
-            torch.tensor(float(slots), device=strategy.device)]))
-        loss = float(totals[0] / global_tokens.clamp(min=1))
-        lr = strategy.current_lr()
-        if math.isfinite(loss):
-            grad_norm, applied = strategy.optimizer_step(model)
-        else:
-            grad_norm, applied = torch.tensor(float("nan")), False
-            if config.train.on_nonfinite == "skip":
-                strategy.skip_step(model)
-        if not applied or not math.isfinite(float(grad_norm)):
+    # The host reads a step's loss and grad norm back while the GPU runs the next step (engines that drop a bad
+    # step on the device), so it never stalls the GPU queue. A step is timed from the previous step's end to
+    # its own, as the host sees them: wall time, batching on the CPU included.
+    pending: list[LaunchedStep] = []
+    clock = [time.perf_counter()]
+
+    def finish(launched: "LaunchedStep") -> None:
+        label_tokens, input_tokens, slots = launched.info.values()[:3]
+        loss_sum, grad_norm, applied = launched.outcome.values()
+        now = time.perf_counter()
+        elapsed, clock[0] = now - clock[0], now
+        step = launched.step
+        loss = loss_sum / max(label_tokens, 1.0)
+        if not applied or not math.isfinite(grad_norm):
             result.skipped_steps += 1
-            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(grad_norm)}"
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
             if config.train.on_nonfinite == "stop":
                 tracker.finish(status="FAILED")
                 raise NonFiniteError(f"step {step + 1}: {what}; the update was not kept and no checkpoint holds it. "
@@ -321,23 +353,61 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
                 raise NonFiniteError(f"step {step + 1}: {result.skipped_steps} steps had a non-finite loss or "
                                      f"gradient (train.max_skipped_steps {config.train.max_skipped_steps}); "
                                      "lower --lr or check the data")
-        elapsed = time.perf_counter() - started
         result.losses.append(loss)
         if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
             tracker.log(step + 1, {
-                "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": step / plan.steps_per_epoch,
-                "tokens_per_second": float(totals[1]) / elapsed, "step_seconds": elapsed, "label_tokens": float(global_tokens),
-                "skipped_steps": result.skipped_steps, "real_token_fraction": float(totals[1] / totals[4]),
+                "loss": loss, "lr": launched.lr, "grad_norm": grad_norm, "epoch": step / plan.steps_per_epoch,
+                "tokens_per_second": input_tokens / elapsed, "step_seconds": elapsed, "label_tokens": label_tokens,
+                "skipped_steps": result.skipped_steps, "real_token_fraction": input_tokens / slots,
                 **memory_metrics(strategy.device),
             })
+
+    def finish_all() -> None:
+        while pending:
+            finish(pending.pop(0))
+
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+        micro_indices = plan.micro_batches(epoch, step_in_epoch, strategy.rank)
+        batches = [collate([data.train[i] for i in indices], tokenizer.pad_token_id, pad_to) for indices in micro_indices]
+        counts = [count_label_tokens(b) for b in batches]  # on the host, before the batches move
+        # One all-reduce, before the forward, carries the label-token count the loss is divided by, the input
+        # tokens and slots for the metrics, and two agreements: a stop signal on any rank, and rank 0's clock
+        # saying a time-based checkpoint is due. Everything in it is known on the host already.
+        time_due = bool(save_seconds) and strategy.is_main and time.monotonic() - last_save >= save_seconds
+        info = strategy.all_reduce_sum(host_values(strategy.device, [
+            sum(counts), sum(int(b["attention_mask"].sum()) for b in batches), sum(b["input_ids"].numel() for b in batches),
+            signals.requested is not None, time_due]))
+        global_tokens = info[0].float()
+        step_loss_sum = torch.zeros((), device=strategy.device)
+        for index, batch in enumerate(batches):
+            batch = to_device(without_full_mask(batch), strategy.device)
+            with strategy.accumulating(model, sync=index == len(batches) - 1):
+                with precision():
+                    loss_sum, _ = token_loss_sum(model, batch, loss_head, counts[index])
+                strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
+            step_loss_sum += loss_sum.detach()
+        lr = strategy.current_lr()
+        loss_total = strategy.all_reduce_sum(step_loss_sum)
+        grad_norm, applied = strategy.optimizer_step(model, loss_total)
+        launched = LaunchedStep(step, lr, HostCopy(info), HostCopy(torch.stack([
+            loss_total.float(), grad_norm.to(loss_total.device).float(), applied.to(loss_total.device).float()])))
+        pending.append(launched)
+        while len(pending) > (1 if strategy.drops_steps_on_device else 0):
+            finish(pending.pop(0))
+        stop_votes, time_votes = launched.info.values()[3:]
         last = step + 1 == total_steps
-        if data.eval and (last or (config.train.eval_every and (step + 1) % config.train.eval_every == 0)):
+        stop = stop_votes > 0 and not last
+        evaluate_now = data.eval and (last or (config.train.eval_every and (step + 1) % config.train.eval_every == 0))
+        save_now = stop or (save_every and (step + 1) % save_every == 0) or time_votes > 0
+        if last or evaluate_now or save_now:
+            finish_all()  # this step's loss is known (and its update checked) before anything is written
+        if evaluate_now:
             eval_loss = evaluate(model, strategy, data.eval, config.train.batch_size, tokenizer.pad_token_id,
                                  loss_head, precision)
             result.eval_losses.append(eval_loss)
             tracker.log(step + 1, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
-        stop = bool(totals[2] > 0) and not last
-        if stop or (save_every and (step + 1) % save_every == 0) or bool(totals[3] > 0):
+        if save_now:
             trainer_state = {
                 "step": step + 1, "epoch": (step + 1) // plan.steps_per_epoch,
                 "step_in_epoch": (step + 1) % plan.steps_per_epoch,
@@ -350,7 +420,10 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             result.checkpoint = save_checkpoint(strategy, model, output_dir, step + 1, trainer_state,
                                                 config.checkpoint.keep)
             last_save = time.monotonic()
-            session.checkpoint_saved(step + 1, result.checkpoint, {"loss": loss, "step": step + 1}, strategy.is_main)
+            session.checkpoint_saved(step + 1, result.checkpoint, {"loss": result.losses[-1], "step": step + 1},
+                                     strategy.is_main)
+        if evaluate_now or save_now:
+            clock[0] = time.perf_counter()  # the next step's time leaves out evaluation and saving
         if stop:
             tracker.note(f"stopped by {signals.requested or 'a signal on another worker'} after step {step + 1}; "
                          f"checkpoint {result.checkpoint}. Continue with the same command plus --resume")

@@ -61,23 +61,24 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, bool]:
-        """Clip, step optimizer and scheduler, zero gradients. Returns the pre-clip global grad norm and
-        whether the update was applied: a non-finite gradient is never applied (the step is dropped)."""
+    #: Whether optimizer_step drops a non-finite step on the device. The loop then reads a step's results back
+    #: one step late, so the host never waits for the GPU; an engine that cannot drop a step is read at once.
+    drops_steps_on_device: bool = True
+
+    def optimizer_step(self, model: torch.nn.Module, loss_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, step optimizer and scheduler, zero gradients. Returns the pre-clip global grad norm and whether
+        the update was applied, both as tensors on the device: nothing here waits for the GPU. A step whose
+        loss (``loss_total``, the same on every rank) or gradient norm is not finite is never applied: the
+        fused AdamW reads ``found_inf`` and leaves weights, moments and step count as they were."""
         max_norm = self.config.train.max_grad_norm
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = self._global_norm(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
-        applied = bool(torch.isfinite(grad_norm))
-        if applied:
-            self.optimizer.step()
+        applied = torch.isfinite(grad_norm) & torch.isfinite(loss_total.to(grad_norm.device))
+        self.optimizer.found_inf = (~applied).float()
+        self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
-
-    def skip_step(self, model: torch.nn.Module) -> None:
-        """Drop this step's gradients (a non-finite loss); the schedule still advances."""
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm

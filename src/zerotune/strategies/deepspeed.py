@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -84,16 +85,16 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         if not self._sync:
             self.engine.step()  # counts the micro-step; the optimizer runs only at the boundary
 
-    def optimizer_step(self, model):
-        """DeepSpeed clips and applies inside engine.step(); the loop stops before any checkpoint when the
-        norm it reports is not finite (DeepSpeed cannot drop a step, so on_nonfinite=skip is refused)."""
+    drops_steps_on_device = False  # the loop reads each step back at once and stops before a bad update
+
+    def optimizer_step(self, model, loss_total):
+        """DeepSpeed clips and applies inside engine.step(). It cannot drop a step (so on_nonfinite=skip is
+        refused): a non-finite loss is caught here, before the engine steps, and the loop stops."""
+        if not math.isfinite(float(loss_total)):
+            return torch.tensor(float("nan")), torch.tensor(False)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        norm = torch.tensor(float(norm) if norm is not None else float("nan"))
-        return norm, True
-
-    def skip_step(self, model):
-        raise RuntimeError("DeepSpeed cannot drop a step; config validation refuses on_nonfinite=skip")
+        return torch.tensor(float(norm) if norm is not None else float("nan")), torch.tensor(True)
 
     def save_state(self, model, directory):
         """DeepSpeed's own format: each rank writes its partition; frozen base weights are left out (they
