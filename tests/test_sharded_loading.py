@@ -4,6 +4,7 @@ DeepSpeed ZeRO-3: built inside deepspeed.zero.Init by transformers, partitioned 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -60,8 +61,10 @@ print(json.dumps({"partitioned": all(p.numel() == 0 and hasattr(p, "ds_numel") f
 """
 
 
-def test_zero3_sharded_loading_creates_partitioned_parameters(tiny_llama, alpaca_file, tmp_path):
-    """Straight out of loading, every parameter is a ZeRO-3 partition (zero.Init), none a whole tensor."""
+@pytest.mark.parametrize("init", ["pretrained", "random"])
+def test_zero3_sharded_loading_creates_partitioned_parameters(init, tiny_llama, alpaca_file, tmp_path):
+    """Straight out of loading (or of random initialisation), every parameter is a ZeRO-3 partition
+    (zero.Init), none a whole tensor."""
     import socket
     import subprocess
     import sys
@@ -71,7 +74,8 @@ def test_zero3_sharded_loading_creates_partitioned_parameters(tiny_llama, alpaca
     pytest.importorskip("deepspeed")
     settings = {"model.name": str(tiny_llama), "model.dtype": "fp32", "data.path": str(alpaca_file),
                 "distributed.strategy": "deepspeed", "distributed.zero_stage": 3,
-                "distributed.sharded_loading": True, "train.batch_size": 2, "output.dir": str(tmp_path / "o")}
+                "distributed.sharded_loading": True, "train.batch_size": 2, "output.dir": str(tmp_path / "o"),
+                "model.init": init}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -97,12 +101,38 @@ def test_zero3_sharded_loading_trains_like_one_process(method, tiny_llama, alpac
     assert sharded.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
+def test_random_init_under_fsdp_is_the_same_model_for_any_worker_count(tiny_llama, alpaca_file, tmp_path):
+    """--init random --sharded-loading (how the 70B benchmarks start): nothing is read, every rank draws each
+    weight whole from one seeded generator and keeps its rows, so 2 workers train the model 1 worker trains."""
+    extra = {"model.init": "random", "distributed.sharded_loading": True, "data.eval_fraction": 0.0,
+             "train.max_steps": 3, "train.lr": 1e-2}
+    two = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "two", **extra))
+    one = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "one", **extra,
+                      **{"distributed.num_workers": 1, "train.grad_accum": 2}))
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    # a random model: the first loss sits near ln(vocabulary), not at the trained tiny model's
+    assert two.losses[0] == pytest.approx(math.log(300), rel=0.05)
+
+
+def test_random_init_under_zero3_trains_the_same_model_for_any_worker_count(tiny_llama, alpaca_file, tmp_path):
+    """--init random --sharded-loading under ZeRO-3: each module is initialised inside zero.Init (partitioned:
+    the probe above), and 2 workers train the model 1 worker trains (same per-step losses)."""
+    pytest.importorskip("deepspeed")
+    extra = {"model.init": "random", "distributed.sharded_loading": True, "data.eval_fraction": 0.0,
+             "train.max_steps": 3, "train.lr": 1e-2, "distributed.strategy": "deepspeed",
+             "distributed.zero_stage": 3}
+    two = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "two", **extra))
+    one = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "one", **extra,
+                      **{"distributed.num_workers": 1, "train.grad_accum": 2}))
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert two.losses[0] == pytest.approx(math.log(300), rel=0.05)
+
+
 def test_names_map_to_the_files_and_bad_combinations_are_refused():
     assert checkpoint_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
         "model.layers.0.self_attn.q_proj.weight"
     assert checkpoint_name("model.norm.weight") == "model.norm.weight"
-    for extra in ({"distributed.strategy": "ddp"}, {"distributed.strategy": "fsdp", "adapter.method": "qlora"},
-                  {"distributed.strategy": "fsdp", "model.init": "random"}):
+    for extra in ({"distributed.strategy": "ddp"}, {"distributed.strategy": "fsdp", "adapter.method": "qlora"}):
         with pytest.raises(ConfigError, match="sharded_loading needs --strategy fsdp or DeepSpeed ZeRO-3"):
             build_config({"distributed.sharded_loading": True, **extra})
 

@@ -171,7 +171,9 @@ class DistributedConfig:
                "it, then let each worker read only its own rows of every weight from the safetensors files (LoRA A "
                "is drawn after sharding: same distribution, another draw than the default path). DeepSpeed ZeRO-3: "
                "transformers builds it inside deepspeed.zero.Init (partitioned as created) and copies the weights "
-               "in one module at a time. Not for QLoRA or --init random.", "--sharded-loading",
+               "in one module at a time. With --init random nothing is read: FSDP2 draws each weight from one seeded "
+               "generator on every worker and keeps its rows (the same model for any worker count); ZeRO-3 "
+               "initialises each module inside zero.Init. Not for QLoRA.", "--sharded-loading",
     )
     ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster. Empty: start a local Ray.",
                               "--ray-address")
@@ -429,9 +431,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("train.on_nonfinite: skip is not available with DeepSpeed (its engine applies a reduced "
                           "step and cannot drop it); use stop, or another --strategy")
     if config.distributed.sharded_loading and (not (config.distributed.strategy == "fsdp" or uses_deepspeed(config))
-                                               or config.adapter.method == "qlora" or config.model.init == "random"):
-        raise ConfigError("distributed.sharded_loading needs --strategy fsdp or DeepSpeed ZeRO-3, a pretrained model "
-                          "(not --init random) and --method lora or full (QLoRA quantizes while loading)")
+                                               or config.adapter.method == "qlora"):
+        raise ConfigError("distributed.sharded_loading needs --strategy fsdp or DeepSpeed ZeRO-3 and --method lora "
+                          "or full (QLoRA quantizes while loading)")
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
 

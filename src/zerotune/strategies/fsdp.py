@@ -23,7 +23,7 @@ class FSDPStrategy(CollectivesMixin, Strategy):
 
     def load_base_model(self, dtype, total_steps):
         """--sharded-loading: parameters on the meta device; wrap() allocates this rank's shards and reads
-        only their rows from the safetensors files."""
+        only their rows from the safetensors files (or draws them, with --init random)."""
         from zerotune.model import load_model
 
         return load_model(self.config.model, self.config.adapter.method, self.device, dtype,
@@ -47,7 +47,8 @@ class FSDPStrategy(CollectivesMixin, Strategy):
             model.to_empty(device=self.device)
             for name, value in buffers.items():
                 model.get_buffer(name).copy_(value)
-            load_local_shards(model, self.config.model.name, self.config.train.seed)
+            random_std = model.config.initializer_range if self.config.model.init == "random" else None
+            load_local_shards(model, self.config.model.name, self.config.train.seed, random_std)
         self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad])
         self.scheduler = build_scheduler(self.optimizer)
         return model

@@ -5,6 +5,11 @@ shards. Each parameter's rows are read through a memory-mapped slice, so host RA
 and no rank ever sees a whole tensor it does not own. LoRA weights are not in the files: A is drawn from a
 generator seeded by train.seed (PEFT's distribution: uniform +-1/sqrt(fan_in)), B is zero, and every rank
 draws the same full matrix before taking its rows, so the shards agree.
+
+With ``--init random`` nothing is read: every rank draws each base weight whole, on its own device, from one
+generator seeded by train.seed, and keeps its rows. The model is then the same for any number of workers
+(another draw than the one-process ``--init random``, same distributions as transformers' initialisation of
+these architectures: matrices normal(0, initializer_range), norm weights one, biases zero).
 """
 
 from __future__ import annotations
@@ -59,13 +64,25 @@ def _lora_value(name: str, shape: torch.Size, generator: torch.Generator) -> tor
     raise ConfigError(f"--sharded-loading: {name} is neither in the weight files nor a LoRA weight")
 
 
+def _random_value(name: str, shape: torch.Size, std: float, generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("bias"):
+        return torch.zeros(shape, device=generator.device)
+    if len(shape) == 1:  # RMSNorm / LayerNorm scales
+        return torch.ones(shape, device=generator.device)
+    return torch.empty(shape, device=generator.device).normal_(0.0, std, generator=generator)
+
+
 @torch.no_grad()
-def load_local_shards(model: torch.nn.Module, model_dir: str, seed: int) -> None:
+def load_local_shards(model: torch.nn.Module, model_dir: str, seed: int, random_std: float | None = None) -> None:
+    """Fill this rank's shards: base weights from the safetensors files in ``model_dir``, or, with
+    ``random_std``, drawn whole from a seeded generator on the shards' device (no files needed)."""
     from safetensors import safe_open
 
     directory = Path(model_dir).expanduser()
-    files = _weight_files(directory)
+    files = _weight_files(directory) if random_std is None else {}
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    base_generator = torch.Generator(device=device).manual_seed(seed + 1) if random_std is not None else None
     with ExitStack() as stack:
         handles = {}
         for name, parameter in model.named_parameters():
@@ -77,6 +94,8 @@ def load_local_shards(model: torch.nn.Module, model_dir: str, seed: int) -> None
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
                 piece = handles[file].get_slice(key)[rows]
+            elif random_std is not None and "lora_" not in name:
+                piece = _random_value(name, parameter.shape, random_std, base_generator)[rows]
             else:
                 piece = _lora_value(name, parameter.shape, generator)[rows]
             if tuple(piece.shape) != tuple(local.shape):
