@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import adapter_weights, train
+from zerotune.tracking import read_metrics
 from conftest import assert_state_close
 
 GOLDEN = Path(__file__).parent / "golden" / "lora_llama_fp32.json"
@@ -101,9 +102,12 @@ def test_each_step_is_read_back_after_the_next_is_queued(config_for, monkeypatch
 
     monkeypatch.setattr(Strategy, "optimizer_step", optimizer_step)
     monkeypatch.setattr(loop.HostCopy, "values", values)
-    overrides = {"train.max_steps": 4, "train.grad_accum": 2, "train.eval_every": 0}
+    overrides = {"train.max_steps": 4, "train.grad_accum": 2, "train.eval_every": 0, "train.log_every": 1}
     late = train(config_for(**overrides))
     assert events == ["queue", "queue", "read", "queue", "read", "queue", "read", "read"]
+    # each step is timed end to end, the last one too (it is read right after the one before it)
+    seconds = [m["step_seconds"] for m in read_metrics(late.output_dir / "metrics.jsonl") if "step_seconds" in m]
+    assert len(seconds) == 4 and min(seconds[1:]) > 0.25 * max(seconds[1:])
 
     events.clear()
     monkeypatch.setattr(Strategy, "drops_steps_on_device", False)

@@ -191,15 +191,34 @@ class HostCopy:
         return self._values
 
 
+class WorkDone:
+    """The moment the work queued so far is done: a timing event on a GPU, the host clock on a CPU (where the
+    work is done when the call returns). Steps are timed end to end on the device's own timeline, which stays
+    right whether the GPU or the host is the bottleneck, and for the last step too."""
+
+    def __init__(self, device: torch.device):
+        self.event, self.time = None, time.perf_counter()
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+
+    def seconds_since(self, earlier: "WorkDone") -> float:
+        if self.event is None or earlier.event is None:
+            return self.time - earlier.time
+        self.event.synchronize()
+        return earlier.event.elapsed_time(self.event) / 1000
+
+
 @dataclass
 class LaunchedStep:
-    """A step whose work is queued: its reduced host counts and signals, and its loss sum, grad norm and
-    whether its update was applied, on their way back."""
+    """A step whose work is queued: its reduced host counts and signals, its loss sum, grad norm and whether
+    its update was applied on their way back, and the moment its work ends."""
 
     step: int
     lr: float
     info: HostCopy
     outcome: HostCopy
+    done: WorkDone
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool = False) -> None:
@@ -328,16 +347,15 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     elapsed_before = state.get("elapsed_seconds", 0.0)
     run_started = time.monotonic()
     # The host reads a step's loss and grad norm back while the GPU runs the next step (engines that drop a bad
-    # step on the device), so it never stalls the GPU queue. A step is timed from the previous step's end to
-    # its own, as the host sees them: wall time, batching on the CPU included.
+    # step on the device), so it never stalls the GPU queue. A step is timed from the end of the previous
+    # step's work to the end of its own: wall time, idle gaps and batching on the CPU included.
     pending: list[LaunchedStep] = []
-    clock = [time.perf_counter()]
+    previous_done = [WorkDone(strategy.device)]
 
     def finish(launched: "LaunchedStep") -> None:
         label_tokens, input_tokens, slots = launched.info.values()[:3]
         loss_sum, grad_norm, applied = launched.outcome.values()
-        now = time.perf_counter()
-        elapsed, clock[0] = now - clock[0], now
+        elapsed, previous_done[0] = launched.done.seconds_since(previous_done[0]), launched.done
         step = launched.step
         loss = loss_sum / max(label_tokens, 1.0)
         if not applied or not math.isfinite(grad_norm):
@@ -391,7 +409,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         loss_total = strategy.all_reduce_sum(step_loss_sum)
         grad_norm, applied = strategy.optimizer_step(model, loss_total)
         launched = LaunchedStep(step, lr, HostCopy(info), HostCopy(torch.stack([
-            loss_total.float(), grad_norm.to(loss_total.device).float(), applied.to(loss_total.device).float()])))
+            loss_total.float(), grad_norm.to(loss_total.device).float(), applied.to(loss_total.device).float()])),
+            WorkDone(strategy.device))
         pending.append(launched)
         while len(pending) > (1 if strategy.drops_steps_on_device else 0):
             finish(pending.pop(0))
@@ -423,7 +442,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             session.checkpoint_saved(step + 1, result.checkpoint, {"loss": result.losses[-1], "step": step + 1},
                                      strategy.is_main)
         if evaluate_now or save_now:
-            clock[0] = time.perf_counter()  # the next step's time leaves out evaluation and saving
+            previous_done[0] = WorkDone(strategy.device)  # the next step's time leaves out evaluation and saving
         if stop:
             tracker.note(f"stopped by {signals.requested or 'a signal on another worker'} after step {step + 1}; "
                          f"checkpoint {result.checkpoint}. Continue with the same command plus --resume")
