@@ -22,6 +22,14 @@ def test_bench_writes_a_result_where_both_sides_start_from_the_same_loss(workloa
     for side in ("ours", "baseline"):
         assert written[side]["tokens_per_second"] > 0 and "peak_gib" in written[side]
         assert len(written[side]["losses"]) == 3 and written[side]["timed_steps"] == 2
+        # the timed steps' own times, and the median step's speed lies within what they span
+        seconds = written[side]["step_seconds"]
+        assert len(seconds) == 2 and all(t > 0 for t in seconds)
+        median = written[side]["median_step_tokens_per_second"]
+        assert written[side]["tokens_per_second"] * min(seconds) / max(seconds) <= median * (1 + 1e-9)
+        assert median <= written[side]["tokens_per_second"] * max(seconds) / min(seconds) * (1 + 1e-9)
+    assert written["median_step_ratio"] == pytest.approx(written["ours"]["median_step_tokens_per_second"]
+                                                         / written["baseline"]["median_step_tokens_per_second"])
     assert written["ratio"] == pytest.approx(written["ours"]["tokens_per_second"]
                                              / written["baseline"]["tokens_per_second"])
     # same random weights and the same first batch (LoRA B starts at zero): the same step-1 loss
