@@ -247,6 +247,7 @@ def run(config: RunConfig, show_progress: bool = True, session: RunSession | Non
             return _train(config, strategy, output_dir, show_progress, session or RunSession(), signals,
                           strategy_reason)
     finally:
+        gc.unfreeze()  # the loop froze the setup's objects; give them back to the collector
         strategy.close()
         leave_process_group()
 
