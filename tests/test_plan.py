@@ -69,6 +69,15 @@ MEASURED = [
      dict(arch=L7, compile=True, checkpointing=True, method="qlora"), False),
     (*_bench("2026-11-28-h200-qlora-mb4-at-9406323.json"), dict(arch=L7, compile=True, method="qlora", **CKPT4),
      False),
+    # commits 22db377 and 6ccd5f2 (step time from CUDA events), on other H200 hosts than 9406323's
+    (*_bench("2026-11-28-h200-w1-at-22db377.json"), dict(arch=L7, compile=True), False),
+    (*_bench("2026-11-28-h200-w1-at-22db377-repeat.json"), dict(arch=L7, compile=True), False),
+    (*_bench("2026-11-28-h200-w1-ckpt-at-22db377.json"), dict(arch=L7, compile=True, **CKPT4), False),
+    (*_bench("2026-11-28-h200-qlora-at-22db377.json"),
+     dict(arch=L7, compile=True, checkpointing=True, method="qlora"), False),
+    (*_bench("2026-11-28-h200-w1-at-6ccd5f2.json"), dict(arch=L7, compile=True), False),
+    (*_bench("2026-11-28-h200-w1-at-6ccd5f2-repeat.json"), dict(arch=L7, compile=True), False),
+    (*_bench("2026-11-28-h200-w2-at-6ccd5f2.json"), dict(arch=L3, compile=True), False),
     (*_bench("2026-11-28-h200x2-w4-at-4234758.json"),
      dict(arch=L7, compile=True, gpus_per_node=2, strategy="ddp", **CKPT4), False),
     (*_bench("2026-11-28-h200-w1-before-autocast.json"), dict(arch=L7, compile=True, mixed_precision=False), True),
@@ -231,3 +240,23 @@ def test_70b_qlora_memory_is_predicted_and_its_speed_underestimated():
                                method="qlora", checkpointing=True, compile=True))
     assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.02)
     assert 0.4 < result.tokens_per_second_per_gpu / measured["tokens_per_second"] < 0.65
+
+
+@pytest.mark.parametrize("engine, strategy", [("fsdp", "fsdp"), ("zero3", "deepspeed")])
+def test_70b_lora_sharded_on_two_gpus_is_predicted(engine, strategy):
+    """Llama-2-70B LoRA, --init random --sharded-loading, 2 H200s, mb 1 per GPU, checkpointing
+    (benchmarks/gpu_70b.py). Memory per GPU within 3% under both engines. Speed is predicted slow under both:
+    FSDP2 (compiled) 22%, ZeRO-3 (not compiled) 27%, just outside the 25% the 7B checks hold (the constants
+    come from 7B, where fixed per-layer costs weigh more). The README says so."""
+    import statistics
+
+    measured = json.loads((RESULTS / f"2026-11-28-h200x2-lora-70b-{engine}.json").read_text())
+    per_gpu = statistics.median(m["tokens_per_second"] for m in measured["metrics"][2:]) / 2
+    result = estimate(Scenario(gpu=gpu_from_device_name(measured["gpu"]), arch=ARCHITECTURES["llama-2-70b"],
+                               method="lora", checkpointing=True, compile=engine == "fsdp", gpus_per_node=2,
+                               strategy=strategy, sharded_loading=True))
+    assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.03)
+    if engine == "fsdp":
+        assert result.tokens_per_second_per_gpu == pytest.approx(per_gpu, rel=0.25)
+    else:
+        assert 0.65 < result.tokens_per_second_per_gpu / per_gpu < 0.8
