@@ -45,6 +45,48 @@ def test_gradient_checkpointing_is_really_active(tiny_llama):
     assert layer.training and getattr(layer, "gradient_checkpointing", True)
 
 
+@pytest.mark.parametrize("every, recomputed", [(1, [True, True]), (2, [True, False]), (None, [False, False])])
+def test_checkpoint_every_recomputes_exactly_the_chosen_layers(tiny_llama, every, recomputed):
+    """--checkpoint-every N: layers 0, N, 2N, ... run their forward a second time in the backward pass (the
+    recompute), the others once; gradients are the same either way (fp32: the recompute is exact)."""
+    from zerotune.model import load_model
+
+    settings = dict(gradient_checkpointing=True, checkpoint_every=every) if every else {}
+    model = load_model(ModelConfig(name=str(tiny_llama), **settings), "lora", torch.device("cpu"), torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    calls = [0] * len(model.model.layers)
+
+    def counting(index, forward):
+        def counted(*args, **kwargs):
+            calls[index] += 1
+            return forward(*args, **kwargs)
+        return counted
+
+    for index, layer in enumerate(model.model.layers):  # mlp runs inside the layer's checkpointed forward
+        layer.mlp.forward = counting(index, layer.mlp.forward)  # (module hooks do not fire in the recompute)
+    ids = torch.arange(3, 19).reshape(2, 8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [2 if again else 1 for again in recomputed]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    plain = load_model(ModelConfig(name=str(tiny_llama)), "lora", torch.device("cpu"), torch.float32)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    plain(input_ids=ids, labels=ids).loss.backward()
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_checkpoint_every_needs_checkpointing():
+    from zerotune.config import build_config
+    from zerotune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.checkpoint_every: picks which layers --gradient-checkpointing"):
+        build_config({"model.checkpoint_every": 2})
+    with pytest.raises(ConfigError, match="model.checkpoint_every: must be at least 1"):
+        build_config({"model.checkpoint_every": 0, "model.gradient_checkpointing": True})
+
+
 def test_remote_code_model_is_refused(tmp_path):
     from zerotune.errors import ConfigError
     from zerotune.model import check_model_source

@@ -78,6 +78,8 @@ MEASURED = [
     (*_bench("2026-11-28-h200-w1-at-6ccd5f2.json"), dict(arch=L7, compile=True), False),
     (*_bench("2026-11-28-h200-w1-at-6ccd5f2-repeat.json"), dict(arch=L7, compile=True), False),
     (*_bench("2026-11-28-h200-w2-at-6ccd5f2.json"), dict(arch=L3, compile=True), False),
+    (*_bench("2026-11-28-h200x2-w4-at-cf77474.json"),
+     dict(arch=L7, compile=True, gpus_per_node=2, strategy="ddp", **CKPT4), False),
     (*_bench("2026-11-28-h200x2-w4-at-4234758.json"),
      dict(arch=L7, compile=True, gpus_per_node=2, strategy="ddp", **CKPT4), False),
     (*_bench("2026-11-28-h200-w1-before-autocast.json"), dict(arch=L7, compile=True, mixed_precision=False), True),

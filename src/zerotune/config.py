@@ -47,6 +47,11 @@ class ModelConfig:
         False, "Recompute activations in the backward pass: less memory, about 30% more compute.",
         "--gradient-checkpointing",
     )
+    checkpoint_every: int = option(
+        1, "With --gradient-checkpointing: recompute only every N-th decoder layer (1: all of them). The others "
+           "keep their activations: less recompute, more memory, in between the two; `zerotune plan` shows both.",
+        "--checkpoint-every",
+    )
     compile: Literal["auto", "on", "off"] = option(
         "auto", "torch.compile each decoder layer (regional compilation): inductor fuses RMSNorm, RoPE, SwiGLU "
                 "and PEFT's scale-and-add into Triton kernels. About 2x the eager step on a 7B LoRA after a "
@@ -400,10 +405,14 @@ def validate(config: RunConfig) -> None:
         "data.max_seq_len": config.data.max_seq_len,
         "distributed.num_workers": config.distributed.num_workers,
         "adapter.r": config.adapter.r,
+        "model.checkpoint_every": config.model.checkpoint_every,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.model.checkpoint_every > 1 and not config.model.gradient_checkpointing:
+        raise ConfigError("model.checkpoint_every: picks which layers --gradient-checkpointing recomputes; add "
+                          "--gradient-checkpointing or drop --checkpoint-every")
     if config.train.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be 0 or more, got {config.train.max_steps}")
     if config.train.max_steps == 0 and config.train.epochs <= 0:

@@ -109,6 +109,7 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_every_nth_layer(model, config.checkpoint_every)
     # from_pretrained returns eval mode, and transformers only checkpoints in train mode.
     model.train()
     return model
@@ -131,6 +132,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
     return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> int:
+    """Keep gradient checkpointing on decoder layers 0, N, 2N, ... and switch it off on the rest, which then
+    store their activations (transformers checkpoints per layer, by each layer's own flag). Returns how many
+    layers recompute."""
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+    return sum(1 for layer in layers if layer.gradient_checkpointing)
 
 
 def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:

@@ -23,6 +23,7 @@ class Scenario:
     seq_len: int = 2048
     grad_accum: int = 1
     checkpointing: bool = False
+    checkpoint_every: int = 1  # with checkpointing: layers 0, N, 2N, ... recompute, the others store
     packing: bool = False
     compile: bool = False
     chunked_loss: bool = True
@@ -41,6 +42,14 @@ class Scenario:
     @property
     def tokens(self) -> int:  # per micro-batch per GPU
         return self.micro_batch * self.seq_len
+
+    @property
+    def recomputed_layers(self) -> int:
+        return -(-self.arch.layers // self.checkpoint_every) if self.checkpointing else 0
+
+    @property
+    def recompute_fraction(self) -> float:
+        return self.recomputed_layers / self.arch.layers
 
     @property
     def shards_weights(self) -> bool:
@@ -63,7 +72,11 @@ class Scenario:
         engine = self.strategy
         if self.strategy == "deepspeed":
             engine = f"ZeRO-{self.zero_stage}" + (f" + offload {self.offload}" if self.offload != "none" else "")
-        parts = [engine, f"micro-batch {self.micro_batch}", "checkpointing" if self.checkpointing else "no checkpointing"]
+        checkpointing = "no checkpointing"
+        if self.checkpointing:
+            checkpointing = "checkpointing" + (f" 1 layer in {self.checkpoint_every}" if self.checkpoint_every > 1
+                                               else "")
+        parts = [engine, f"micro-batch {self.micro_batch}", checkpointing]
         if self.packing:
             parts.append("packing")
         if self.loads_sharded:
@@ -146,7 +159,9 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
     else:
         logits = s.tokens * arch.vocab * cal.LOGIT_BYTES_STOCK
     if s.checkpointing:
-        parts["activations"] = arch.layers * s.tokens * arch.hidden * 2
+        # a recomputed layer keeps only its input; the others keep all their activations
+        stored = arch.layers - s.recomputed_layers
+        parts["activations"] = s.recomputed_layers * s.tokens * arch.hidden * 2 + stored * per_layer
         transient = max(logits, per_layer)
         parts["logits / loss" if logits >= per_layer else "recomputed layer"] = transient
     else:
@@ -160,7 +175,7 @@ def hardware_flops_per_token(s: Scenario, attention_len: int | None = None) -> f
     attention = arch.layers * arch.hidden * (attention_len or s.seq_len)
     flops = (6 if s.method == "full" else 4) * n + 6 * attention
     if s.checkpointing:
-        flops += 2 * n + 2 * attention
+        flops += (2 * n + 2 * attention) * s.recompute_fraction
     return flops
 
 
@@ -181,7 +196,7 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
         factor *= cal.FULL_FACTOR[path]
     efficiency = cal.E_MAX * s.tokens / (s.tokens + cal.T_HALF) * factor
     seconds = s.tokens * hardware_flops_per_token(s) / (s.gpu.bf16_tflops * 1e12 * efficiency)
-    passes = 3 if s.checkpointing else 2
+    passes = 2 + s.recompute_fraction
     if s.method == "qlora":
         seconds += passes * s.arch.linear_params / (cal.DEQUANT_WEIGHTS_PER_S_PER_TBS * s.gpu.bandwidth_tbs)
     weight_bytes = s.arch.total_params * (cal.QLORA_BYTES_PER_WEIGHT if s.method == "qlora" else s.weight_bytes)
@@ -237,12 +252,12 @@ def alternatives(base: Scenario, limit: int = 5) -> list[Estimate]:
         ("ddp", 3, "none"), ("fsdp", 3, "none"), ("deepspeed", 2, "none"), ("deepspeed", 3, "none"),
         ("deepspeed", 3, "optimizer"), ("deepspeed", 3, "all")]
     found = []
-    for (strategy, stage, offload), mb, ckpt, packing in itertools.product(
-            engines, (1, 2, 4, 8, 16), (False, True), {base.packing, True}):
+    for (strategy, stage, offload), mb, (ckpt, every), packing in itertools.product(
+            engines, (1, 2, 4, 8, 16), ((False, 1), (True, 1), (True, 2), (True, 4)), {base.packing, True}):
         if base.method == "qlora" and strategy == "deepspeed" and offload != "none":
             continue
         candidate = replace(base, strategy=strategy, zero_stage=stage, offload=offload, micro_batch=mb,
-                            checkpointing=ckpt, packing=packing,
+                            checkpointing=ckpt, checkpoint_every=every, packing=packing,
                             sharded_loading=(strategy == "fsdp" or stage == 3) and base.method != "qlora")
         result = estimate(candidate)
         if result.fits:

@@ -30,6 +30,7 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         arch=arch, gpu=gpu, gpus_per_node=gpus_per_node, nodes=nodes, method=config.adapter.method,
         r=config.adapter.r, micro_batch=config.train.batch_size, seq_len=config.data.max_seq_len,
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
+        checkpoint_every=config.model.checkpoint_every,
         packing=config.data.packing, chunked_loss=config.model.chunked_loss,
         compile=compile_enabled(config.model, "cuda", strategy),  # the plan is for GPUs
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
