@@ -128,6 +128,25 @@ def test_random_init_under_zero3_trains_the_same_model_for_any_worker_count(tiny
     assert two.losses[0] == pytest.approx(math.log(300), rel=0.05)
 
 
+def test_zero3_runs_leave_no_global_state_behind(tiny_llama, alpaca_file, tmp_path):
+    """Two ZeRO-3 --sharded-loading runs in one process (a notebook, or this suite): the second must not use the
+    first's destroyed process group, and afterwards transformers builds whole models again, not zero.Init
+    partitions (both broke later tests here before DeepSpeedStrategy.close reset them)."""
+    pytest.importorskip("deepspeed")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    extra = {"model.init": "random", "distributed.sharded_loading": True, "data.eval_fraction": 0.0,
+             "train.max_steps": 2, "distributed.strategy": "deepspeed", "distributed.zero_stage": 3,
+             "distributed.num_workers": 1}
+    first = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "first", **extra))
+    second = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "second", **extra))
+    assert first.losses == pytest.approx(second.losses, rel=1e-6)
+    assert not is_deepspeed_zero3_enabled()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama))
+    assert all(p.numel() > 0 and not p.is_meta for p in model.parameters())
+
+
 def test_names_map_to_the_files_and_bad_combinations_are_refused():
     assert checkpoint_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
         "model.layers.0.self_attn.q_proj.weight"

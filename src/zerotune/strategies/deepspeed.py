@@ -74,6 +74,24 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         )
         return self.engine
 
+    def close(self):
+        """Leave no global state behind for a later run in this process: transformers' ZeRO-3 switch (it would
+        build the next model inside zero.Init) and DeepSpeed's communicator and cloned world group (they would
+        point at this run's process group, destroyed next)."""
+        if getattr(self, "_hf_zero3", None) is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_zero3 = None
+        self.engine = None
+        try:
+            import deepspeed.comm.comm as ds_comm
+            from deepspeed.utils import groups
+        except ImportError:
+            return
+        ds_comm.cdb = None
+        groups._WORLD_GROUP = None
+
     @contextlib.contextmanager
     def accumulating(self, model, sync):
         self._sync = sync
