@@ -29,6 +29,9 @@ ENGINES = {
     "fsdp": ["--num-workers", "2", "--strategy", "fsdp"],
     "zero3": ["--num-workers", "2", "--strategy", "deepspeed", "--zero-stage", "3"],
     "tutorial_json": ["--num-workers", "2", "--deepspeed", str(TUTORIAL_JSON)],
+    # ZeRO-3 as DeepSpeed hooks it by default, a module at a time (zerotune gathers a decoder layer at a time)
+    "zero3_module": ["--num-workers", "2", "--strategy", "deepspeed", "--zero-stage", "3", "--zero3-fetch", "module"],
+    "tutorial_json_module": ["--num-workers", "2", "--deepspeed", str(TUTORIAL_JSON), "--zero3-fetch", "module"],
     "auto": ["--num-workers", "2"],
     "ddp4": ["--num-workers", "4", "--strategy", "ddp"],
     "fsdp4": ["--num-workers", "4", "--strategy", "fsdp"],

@@ -44,7 +44,20 @@ ENGINES = {
     "zero3": {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3},
     "zero3_offload_all": {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3,
                           "distributed.offload": "all"},
+    "zero3_module_fetch": {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3,
+                           "distributed.zero3_fetch": "module", "model.gradient_checkpointing": True},
+    "zero3_ckpt": {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3,
+                   "model.gradient_checkpointing": True},
 }
+# ZeRO-3 gathers a decoder layer at a time (DeepSpeed leaf modules), all but the first (its input needs no
+# gradient, and DeepSpeed's leaf gradient hook would then fire before the layer's backward).
+LAYER_LEAVES = {"names": ["base_model.model.model.layers.1"]}
+
+
+def leaf_modules(output) -> dict | None:
+    import json
+
+    return json.loads((Path(output) / "deepspeed_config.json").read_text())["zero_optimization"].get("leaf_module")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -56,6 +69,9 @@ def test_engine_matches_single_process(engine, reference, tiny_llama, alpaca_fil
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
     assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-4, atol=1e-6)
     assert result.strategy == ENGINES[engine]["distributed.strategy"]
+    if ENGINES[engine].get("distributed.zero_stage") == 3:
+        module_fetch = ENGINES[engine].get("distributed.zero3_fetch") == "module"
+        assert leaf_modules(tmp_path / "run") == (None if module_fetch else LAYER_LEAVES)
 
 
 def test_tutorial_deepspeed_json_runs_unchanged(tiny_llama, alpaca_file, tmp_path):
@@ -73,6 +89,7 @@ def test_tutorial_deepspeed_json_runs_unchanged(tiny_llama, alpaca_file, tmp_pat
     config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **common)
     result = train(config)
     assert result.strategy == expected.strategy == "deepspeed"
+    assert leaf_modules(tmp_path / "run") == LAYER_LEAVES  # added: the file sets no leaf_module of its own
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected.losses), rtol=1e-5, atol=0)
     assert_state_close(adapter_weights(tmp_path / "run"), adapter_weights(tmp_path / "one"), rtol=1e-4, atol=1e-6)
     plain = make_config(tiny_llama, alpaca_file, tmp_path / "plain",

@@ -160,6 +160,12 @@ class DistributedConfig:
     offload: Literal["none", "optimizer", "params", "all"] = option(
         "none", "DeepSpeed CPU offload: optimizer states, parameters, or both.", "--offload"
     )
+    zero3_fetch: Literal["layer", "module"] = option(
+        "layer", "ZeRO-3: gather parameters a decoder layer at a time (one hook and one all-gather per layer, "
+                 "DeepSpeed's leaf modules) or a module at a time (DeepSpeed's default: a hook per linear layer, "
+                 "slow in Python for LoRA). A --deepspeed JSON that sets zero_optimization.leaf_module keeps its "
+                 "own.", "--zero3-fetch"
+    )
     deepspeed_config: str = option(
         "", "A DeepSpeed JSON, used as-is; its \"auto\" values are filled from this config.", "--deepspeed"
     )

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+from pathlib import Path
 
 import torch
 
 from zerotune.strategies.base import Strategy
 from zerotune.strategies.collectives import CollectivesMixin
 from zerotune.strategies.deepspeed_config import preset, read_user_config, resolve
+
+
+def layer_fetch_names(model) -> list[str]:
+    """The decoder layers ZeRO-3 should treat as leaf modules: one fetch, one release and one gradient
+    reduction per layer instead of a hook per linear layer and LoRA matrix. The first layer is left out:
+    DeepSpeed reduces a leaf's gradients in a full backward hook, which fires before the layer's backward
+    when no input of the layer needs a gradient (frozen embeddings), and the gradients would then land on
+    released parameters."""
+    from zerotune.model import decoder_layers
+
+    layers = {id(layer) for layer in decoder_layers(model)[1:]}
+    return [name for name, module in model.named_modules() if id(module) in layers]
 
 
 class DeepSpeedStrategy(CollectivesMixin, Strategy):
@@ -65,6 +79,12 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
 
         hidden = getattr(getattr(model, "config", None), "hidden_size", 4096)
         self.ds_config = self._resolved(hidden, total_steps)
+        zero = self.ds_config["zero_optimization"]
+        if zero.get("stage") == 3 and self.config.distributed.zero3_fetch == "layer" and "leaf_module" not in zero:
+            zero["leaf_module"] = {"names": layer_fetch_names(model)}
+        if self.is_main:  # what DeepSpeed was given, every "auto" resolved
+            path = Path(self.config.output.dir) / "deepspeed_config.json"
+            path.write_text(json.dumps(self.ds_config, indent=2) + "\n")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None if "optimizer" in self.ds_config else build_optimizer(params)
         scheduler = None if "scheduler" in self.ds_config else build_scheduler
