@@ -38,10 +38,16 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         self._sync = True
         self._hf_zero3 = None  # transformers' ZeRO-3 switch, alive for the run once the model loaded partitioned
 
-    def _resolved(self, hidden_size: int, total_steps: int) -> dict:
+    def _resolved(self, hidden_size: int, total_steps: int, layer_elements: int = 0) -> dict:
         bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         return resolve(self._source(), self.config, self.world_size, hidden_size, total_steps, self.device.type,
-                       bf16_ok)
+                       bf16_ok, layer_elements)
+
+    def _fetches_layers(self) -> bool:
+        """ZeRO-3 with whole decoder layers as DeepSpeed leaf modules (--zero3-fetch layer, unless the user's
+        JSON names its own leaf modules)."""
+        zero = self._source().get("zero_optimization") or {}
+        return self.gathers_per_module and self.config.distributed.zero3_fetch == "layer" and "leaf_module" not in zero
 
     def load_base_model(self, dtype, total_steps):
         """--sharded-loading under ZeRO-3: transformers builds the model inside deepspeed.zero.Init, so each
@@ -72,16 +78,22 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
 
     @property
     def gathers_per_module(self) -> bool:
-        return int((self._source().get("zero_optimization") or {}).get("stage", 0)) == 3
+        stage = (self._source().get("zero_optimization") or {}).get("stage", 0)
+        return (self.config.distributed.zero_stage if stage == "auto" else int(stage)) == 3
 
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         import deepspeed
 
         hidden = getattr(getattr(model, "config", None), "hidden_size", 4096)
-        self.ds_config = self._resolved(hidden, total_steps)
-        zero = self.ds_config["zero_optimization"]
-        if zero.get("stage") == 3 and self.config.distributed.zero3_fetch == "layer" and "leaf_module" not in zero:
-            zero["leaf_module"] = {"names": layer_fetch_names(model)}
+        layer_elements = 0
+        if self._fetches_layers():
+            from zerotune.model import decoder_layers
+
+            layer_elements = max((sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters())
+                                  for layer in decoder_layers(model)), default=0)
+        self.ds_config = self._resolved(hidden, total_steps, layer_elements)
+        if layer_elements:
+            self.ds_config["zero_optimization"]["leaf_module"] = {"names": layer_fetch_names(model)}
         if self.is_main:  # what DeepSpeed was given, every "auto" resolved
             path = Path(self.config.output.dir) / "deepspeed_config.json"
             path.write_text(json.dumps(self.ds_config, indent=2) + "\n")
