@@ -11,9 +11,7 @@ Each "auto" is resolved from the run config (README, 'DeepSpeed "auto" values'):
   scheduler.params warmup_min_lr / warmup_max_lr / warmup_num_steps   0, train.lr, max(1, warmup_steps)
   scheduler.params total_num_steps    the run's total optimizer steps
   zero_optimization.reduce_bucket_size              hidden_size^2
-  zero_optimization.stage3_prefetch_bucket_size     the largest decoder layer's parameter count when ZeRO-3
-                                                    gathers a layer at a time (the next layer is fetched
-                                                    whole while this one computes), else 0.9 x hidden_size^2
+  zero_optimization.stage3_prefetch_bucket_size     0.9 x hidden_size^2
   zero_optimization.stage3_param_persistence_threshold   10 x hidden_size
   zero_optimization.stage3_gather_16bit_weights_on_model_save   true for --method full
 """
@@ -93,9 +91,8 @@ def preset(config: RunConfig) -> dict[str, Any]:
 
 
 def resolve(ds_config: dict[str, Any], config: RunConfig, world_size: int, hidden_size: int, total_steps: int,
-            device_type: str, bf16_supported: bool, layer_elements: int = 0) -> dict[str, Any]:
-    """A copy of ``ds_config`` with every "auto" replaced; user-set values are kept. ``layer_elements``: the
-    largest decoder layer's parameter count when ZeRO-3 fetches whole layers (0 otherwise)."""
+            device_type: str, bf16_supported: bool) -> dict[str, Any]:
+    """A copy of ``ds_config`` with every "auto" replaced; user-set values are kept."""
     resolved = copy.deepcopy(ds_config)
     train = config.train
     fp16, bf16 = precision_flags(config.model.dtype, device_type, bf16_supported)
@@ -129,7 +126,7 @@ def resolve(ds_config: dict[str, Any], config: RunConfig, world_size: int, hidde
     if zero.get("stage") == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", "auto")
     for key, value in {"reduce_bucket_size": hidden_size * hidden_size,
-                       "stage3_prefetch_bucket_size": layer_elements or int(0.9 * hidden_size * hidden_size),
+                       "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
                        "stage3_param_persistence_threshold": 10 * hidden_size,
                        "stage3_gather_16bit_weights_on_model_save": config.adapter.method == "full"}.items():
         _fill(zero, key, value)
