@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -138,11 +137,12 @@ def main() -> None:
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
                               "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 2e8,
                               "stage3_param_persistence_threshold": 5e7, "stage3_max_live_parameters": 3e9}}))
-    commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    from zerotune.bench import commit as current_commit
+
+    commit = current_commit()  # ZEROTUNE_COMMIT first: the GPU box's copy of .git can lag the working tree
     results = {"workload": "W4-shape engines verification (Llama-2-7B arch, LoRA r16 all-linear, mb4, seq 2048, ckpt)",
                "gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-               "date": datetime.date.today().isoformat(), "commit": commit or os.environ.get("ZEROTUNE_COMMIT", "unknown"),
+               "date": datetime.date.today().isoformat(), "commit": commit,
                "command": "python benchmarks/gpu_engines.py " + " ".join(sys.argv[1:]), "runs": []}
     for name in args.engines.split(","):
         record = run_engine(name, model, data, work / "runs", args.steps)

@@ -94,13 +94,21 @@ MEASURED = [
     (*_engine_run("2026-11-28-h200x2-engines-verification.json", "fsdp"),
      dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="fsdp"), True),
     (*_engine_run("2026-11-28-h200x2-engines-verification.json", "zero3"),
-     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed"), True),
+     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed", zero3_fetch="module"), True),
     (*_engine_run("2026-11-28-h200x2-zero-variants.json", "zero3"),
-     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed"), False),
+     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed", zero3_fetch="module"), False),
+    (*_engine_run("2026-11-28-h200x2-zero3-layer-fetch.json", "zero3"),
+     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed"), True),
+    (*_engine_run("2026-11-28-h200x2-zero3-layer-fetch.json", "zero3_module"),
+     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed", zero3_fetch="module"), False),
     (*_engine_run("2026-11-28-h200x2-zero-variants.json", "zero2"),
      dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed", zero_stage=2), True),
     (*_engine_run("2026-11-28-h200x2-engines-verification.json", "tutorial_json"),
+     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed", offload="all", zero3_fetch="module"), True),
+    (*_engine_run("2026-11-28-h200x2-tutorial-json-layer-fetch.json", "tutorial_json"),
      dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed", offload="all"), True),
+    (*_engine_run("2026-11-28-h200x2-tutorial-json-layer-fetch.json", "tutorial_json_module"),
+     dict(arch=L7, **OLD, **CKPT4, gpus_per_node=2, strategy="deepspeed", offload="all", zero3_fetch="module"), False),
     (*_engine_run("2026-11-28-h100x4-weak-scaling.json", "single"), dict(arch=L7, **OLD, **CKPT4), False),
     (*_engine_run("2026-11-28-h100x4-weak-scaling.json", "ddp4"),
      dict(arch=L7, **OLD, **CKPT4, gpus_per_node=4, strategy="ddp"), False),
@@ -244,21 +252,27 @@ def test_70b_qlora_memory_is_predicted_and_its_speed_underestimated():
     assert 0.4 < result.tokens_per_second_per_gpu / measured["tokens_per_second"] < 0.65
 
 
-@pytest.mark.parametrize("engine, strategy", [("fsdp", "fsdp"), ("zero3", "deepspeed")])
-def test_70b_lora_sharded_on_two_gpus_is_predicted(engine, strategy):
-    """Llama-2-70B LoRA, --init random --sharded-loading, 2 H200s, mb 1 per GPU, checkpointing
-    (benchmarks/gpu_70b.py). Memory per GPU within 3% under both engines. Speed is predicted slow under both:
-    FSDP2 (compiled) 22%, ZeRO-3 (not compiled) 27%, just outside the 25% the 7B checks hold (the constants
-    come from 7B, where fixed per-layer costs weigh more). The README says so."""
+@pytest.mark.parametrize("name, strategy, fetch, compiled, speed", [
+    ("h200x2-lora-70b-fsdp", "fsdp", "layer", True, (0.75, 0.85)),
+    ("h200x2-lora-70b-zero3", "deepspeed", "module", False, (0.65, 0.8)),
+    ("h200x4-lora-70b-fsdp", "fsdp", "layer", True, (0.75, 0.85)),
+    ("h200x4-lora-70b-zero3", "deepspeed", "layer", False, (1.05, 1.2)),
+    ("h200x4-lora-70b-zero3-module-fetch", "deepspeed", "module", False, (1.0, 1.12)),
+])
+def test_70b_lora_sharded_is_predicted(name, strategy, fetch, compiled, speed):
+    """Llama-2-70B LoRA, --init random --sharded-loading, 2 and 4 H200s, mb 1 per GPU, checkpointing
+    (benchmarks/gpu_70b.py). Memory per GPU within 5% everywhere (FSDP2 on 4 GPUs is the 5%, under).
+    Speed, predicted over measured, lies in the stated band: FSDP2 (compiled) about 20% slow on 2 and 4 GPUs;
+    ZeRO-3 with per-module hooks 27% slow on 2 GPUs and 6% fast on 4; ZeRO-3 by decoder layer (fitted on 7B
+    at 0.92 of one GPU) 12% fast on 4 GPUs. The constants come from 7B, where fixed per-layer costs weigh
+    more. The README says so."""
     import statistics
 
-    measured = json.loads((RESULTS / f"2026-11-28-h200x2-lora-70b-{engine}.json").read_text())
-    per_gpu = statistics.median(m["tokens_per_second"] for m in measured["metrics"][2:]) / 2
+    measured = json.loads((RESULTS / f"2026-11-28-{name}.json").read_text())
+    workers = 4 if "h200x4" in name else 2
+    per_gpu = statistics.median(m["tokens_per_second"] for m in measured["metrics"][2:]) / workers
     result = estimate(Scenario(gpu=gpu_from_device_name(measured["gpu"]), arch=ARCHITECTURES["llama-2-70b"],
-                               method="lora", checkpointing=True, compile=engine == "fsdp", gpus_per_node=2,
-                               strategy=strategy, sharded_loading=True))
-    assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.03)
-    if engine == "fsdp":
-        assert result.tokens_per_second_per_gpu == pytest.approx(per_gpu, rel=0.25)
-    else:
-        assert 0.65 < result.tokens_per_second_per_gpu / per_gpu < 0.8
+                               method="lora", checkpointing=True, compile=compiled, gpus_per_node=workers,
+                               strategy=strategy, sharded_loading=True, zero3_fetch=fetch))
+    assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.05)
+    assert speed[0] < result.tokens_per_second_per_gpu / per_gpu < speed[1]

@@ -29,11 +29,14 @@ ENGINE_FACTOR = {
     # (the one-GPU eager run with bf16 LoRA math), compiled: 9,963 vs 11,655 (2026-11-28-h200x2-w4-fsdp.json)
     ("fsdp", "eager"): 1.074,
     ("fsdp", "compiled"): 0.855,
-    # DeepSpeed's bf16 engine holds LoRA weights in bf16. ZeRO-2 8,396, ZeRO-3 3,048 and 3,318, against 7,587
-    # (engines-verification, zero-variants). Compiled DeepSpeed is not measured: the eager factor is used.
-    ("deepspeed", 1): 1.107,
-    ("deepspeed", 2): 1.107,
-    ("deepspeed", 3): 0.42,
+    # DeepSpeed's bf16 engine holds LoRA weights in bf16. ZeRO-2 8,396, ZeRO-3 with DeepSpeed's per-module
+    # hooks 3,048 and 3,318, against 7,587 (engines-verification, zero-variants); ZeRO-3 gathering a decoder
+    # layer at a time 6,992 (2026-11-28-h200x2-zero3-layer-fetch.json). Compiled DeepSpeed is not measured:
+    # the eager factor is used.
+    ("deepspeed", 1, None): 1.107,
+    ("deepspeed", 2, None): 1.107,
+    ("deepspeed", 3, "module"): 0.42,
+    ("deepspeed", 3, "layer"): 0.92,
 }
 
 # Full fine-tuning runs its large weight-gradient matmuls closer to peak than LoRA's path: one GPU, mb 1,
@@ -46,9 +49,11 @@ FULL_FACTOR = {"eager": 1.426, "compiled": 1.138}
 DEQUANT_WEIGHTS_PER_S_PER_TBS = 1.46e11 / 4.8
 QLORA_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + double-quantised absmax
 
-# DeepSpeed parameter offload (the tutorial's JSON): 1,243 tok/s vs 7,587 without it, 3 passes over each GPU's
-# 6.7 GB share of the weights per step: 3.67 GB/s of effective host<->GPU traffic per GPU.
-OFFLOAD_GBS = 3.67
+# DeepSpeed parameter offload (the tutorial's JSON), 3 passes over each GPU's 6.7 GB share of the weights per
+# step, as effective host<->GPU GB/s per GPU on top of the engine's compute time. Per-module hooks: 1,243 and
+# 1,345 tok/s (engines-verification; tutorial-json-layer-fetch's module run), 5.3 fits both within 5%.
+# A decoder layer at a time: 2,317 tok/s (2026-11-28-h200x2-tutorial-json-layer-fetch.json).
+OFFLOAD_GBS = {"module": 5.3, "layer": 8.5}
 
 # Memory.
 # Activations kept per token, layer and element of each linear layer's input and output (bf16): fitted on

@@ -31,6 +31,7 @@ class Scenario:
     strategy: str = "single"  # single, ddp, fsdp, deepspeed
     zero_stage: int = 3
     offload: str = "none"  # none, optimizer, params, all
+    zero3_fetch: str = "layer"  # ZeRO-3 gathers: a decoder layer at a time (zerotune's default) or per module
     weight_bytes: float = 2.0  # bf16/fp16; 4 for fp32
     sharded_loading: bool = False  # --sharded-loading (FSDP2, ZeRO-3): no worker ever holds the whole model
     internode_gbs: float = 12.5  # per node, for FSDP/ZeRO-3 parameter traffic between nodes
@@ -189,7 +190,7 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
     elif s.strategy == "fsdp":
         factor *= cal.ENGINE_FACTOR[("fsdp", path)]
     else:
-        factor *= cal.ENGINE_FACTOR[("deepspeed", s.zero_stage)]
+        factor *= cal.ENGINE_FACTOR[("deepspeed", s.zero_stage, s.zero3_fetch if s.zero_stage == 3 else None)]
         if s.compile:
             notes.append("DeepSpeed with --compile is not measured; its eager efficiency is assumed")
     if s.method == "full":
@@ -201,7 +202,7 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
         seconds += passes * s.arch.linear_params / (cal.DEQUANT_WEIGHTS_PER_S_PER_TBS * s.gpu.bandwidth_tbs)
     weight_bytes = s.arch.total_params * (cal.QLORA_BYTES_PER_WEIGHT if s.method == "qlora" else s.weight_bytes)
     if s.offload_params:
-        seconds += passes * weight_bytes / s.world / (cal.OFFLOAD_GBS * 1e9)
+        seconds += passes * weight_bytes / s.world / (cal.OFFLOAD_GBS[s.zero3_fetch] * 1e9)
     if s.shards_weights and s.nodes > 1:
         # every pass gathers the other nodes' shards through each node's network link; overlapped with compute
         between_nodes = passes * weight_bytes * (s.nodes - 1) / s.nodes * s.gpus_per_node / s.gpus_per_node

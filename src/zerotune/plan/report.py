@@ -14,10 +14,13 @@ from zerotune.plan.estimate import Estimate, Scenario, alternatives, effective_f
 def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes: int) -> Scenario:
     arch = architecture_for(config.model.name)
     strategy, stage, offload = config.distributed.strategy, config.distributed.zero_stage, config.distributed.offload
+    zero3_fetch = config.distributed.zero3_fetch
     if config.distributed.deepspeed_config and not config.distributed.no_deepspeed and strategy in ("auto", "deepspeed"):
         from zerotune.strategies.deepspeed_config import read_user_config
 
         zero = read_user_config(config.distributed.deepspeed_config).get("zero_optimization", {})
+        if "leaf_module" in zero:  # the user's own leaf modules: treated as DeepSpeed's per-module hooks
+            zero3_fetch = "module"
         strategy, stage = "deepspeed", zero.get("stage", 3) if zero.get("stage") != "auto" else 3
         on_cpu = {part: (zero.get(f"offload_{part}") or {}).get("device") == "cpu" for part in ("param", "optimizer")}
         offload = "all" if all(on_cpu.values()) else "params" if on_cpu["param"] else \
@@ -34,7 +37,8 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         packing=config.data.packing, chunked_loss=config.model.chunked_loss,
         compile=compile_enabled(config.model, "cuda", strategy),  # the plan is for GPUs
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
-        weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading)
+        weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading,
+        zero3_fetch=zero3_fetch)
 
 
 def pick_engine(base: Scenario) -> tuple[Scenario, str]:
