@@ -71,7 +71,9 @@ class Strategy(ABC):
         loss (``loss_total``, the same on every rank) or gradient norm is not finite is never applied: the
         fused AdamW reads ``found_inf`` and leaves weights, moments and step count as they were."""
         max_norm = self.config.train.max_grad_norm
-        params = [p for p in model.parameters() if p.requires_grad]
+        # The optimizer's own list: walking a PEFT model's modules for it (about 2,700 for a 7B) took ~9 ms of
+        # host time per step, 7% of a W1 step.
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = self._global_norm(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
         applied = torch.isfinite(grad_norm) & torch.isfinite(loss_total.to(grad_norm.device))
         self.optimizer.found_inf = (~applied).float()
