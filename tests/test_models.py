@@ -168,3 +168,25 @@ def test_random_init_is_reproducible_and_not_the_saved_weights(config_for, tiny_
     a = train(config_for(**{"model.init": "random", "output.dir": str(tmp_path / "a")}))
     b = train(config_for(**{"model.init": "random", "output.dir": str(tmp_path / "b")}))
     assert a.losses == b.losses and len(a.losses) == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero3_layer_fetch_names_every_decoder_layer_but_the_first(family, tmp_path):
+    """--zero3-fetch layer hands DeepSpeed the decoder layers as leaf modules, by name in the PEFT model that
+    DeepSpeed wraps: all of them but the first (whose input needs no gradient), for every family."""
+    from transformers import AutoModelForCausalLM
+
+    from zerotune import adapters
+    from zerotune.config import AdapterConfig
+    from zerotune.strategies.deepspeed import layer_fetch_names
+
+    architecture, extra, _ = FAMILIES[family]
+    model_dir = save_tiny_model(tmp_path / family, corpus(), architecture, vocab_size=300, hidden_size=32, layers=3,
+                                heads=4, seed=0, **extra)
+    model = adapters.apply_method(AutoModelForCausalLM.from_pretrained(model_dir), AdapterConfig(), seed=0)
+    names = layer_fetch_names(model)
+    modules = dict(model.named_modules())
+    layer_class = {"llama": "LlamaDecoderLayer", "falcon": "FalconDecoderLayer", "mistral": "MistralDecoderLayer",
+                   "qwen2": "Qwen2DecoderLayer"}[architecture]
+    assert [type(modules[name]).__name__ for name in names] == [layer_class] * 2
+    assert [name.rsplit(".", 1)[-1] for name in names] == ["1", "2"]
