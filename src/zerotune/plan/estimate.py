@@ -73,6 +73,8 @@ class Scenario:
         engine = self.strategy
         if self.strategy == "deepspeed":
             engine = f"ZeRO-{self.zero_stage}" + (f" + offload {self.offload}" if self.offload != "none" else "")
+            if self.zero_stage == 3 and self.zero3_fetch == "module":
+                engine += " (per-module fetch)"
         checkpointing = "no checkpointing"
         if self.checkpointing:
             checkpointing = "checkpointing" + (f" 1 layer in {self.checkpoint_every}" if self.checkpoint_every > 1
