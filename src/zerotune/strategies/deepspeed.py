@@ -37,6 +37,7 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         self.ds_config: dict | None = None
         self._sync = True
         self._hf_zero3 = None  # transformers' ZeRO-3 switch, alive for the run once the model loaded partitioned
+        self._source_config: dict | None = None
 
     def _resolved(self, hidden_size: int, total_steps: int) -> dict:
         bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -73,8 +74,12 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         return load_model(self.config.model, self.config.adapter.method, self.device, dtype, partitioned=True)
 
     def _source(self) -> dict:
-        return read_user_config(self.config.distributed.deepspeed_config) \
-            if self.config.distributed.deepspeed_config else preset(self.config)
+        """The user's JSON as written (read once per run: the stage checks, loading and wrap all consult it),
+        or our preset. Callers copy before changing it (resolve does)."""
+        if self._source_config is None:
+            self._source_config = read_user_config(self.config.distributed.deepspeed_config) \
+                if self.config.distributed.deepspeed_config else preset(self.config)
+        return self._source_config
 
     @property
     def gathers_per_module(self) -> bool:
