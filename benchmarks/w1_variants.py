@@ -1,10 +1,10 @@
-"""Which fast-path pieces pay on W1, one GPU: zerotune's step with pieces switched on and off, each timed
+"""Which fast-path pieces pay on W1 (or W2 with --arch llama-3-8b), one GPU: zerotune's step with pieces switched on and off, each timed
 and profiled in one process (no HF baseline here: this picks defaults; `zerotune bench` reports ratios).
 
 Per variant: tokens/s over timed steps after warm-up, peak GiB, and a torch.profiler pass that splits the
 step's wall time into GEMM, attention, other kernels and idle gaps (wall minus kernel time).
 
-Usage: python benchmarks/w1_variants.py --out DIR [--variants a,b,...] [--steps N]
+Usage: python benchmarks/w1_variants.py --out DIR [--variants a,b,...] [--steps N] [--arch llama-3-8b]
 """
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ from pathlib import Path
 
 import torch
 
-BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True)
+BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
+            loss_chunk=None)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
     "compiled+fast_lora": dict(fast_lora=True),
     "compiled-reduce-overhead": dict(mode="reduce-overhead"),
     "compiled-max-autotune": dict(mode="max-autotune-no-cudagraphs"),
+    "compiled-loss-chunk512": dict(loss_chunk=512),
+    "compiled-loss-chunk2048": dict(loss_chunk=2048),
+    "compiled-reduce-overhead-loss-chunk512": dict(mode="reduce-overhead", loss_chunk=512),
     "eager": dict(compile=False),
     "eager+fast_lora": dict(compile=False, fast_lora=True),
     "eager+liger": dict(compile=False, liger=True),
@@ -44,7 +48,7 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def run_variant(name: str, steps: int) -> dict:
+def run_variant(name: str, steps: int, arch_name: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from zerotune import adapters
@@ -60,7 +64,7 @@ def run_variant(name: str, steps: int) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES["llama-2-7b"])).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[arch_name])).to(torch.bfloat16)
     model.config._attn_implementation = "sdpa"
     model.config.use_cache = False
     if liger:
@@ -72,13 +76,14 @@ def run_variant(name: str, steps: int) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
     head, _ = install_chunked_loss(model)
+    head.chunk_tokens = options["loss_chunk"]
     if fast_lora:
         install_fast_lora(model)
     if compiled:
         compile_layers(model, options["mode"])
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    ids = torch.randint(4, 32000, (micro, 2048), device="cuda")
+    ids = torch.randint(4, model.config.vocab_size, (micro, 2048), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
     count = micro * 2047 if options["host_count"] else None
@@ -132,20 +137,22 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--arch", default="llama-2-7b", help="an architecture of zerotune.bench.ARCHITECTURES")
     args = parser.parse_args()
     from zerotune.bench import provenance
 
     result = provenance("python benchmarks/w1_variants.py " + " ".join(sys.argv[1:]))
     result["variants"] = {}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / "w1_variants.json"
+    result["architecture"] = args.arch
+    out = Path(args.out) / f"variants-{args.arch}.json"
     from transformers.models.llama import modeling_llama
 
     # liger swaps these module-wide (classes for new models, the rope function): put them back after each
     saved = {k: getattr(modeling_llama, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
     for name in args.variants.split(","):
         try:
-            result["variants"][name] = run_variant(name, args.steps)
+            result["variants"][name] = run_variant(name, args.steps, args.arch)
         except Exception as error:  # one variant failing must not lose the others' numbers
             result["variants"][name] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
         finally:
