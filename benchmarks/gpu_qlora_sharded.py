@@ -4,7 +4,11 @@ A Llama-2-7B-shaped model cut to --layers decoder layers, random bf16 weights sa
 quantizes while loading), random-token rows of 2048. Global batch 2 everywhere: one GPU runs micro-batch 1 x
 grad-accum 2, two GPUs micro-batch 1 each, so step 1 sees the same two rows and must give the same loss.
 
-Usage: python benchmarks/gpu_qlora_sharded.py --out DIR [--layers 8]
+Diagnostic runs, by name in --runs: single_eager and fsdp2_2gpu_eager (--compile off), fsdp2_1gpu (FSDP2 on one
+GPU, grad-accum 2), zero3_1gpu, and zero3_2gpu_release (our preset plus stage3_max_reuse_distance 0 and
+stage3_max_live_parameters 1e8: every gathered layer is freed after use, even when checkpointing reuses it soon).
+
+Usage: python benchmarks/gpu_qlora_sharded.py --out DIR [--layers 8] [--runs single,fsdp2_2gpu,...]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--work", default="/tmp/qlora-sharded")
+    parser.add_argument("--runs", default="single,fsdp2_2gpu,zero3_2gpu")
     args = parser.parse_args()
     from zerotune.bench import ARCHITECTURES, provenance, write_model_dir
 
@@ -36,7 +41,21 @@ def main() -> None:
                             for _ in range(16)))
     runs = {"single": ["--strategy", "single", "--grad-accum", "2"],
             "fsdp2_2gpu": ["--strategy", "fsdp", "--num-workers", "2"],
-            "zero3_2gpu": ["--strategy", "deepspeed", "--zero-stage", "3", "--num-workers", "2"]}
+            "zero3_2gpu": ["--strategy", "deepspeed", "--zero-stage", "3", "--num-workers", "2"],
+            "single_eager": ["--strategy", "single", "--grad-accum", "2", "--compile", "off"],
+            "fsdp2_2gpu_eager": ["--strategy", "fsdp", "--num-workers", "2", "--compile", "off"],
+            "fsdp2_1gpu": ["--strategy", "fsdp", "--num-workers", "1", "--grad-accum", "2"],
+            "zero3_1gpu": ["--strategy", "deepspeed", "--zero-stage", "3", "--num-workers", "1", "--grad-accum", "2"],
+            "zero3_2gpu_release": ["--strategy", "deepspeed", "--num-workers", "2", "--deepspeed",
+                                   str(work / "release.json")]}
+    release = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+               "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+               "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                     "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                     "stage3_param_persistence_threshold": "auto", "stage3_max_reuse_distance": 0,
+                                     "stage3_max_live_parameters": 100_000_000}}
+    (work / "release.json").write_text(json.dumps(release))
+    runs = {name: runs[name] for name in args.runs.split(",")}
     results = {"what": __doc__.splitlines()[0],
                **provenance("python benchmarks/gpu_qlora_sharded.py " + " ".join(sys.argv[1:])),
                "layers": args.layers, "runs": {}}
@@ -48,7 +67,8 @@ def main() -> None:
                    "--tracking", "none", "--log-every", "1", "--eval-fraction", "0", "--output-dir", str(output),
                    "--overwrite", "--quiet", *flags]
         done = subprocess.run(command, capture_output=True, text=True)
-        entry = {"flags": flags, "exit_status": done.returncode}
+        entry = {"flags": flags, "exit_status": done.returncode,
+                 "setup_note": [line for line in done.stdout.splitlines() if "memory after setup" in line]}
         if done.returncode == 0:
             events = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
             steps = [e for e in events if "loss" in e]

@@ -92,3 +92,12 @@ def test_models_the_chunked_loss_cannot_serve_keep_the_stock_loss(tiny_llama):
     model.config.final_logit_softcapping = 30.0
     head, why_not = install_chunked_loss(model)
     assert head is None and "final_logit_softcapping" in why_not
+
+
+def test_chunk_rows_and_the_plans_copy_of_them():
+    from zerotune.loss import CHUNK_ELEMENTS, MIN_CHUNK_TOKENS, chunk_tokens_for
+    from zerotune.plan import calibration
+
+    assert chunk_tokens_for(32000) == 524  # 2**24 elements
+    assert chunk_tokens_for(128256) == 512  # the floor: 130 rows would make the head GEMMs memory-bound
+    assert (calibration.CHUNK_ELEMENTS, calibration.MIN_CHUNK_TOKENS) == (CHUNK_ELEMENTS, MIN_CHUNK_TOKENS)

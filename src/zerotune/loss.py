@@ -19,6 +19,15 @@ import torch
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32 (2**26, 256 MiB, set the peak of a QLoRA step)
+# ...but never fewer rows than this. Each chunk's two head GEMMs read the whole [vocab, hidden] weight; with
+# few rows they are memory-bound: at a 128k vocabulary, 2**24 elements are 130 rows, 16 chunks, 32 GB of
+# weight reads per step. 512 rows measured 5.7% faster on W2 (Llama-3-8B, one H200) for 0.5 GiB more peak
+# (benchmarks/results/*-w2-loss-chunk-variants.json); at a 32k vocabulary 2**24 elements are 524 rows anyway.
+MIN_CHUNK_TOKENS = 512
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    return max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_size)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -78,7 +87,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     """Sum over positions with ``labels != -100`` of cross-entropy(hidden @ weight.T, labels).
     ``hidden`` [N, d], ``weight`` [V, d], ``labels`` [N] (already aligned: label i is the target of row i).
     ``label_count``: how many labels are not -100, when the caller knows it (saves a host-GPU sync)."""
-    chunk = chunk_tokens or max(64, CHUNK_ELEMENTS // weight.size(0))
+    chunk = chunk_tokens or chunk_tokens_for(weight.size(0))
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, label_count)
 
 

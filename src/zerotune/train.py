@@ -257,6 +257,9 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
     model = strategy.wrap(model, build_optimizer, build_scheduler, total_steps)
     model.train()
+    if strategy.device.type == "cuda":  # what the model, its shards and the optimizer hold before any step
+        tracker.note(f"GPU memory after setup: {torch.cuda.memory_allocated(strategy.device) / 2**30:.2f} GiB "
+                     f"on worker {strategy.rank}")
     result = RunResult(output_dir=output_dir, strategy=strategy.name, mlflow_run_id=tracker.run_id,
                        losses=list(state.get("losses", [])), eval_losses=list(state.get("eval_losses", [])),
                        skipped_steps=state.get("skipped_steps", 0), resumed_from=start_step if restore else None)

@@ -157,7 +157,7 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
     if s.method != "full" and not s.mixed_precision and s.strategy in ("single", "ddp"):
         per_layer += s.tokens * sum(a for a, _ in arch.linears()) * 4 * cal.FP32_LORA_EXTRA
     if s.chunked_loss:
-        chunk = min(s.tokens, max(64, cal.CHUNK_ELEMENTS // arch.vocab))
+        chunk = min(s.tokens, max(cal.MIN_CHUNK_TOKENS, cal.CHUNK_ELEMENTS // arch.vocab))
         logits = chunk * arch.vocab * 6 + s.tokens * arch.hidden * 4
     else:
         logits = s.tokens * arch.vocab * cal.LOGIT_BYTES_STOCK
