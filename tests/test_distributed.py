@@ -120,3 +120,50 @@ def test_full_finetune_under_zero3_saves_consolidated_model(tiny_llama, alpaca_f
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+class _HeldViewMatmul(torch.autograd.Function):
+    """Stands in for bitsandbytes' MatMul4Bit: keeps a view of the weight in ``ctx.tensors`` (not through
+    save_for_backward) and reads it back in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.tensors = (None, weight.view(-1, 1))
+        ctx.shape = weight.shape
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.tensors[1].view(ctx.shape), None
+
+
+class Linear4bit(torch.nn.Module):  # the class name is what release_4bit_weights looks for
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3, 4), requires_grad=False)
+
+    def forward(self, x):
+        return _HeldViewMatmul.apply(x, self.weight)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_zero3_4bit_weight_view_is_let_go_after_forward(hooked):
+    """ZeRO-3 releases a gathered weight by re-pointing the parameter; a view held by the matmul's autograd
+    node would keep the gathered copy alive until backward. With the hook it is dropped after the forward and
+    the node reads the weight gathered again for backward."""
+    from zerotune.strategies.deepspeed import release_4bit_weights
+
+    layer = Linear4bit()
+    if hooked:
+        assert release_4bit_weights(torch.nn.Sequential(layer)) == 1
+    gathered = torch.randn(3, 4)
+    values = gathered.clone()
+    layer.weight.data = gathered  # "gathered" for the forward
+    x = torch.randn(2, 4, requires_grad=True)
+    out = layer(x)
+    layer.weight.data = torch.empty(0)  # "released" after the forward
+    held = out.grad_fn.tensors[1]
+    assert (held is not None and held.data_ptr() == gathered.data_ptr()) == (not hooked)  # the copy is pinned
+    layer.weight.data = values.clone()  # "gathered" again for the backward
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(2, 3) @ values)
