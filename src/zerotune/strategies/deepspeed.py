@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import weakref
 from pathlib import Path
 
 import torch
@@ -45,9 +46,12 @@ def _drop_gathered_4bit_view(module, args, output):
     if node is None or node.tensors[1] is None:
         return
     node.tensors = (node.tensors[0], None)  # the view of the gathered weight: no longer pinned until backward
+    weak = weakref.ref(node)  # no cycle node -> hook -> node: a graph dropped unused (a recompute's) goes at once
 
     def refetch(grad_outputs):  # ZeRO-3 has gathered the layer again for its backward
-        node.tensors = (node.tensors[0], module.weight.view(-1, 1))
+        live = weak()
+        if live is not None:
+            live.tensors = (live.tensors[0], module.weight.view(-1, 1))
 
     node.register_prehook(refetch)
 
