@@ -157,11 +157,29 @@ def test_fp16_cannot_train_on_cpu(tiny_llama, alpaca_file, tmp_path, capsys, no_
     assert status == 2 and "model.dtype fp16 cannot train on CPU" in err
 
 
-def test_qlora_on_cpu_suggests_lora(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+def test_qlora_on_cpu_without_a_cpu_backend_suggests_lora(tiny_llama, alpaca_file, tmp_path, capsys,
+                                                          no_model_loading, monkeypatch):
+    """A bitsandbytes that cannot run 4-bit on the CPU (before 0.50): one line naming --method lora, before
+    anything loads. (With 0.50 QLoRA trains on CPU: tests/test_models.py.)"""
+    import zerotune.model
+
+    monkeypatch.setattr(zerotune.model, "bitsandbytes_runs_4bit_on_cpu", lambda: False)
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--use-cpu",
+                          "--method", "qlora")
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "cannot run 4-bit on the CPU" in err and "--method lora" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading,
+                                                        monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--method", "qlora")
     assert status == 2 and len(err.splitlines()) == 1
-    assert "qlora needs a CUDA GPU" in err and "--method lora" in err
-    assert not (tmp_path / "out").exists()
+    assert "pip install 'zerotune[qlora]'" in err and "--method lora" in err
 
 
 def test_generate_refuses_the_tokens_template(tiny_llama, capsys):

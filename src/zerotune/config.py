@@ -80,7 +80,9 @@ class ModelConfig:
 class AdapterConfig:
     """What trains: LoRA adapters, QLoRA (4-bit base) or every weight."""
 
-    method: Literal["lora", "qlora", "full"] = option("lora", "lora, qlora (4-bit NF4 base, GPU) or full.", "--method")
+    method: Literal["lora", "qlora", "full"] = option(
+        "lora", "lora, qlora (4-bit NF4 base through bitsandbytes: GPU, or CPU with bitsandbytes >= 0.50) or full.",
+        "--method")
     r: int = option(16, "LoRA rank.", "--lora-r")
     alpha: int = option(32, "LoRA alpha; the update is scaled by alpha / r.", "--lora-alpha")
     dropout: float = option(0.05, "Dropout on the LoRA input.", "--lora-dropout")

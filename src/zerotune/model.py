@@ -99,13 +99,22 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
         with torch.device(device):  # initialised in place: a 7B model takes seconds on a GPU, not minutes
             model = AutoModelForCausalLM.from_config(model_config, **kwargs)
     else:
+        stays_on_host = False
         if method == "qlora":
-            kwargs["quantization_config"] = qlora_quantization_config(dtype)
+            kwargs["quantization_config"] = qlora_quantization_config(dtype, device.type)
+            # transformers quantizes only exact nn.Linear layers; subclasses (Falcon's FalconLinear) load in
+            # full precision: keep them on the host and quantize them onto the device below, one at a time
+            stays_on_host = has_linear_subclasses(check_model_source(config), config.trust_remote_code)
         if device.type == "cuda" and not partitioned:  # straight from the (memory-mapped) files to this GPU
-            kwargs["device_map"] = {"": device}
+            kwargs["device_map"] = {"": "cpu" if stays_on_host else device}
         model = AutoModelForCausalLM.from_pretrained(config.name, **kwargs)
     if method != "qlora" and not on_meta and not partitioned:
         model.to(device)
+    if method == "qlora":
+        quantize_linears(model, device, dtype, lambda child: child.weight.data)
+        if any(t.device.type != device.type for t in [*model.parameters(), *model.buffers()]):
+            model.to(device)  # the embeddings, norms and head of a model that loaded on the host
+        keep_one_4bit_layout(model)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -153,11 +162,84 @@ def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     return len(layers)
 
 
-def qlora_quantization_config(compute_dtype: torch.dtype):
-    if not torch.cuda.is_available():
-        raise ConfigError("adapter.method qlora needs a CUDA GPU for bitsandbytes 4-bit; on CPU use --method lora")
+def has_linear_subclasses(model_config, trust_remote_code: bool = False) -> bool:
+    """Whether the architecture builds linear layers of an nn.Linear subclass (Falcon's FalconLinear), which
+    transformers' bitsandbytes loading leaves unquantized. Checked on the meta device: nothing allocated."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    return any(isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear for m in model.modules())
+
+
+def quantize_linears(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, weight_of) -> int:
+    """Replace every linear layer but the output head that is not 4-bit yet by a bitsandbytes NF4 layer on
+    ``device`` (double quantization, compute and storage ``dtype``), one at a time: ``weight_of(child)`` gives
+    its full-precision weight, which is packed before the next is made. Used for random weights, and for the
+    layers transformers leaves unquantized because they subclass nn.Linear (all of Falcon's: transformers
+    converts ``type(m) is nn.Linear`` only, so a Falcon "QLoRA" would otherwise train at full precision).
+    Returns how many layers were quantized here."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or isinstance(child, bnb.nn.Linear4bit) or child is head:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                      quant_storage=dtype, device="meta")
+            weight = weight_of(child).to(device=device, dtype=dtype)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", quant_storage=dtype, module=layer).to(device)
+            if child.bias is not None:
+                bias = child.bias.data if child.bias.device.type != "meta" else torch.zeros(child.out_features)
+                layer.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+            setattr(parent, name, layer)
+            count += 1
+    return count
+
+
+def keep_one_4bit_layout(model: torch.nn.Module) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU inference kernel the first
+    time the layer runs in eval mode without gradients (our evaluation pass). The repacked layer then takes
+    that kernel on every later call, training included, with bf16 block scales. Widths that are not a multiple
+    of 32 fail outright. Switched off per layer, so evaluation and training use the same weights and the same
+    path. GPUs never repack."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def bitsandbytes_runs_4bit_on_cpu() -> bool:
+    """Whether the installed bitsandbytes quantizes and dequantizes NF4 on the CPU (0.50 does, through its
+    CPU backend; older releases are CUDA-only). A 64x64 round trip, checked for sense, not just for running."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+        packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4")
+        error = (bnb_functional.dequantize_4bit(packed, state) - weight).abs().mean()
+        return bool(error < 0.2 * weight.abs().mean())
+    except Exception:
+        return False
+
+
+def qlora_quantization_config(compute_dtype: torch.dtype, device_type: str = "cuda"):
+    """NF4 + double quantization with ``compute_dtype`` compute and storage; on CPU only where the installed
+    bitsandbytes runs 4-bit there (checked before any model loads)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("adapter.method qlora needs bitsandbytes: pip install bitsandbytes")
+        raise ConfigError("adapter.method qlora needs bitsandbytes: pip install 'zerotune[qlora]' (or use --method "
+                          "lora)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("adapter.method qlora: no CUDA GPU here; pass --use-cpu for bitsandbytes' CPU backend, "
+                          "or use --method lora")
+    if device_type == "cpu" and not bitsandbytes_runs_4bit_on_cpu():
+        raise ConfigError("adapter.method qlora on CPU: the installed bitsandbytes cannot run 4-bit on the CPU "
+                          "(0.50 or newer can: pip install -U bitsandbytes); on CPU use --method lora, or run on a "
+                          "CUDA GPU")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -175,29 +257,16 @@ def random_4bit_model(model_config, kwargs: dict, device: torch.device, dtype: t
     bf16 weight on the GPU that bitsandbytes packs to NF4 (double quantization, storage in ``dtype``) before
     the next one is drawn. Peak memory is the 4-bit model plus one bf16 matrix, so a 70B architecture
     builds on one 80 GB GPU with no weight files (benchmarks; a real run loads pretrained weights)."""
-    import bitsandbytes as bnb
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    qlora_quantization_config(dtype)  # the same checks: a CUDA GPU and bitsandbytes
+    qlora_quantization_config(dtype, device.type)  # the same checks: bitsandbytes, and 4-bit on this device
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(model_config, **kwargs)
     std = getattr(model_config, "initializer_range", 0.02)
-    head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or child is head:
-                continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
-                                      quant_storage=dtype, device="meta")
-            weight = torch.empty(child.out_features, child.in_features, dtype=dtype, device=device).normal_(0, std)
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", quant_storage=dtype, module=layer).to(device)
-            if child.bias is not None:
-                layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=dtype, device=device),
-                                                requires_grad=False)
-            setattr(parent, name, layer)
+    quantize_linears(model, device, dtype,
+                     lambda child: torch.empty(child.out_features, child.in_features, dtype=dtype,
+                                               device=device).normal_(0, std))
     for module in model.modules():  # embeddings, norms, the head: real tensors, initialised as transformers does
         for name, param in list(module.named_parameters(recurse=False)):
             if param.device.type != "meta":

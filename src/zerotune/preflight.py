@@ -29,9 +29,12 @@ def preflight(config: RunConfig) -> None:
     check_output_dir(config)
     check_workers(config)
     if config.adapter.method == "qlora":
+        import torch
+
         from zerotune.model import qlora_quantization_config, resolve_dtype
 
-        qlora_quantization_config(resolve_dtype(config.model.dtype, "cuda"))
+        device_type = "cuda" if torch.cuda.is_available() and not config.distributed.use_cpu else "cpu"
+        qlora_quantization_config(resolve_dtype(config.model.dtype, device_type), device_type)
     from zerotune.data.prepare import load_and_check
 
     load_and_check(config.data, config.data.path)  # data errors first: they need no model files
