@@ -39,6 +39,28 @@ def test_qlora_4bit_forward_backward_with_matching_storage(tiny_llama):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_pretrained_falcon_qlora_is_4bit_on_the_gpu(tmp_path):
+    """transformers leaves FalconLinear unquantized; zerotune loads those layers on the host and packs each onto
+    the GPU: every linear but the head is NF4 on CUDA, and a forward/backward runs."""
+    from conftest import corpus
+
+    from zerotune.model import load_model
+    from zerotune.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "falcon", corpus(), "falcon", vocab_size=300, hidden_size=64, layers=2,
+                                heads=4, seed=0, new_decoder_architecture=True, num_kv_heads=2)
+    model = load_model(ModelConfig(name=str(model_dir), dtype="bf16", gradient_checkpointing=True), "qlora",
+                       torch.device("cuda"), torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(type(m).__name__ == "Linear4bit" for m in linears) == len(linears) - 1 == 2 * 4
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+    loss, tokens = token_loss_sum(model, _batch("cuda"))
+    (loss / tokens).backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_random_init_qlora_builds_4bit_layers_and_learns(tiny_llama):
     """--init random --method qlora: every linear but the head is NF4 (storage bf16), nothing left on the
     meta device, and LoRA fits a repeated batch (the loss falls at every step)."""
