@@ -114,6 +114,25 @@ FAMILIES = {
 }
 
 
+def eval_loss_of(model, config) -> float:
+    """Token-weighted eval loss of ``model`` over the run's eval split, batched as the run batched it."""
+    import torch
+
+    from zerotune.data.batches import collate, eval_batches
+    from zerotune.data.prepare import prepare_data
+    from zerotune.model import load_tokenizer
+    from zerotune.train import token_loss_sum
+
+    tokenizer = load_tokenizer(config.model)
+    examples = prepare_data(config.data, tokenizer, config.train.seed).eval
+    total, tokens = torch.zeros(()), 0
+    with torch.no_grad():
+        for indices in eval_batches(len(examples), config.train.batch_size, 0, 1):
+            loss_sum, count = token_loss_sum(model, collate([examples[i] for i in indices], tokenizer.pad_token_id))
+            total, tokens = total + loss_sum, tokens + int(count)
+    return float(total / tokens)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_trains_and_reloads_in_plain_peft(family, alpaca_file, tmp_path):
     """Train, save the adapter, reload it with plain transformers + PEFT: the eval loss the run measured on
@@ -121,11 +140,6 @@ def test_family_trains_and_reloads_in_plain_peft(family, alpaca_file, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from zerotune.data.batches import collate, eval_batches
-    from zerotune.data.prepare import prepare_data
-    from zerotune.model import load_tokenizer
-    from zerotune.train import token_loss_sum
 
     architecture, extra, expected_targets = FAMILIES[family]
     model_dir = save_tiny_model(tmp_path / family, corpus(), architecture, vocab_size=300, hidden_size=32, layers=2,
@@ -139,14 +153,7 @@ def test_family_trains_and_reloads_in_plain_peft(family, alpaca_file, tmp_path):
     assert targets == expected_targets
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter).eval()
-    tokenizer = load_tokenizer(config.model)
-    examples = prepare_data(config.data, tokenizer, config.train.seed).eval
-    total, tokens = torch.zeros(()), 0
-    with torch.no_grad():
-        for indices in eval_batches(len(examples), config.train.batch_size, 0, 1):
-            loss_sum, count = token_loss_sum(model, collate([examples[i] for i in indices], tokenizer.pad_token_id))
-            total, tokens = total + loss_sum, tokens + int(count)
-    torch.testing.assert_close(float(total / tokens), result.eval_losses[-1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(eval_loss_of(model, config), result.eval_losses[-1], rtol=1e-5, atol=0)
 
 
 def test_random_init_is_reproducible_and_not_the_saved_weights(config_for, tiny_llama, tmp_path):
@@ -202,11 +209,7 @@ def test_qlora_trains_on_cpu_and_reloads_in_plain_peft(family, alpaca_file, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from zerotune.data.batches import collate, eval_batches
-    from zerotune.data.prepare import prepare_data
-    from zerotune.model import (keep_one_4bit_layout, load_tokenizer, qlora_quantization_config,
-                                quantize_linears)
-    from zerotune.train import token_loss_sum
+    from zerotune.model import keep_one_4bit_layout, qlora_quantization_config, quantize_linears
 
     architecture, extra, expected_targets = FAMILIES[family]
     model_dir = save_tiny_model(tmp_path / family, corpus(), architecture, vocab_size=300, hidden_size=32, layers=2,
@@ -227,11 +230,4 @@ def test_qlora_trains_on_cpu_and_reloads_in_plain_peft(family, alpaca_file, tmp_
     assert sum(type(m).__name__ == "Linear4bit" for m in base.modules()) == 2 * len(expected_targets)
     keep_one_4bit_layout(base)  # as the run did: no CPU inference repack (it fails at these tiny widths)
     model = PeftModel.from_pretrained(base, adapter).eval()
-    tokenizer = load_tokenizer(config.model)
-    examples = prepare_data(config.data, tokenizer, config.train.seed).eval
-    total, tokens = torch.zeros(()), 0
-    with torch.no_grad():
-        for indices in eval_batches(len(examples), config.train.batch_size, 0, 1):
-            loss_sum, count = token_loss_sum(model, collate([examples[i] for i in indices], tokenizer.pad_token_id))
-            total, tokens = total + loss_sum, tokens + int(count)
-    torch.testing.assert_close(float(total / tokens), result.eval_losses[-1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(eval_loss_of(model, config), result.eval_losses[-1], rtol=1e-5, atol=0)
