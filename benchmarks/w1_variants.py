@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
-            loss_chunk=None)
+            loss_chunk=None, cpp_wrapper=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -29,6 +29,7 @@ VARIANTS = {
     "compiled-loss-chunk512": dict(loss_chunk=512),
     "compiled-loss-chunk2048": dict(loss_chunk=2048),
     "compiled-reduce-overhead-loss-chunk512": dict(mode="reduce-overhead", loss_chunk=512),
+    "compiled-cpp-wrapper": dict(cpp_wrapper=True),
     "eager": dict(compile=False),
     "eager+fast_lora": dict(compile=False, fast_lora=True),
     "eager+liger": dict(compile=False, liger=True),
@@ -62,6 +63,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     options = {**BASE, **VARIANTS[name]}
     micro, ckpt, compiled, fast_lora, liger = (options[k] for k in ("micro", "ckpt", "compile", "fast_lora", "liger"))
     torch._dynamo.reset()
+    torch._inductor.config.cpp_wrapper = options["cpp_wrapper"]  # inductor's generated host code in C++
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[arch_name])).to(torch.bfloat16)

@@ -1,0 +1,102 @@
+"""QLoRA's 4-bit matmul written in torch ops, so torch.compile fuses it.
+
+bitsandbytes packs and stores the NF4 weights (``Params4bit`` and its ``QuantState``); only the matmul moves.
+Its ``MatMul4Bit`` calls a custom op per weight, and each call runs bitsandbytes' Python wrapper and a ctypes
+launch on the host. At micro-batch 1 a QLoRA step is host-bound (benchmarks/gpu_qlora_profile.py: the GPU
+is busy 57% of a compiled step), so that per-call host time is step time. Written as torch ops, the
+dequantization (two nibbles per byte, the NF4 table, the double-quantized block scales) is traced into the
+compiled decoder layer: Inductor makes one fused kernel of it per weight, launched from its generated code.
+
+Same values as bitsandbytes: the same float32 products, cast to the compute dtype once
+(tests/test_nf4.py compares with ``bitsandbytes.functional.dequantize_4bit`` bit for bit, and the layer's
+outputs and input gradients with bitsandbytes' own forward). The backward dequantizes again rather than
+keeping the full-precision weight: saved for backward are the packed bytes and their scales, as in
+bitsandbytes.
+
+Installed per ``Linear4bit`` by replacing its forward (``install_compiled_nf4``). Layers whose state this
+path does not cover (FP4, no double quantization with 256-entry blocks, a CPU inference repack) keep the
+original forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values [n] float32 times scales[i // blocksize], the last block possibly short."""
+    n = values.numel()
+    padded = scales.numel() * blocksize
+    if padded != n:
+        values = torch.nn.functional.pad(values, (0, padded - n))
+    return (values.view(-1, blocksize) * scales.view(-1, 1)).reshape(-1)[:n]
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_code: torch.Tensor,
+                   absmax_scales: torch.Tensor, offset: torch.Tensor, code: torch.Tensor, blocksize: int,
+                   absmax_blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight in ``dtype`` from bitsandbytes' double-quantized NF4 state."""
+    n = shape[0] * shape[1]
+    raw = packed.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([raw >> 4, raw & 0xF], dim=-1).reshape(-1)[:n]  # the first value is the high nibble
+    absmax = _blockwise(absmax_code[absmax_q.long()], absmax_scales, absmax_blocksize) + offset
+    return _blockwise(code[nibbles.long()], absmax, blocksize).view(shape).to(dtype)
+
+
+class _Linear4bit(torch.autograd.Function):
+    """y = x @ W^T + bias with W dequantized on the fly; the backward gives x's gradient only (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax_q, absmax_code, absmax_scales, offset, code, bias, layout):
+        weight = dequantize_nf4(packed, absmax_q, absmax_code, absmax_scales, offset, code, *layout)
+        ctx.save_for_backward(packed, absmax_q, absmax_code, absmax_scales, offset, code)
+        ctx.layout = layout
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_nf4(*ctx.saved_tensors, *ctx.layout)
+            grad_x = grad_out @ weight.to(grad_out.dtype)
+        return grad_x, None, None, None, None, None, None, None, None
+
+
+def _state_of(module):
+    weight = module.weight
+    return getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+
+
+def covered(module) -> bool:
+    """Whether this Linear4bit's state is one ``dequantize_nf4`` reproduces exactly."""
+    state = _state_of(module)
+    return (state is not None and state.quant_type == "nf4" and state.nested and state.state2.blocksize == 256
+            and len(state.shape) == 2 and not getattr(state, "packing_format_for_cpu", False)
+            and module.weight.device.type != "meta")
+
+
+def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not covered(self):
+        return self._zerotune_bnb_forward(x)
+    state = _state_of(self)
+    dtype = self.compute_dtype or x.dtype
+    bias = None if self.bias is None else self.bias.to(dtype)
+    layout = (state.blocksize, state.state2.blocksize, tuple(state.shape), dtype)
+    out = _Linear4bit.apply(x.to(dtype), self.weight, state.absmax, state.state2.code, state.state2.absmax,
+                            state.offset, state.code, bias, layout)
+    return out.to(x.dtype)
+
+
+def install_compiled_nf4(model: torch.nn.Module) -> int:
+    """Route every bitsandbytes ``Linear4bit`` of ``model`` through ``_Linear4bit``. Returns how many."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not hasattr(module, "_zerotune_bnb_forward"):
+            module._zerotune_bnb_forward = module.forward
+            module.forward = types.MethodType(_compiled_forward, module)
+            count += 1
+    return count

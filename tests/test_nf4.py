@@ -1,0 +1,106 @@
+"""zerotune.nf4: QLoRA's 4-bit matmul in torch ops (for torch.compile) against bitsandbytes' own, on
+bitsandbytes' CPU backend: the dequantized weights bit for bit, a layer's output and input gradient exactly,
+and no bitsandbytes op or graph break left in a traced layer."""
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from zerotune.model import bitsandbytes_runs_4bit_on_cpu  # noqa: E402
+from zerotune.nf4 import covered, dequantize_nf4, install_compiled_nf4  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not bitsandbytes_runs_4bit_on_cpu(), reason="bitsandbytes has no CPU 4-bit backend")
+
+
+def nf4_layer(out_features, in_features, dtype=torch.bfloat16, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=dtype, compress_statistics=True,
+                              quant_type="nf4", quant_storage=dtype)
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features, dtype=dtype) * 0.05,
+                                     requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                     quant_storage=dtype, module=layer).to("cpu")
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(out_features, dtype=dtype), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False  # as zerotune.model.keep_one_4bit_layout
+    return layer
+
+
+def flat_reference(layer, dtype):
+    """bitsandbytes' generic (device-independent) dequantization, blocks running over the flattened weight as
+    its quantization and CUDA kernel do. Its CPU kernel instead restarts blocks at each row, which gives other
+    values when a row's width is not a multiple of the block size (48 columns: twice the rounding error)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    state = layer.weight.quant_state
+    absmax = (bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    return compute(layer.weight.data.view(torch.uint8).reshape(-1), absmax, _get_4bit_code("nf4", "cpu"),
+                   state.blocksize, state.shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (300, 256), (48, 40), (7, 33)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantized_weight_is_bitsandbytes_bit_for_bit(shape, dtype):
+    """Rows a multiple of the block size against bitsandbytes' public dequantize_4bit; more than 256 blocks
+    (several nested scales); short last blocks and an odd count of values against its flat reference."""
+    state = (layer := nf4_layer(*shape, dtype=dtype)).weight.quant_state
+    if shape[1] % state.blocksize == 0:
+        expected = bnb.functional.dequantize_4bit(layer.weight.data, state).to(dtype)
+    else:
+        expected = flat_reference(layer, dtype)
+    ours = dequantize_nf4(layer.weight.data, state.absmax, state.state2.code, state.state2.absmax, state.offset,
+                          state.code, state.blocksize, state.state2.blocksize, tuple(state.shape), dtype)
+    assert covered(layer) and ours.shape == expected.shape and ours.dtype == expected.dtype
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, torch.zeros_like(ours))
+
+
+def test_layer_output_and_input_gradient_equal_bitsandbytes():
+    layer = nf4_layer(80, 64)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 5, 80, dtype=torch.bfloat16)
+    expected = layer(x)
+    expected.backward(grad)
+    expected_grad, x.grad = x.grad.clone(), None
+    assert install_compiled_nf4(layer) == 1
+    ours = layer(x)
+    ours.backward(grad)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=0, atol=0)
+
+
+def test_traced_layer_has_no_bitsandbytes_op_and_no_graph_break():
+    """What the compiled decoder layers get: one graph, the dequantization in plain aten ops, same values."""
+    layer = nf4_layer(64, 128, bias=False)
+    install_compiled_nf4(layer)
+    graphs = []
+
+    def backend(graph_module, example_inputs):  # records dynamo's graph, then runs it through AOTAutograd
+        graphs.append(graph_module)
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = layer._zerotune_bnb_forward(x)
+    expected.backward(grad)
+    expected_grad, x.grad = x.grad.clone(), None
+    traced = torch.compile(layer, backend=backend, fullgraph=True)
+    out = traced(x)
+    out.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=0, atol=0)
+    assert len(graphs) == 1
+    assert not [n for n in graphs[0].graph.nodes if "bitsandbytes" in str(n.target)]
+
+
+def test_states_it_does_not_reproduce_keep_bitsandbytes_forward():
+    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="fp4", quant_storage=torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64, dtype=torch.bfloat16), requires_grad=False,
+                                     quant_type="fp4", quant_storage=torch.bfloat16, module=layer).to("cpu")
+    layer.support_avx512bf16_for_cpu = False
+    install_compiled_nf4(layer)
+    assert not covered(layer)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), layer._zerotune_bnb_forward(x), rtol=0, atol=0)
