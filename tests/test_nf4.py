@@ -104,3 +104,30 @@ def test_states_it_does_not_reproduce_keep_bitsandbytes_forward():
     assert not covered(layer)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), layer._zerotune_bnb_forward(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_qlora_run_equals_bitsandbytes_matmul_run(alpaca_file, tmp_path, monkeypatch):
+    """zerotune train --method qlora --compile on (zerotune.nf4 is on by default there) against the eager
+    run through bitsandbytes' matmul: the same per-step losses (fp32 compute on CPU; 1e-4 as
+    tests/test_compile.py, for inductor's reordered reductions). Llama-3 shapes (GQA), widths a multiple of
+    bitsandbytes' block (its CPU kernel blocks rows otherwise; see flat_reference)."""
+    import zerotune.nf4
+    from conftest import corpus, make_config
+    from helpers import train
+    from zerotune.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", corpus(), "llama", vocab_size=300, hidden_size=64, layers=2,
+                                heads=4, kv_heads=2, seed=0)
+    installed = []
+    real = zerotune.nf4.install_compiled_nf4
+    monkeypatch.setattr(zerotune.nf4, "install_compiled_nf4", lambda model: installed.append(real(model)) or installed[-1])
+    losses = {}
+    for compiled in ("on", "off"):
+        config = make_config(model_dir, alpaca_file, tmp_path / f"run-{compiled}", **{
+            "adapter.method": "qlora", "model.compile": compiled, "train.max_steps": 3, "data.eval_fraction": 0.0,
+            "data.packing": True})
+        losses[compiled] = train(config).losses
+    assert installed == [2 * 7]  # every linear of both layers, in the compiled run
+    assert losses["on"][-1] < losses["on"][0]
+    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=1e-4, atol=0)

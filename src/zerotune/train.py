@@ -244,6 +244,11 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     if compiled:
         from zerotune.model import compile_layers
 
+        if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name in ("single", "ddp"):
+            from zerotune.nf4 import install_compiled_nf4
+
+            tracker.note(f"QLoRA: {install_compiled_nf4(model)} 4-bit matmuls compiled with their layers (zerotune.nf4)")
+
         tracker.note(f"compiling {compile_layers(model)} decoder layers (torch.compile; the first steps are slow)")
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
 
