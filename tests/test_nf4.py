@@ -52,7 +52,8 @@ def test_dequantized_weight_is_bitsandbytes_bit_for_bit(shape, dtype):
         expected = flat_reference(layer, dtype)
     ours = dequantize_nf4(layer.weight.data, state.absmax, state.state2.code, state.state2.absmax, state.offset,
                           state.code, state.blocksize, state.state2.blocksize, tuple(state.shape), dtype)
-    assert covered(layer) and ours.shape == expected.shape and ours.dtype == expected.dtype
+    assert covered(layer) == (shape[1] % state.blocksize == 0)  # other widths keep bitsandbytes' forward
+    assert ours.shape == expected.shape and ours.dtype == expected.dtype
     assert torch.equal(ours, expected)
     assert not torch.equal(ours, torch.zeros_like(ours))
 
