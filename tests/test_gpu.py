@@ -115,3 +115,35 @@ def test_autocast_makes_lora_matmuls_bf16(tiny_llama):
     with compute_precision(ModelConfig(), model, torch.device("cuda"))():
         token_loss_sum(model, _batch("cuda"))
     assert seen == [torch.bfloat16]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_compiled_nf4_matmul_equals_bitsandbytes_on_cuda():
+    """zerotune.nf4 against bitsandbytes' CUDA kernels: the dequantized weight bit for bit (Llama-7B's widest
+    shape, more than 256 blocks), and, compiled by inductor, a layer's output and input gradient."""
+    import bitsandbytes as bnb
+
+    from zerotune.nf4 import dequantize_nf4, install_compiled_nf4
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(4096, 11008, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4", quant_storage=torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(torch.randn(11008, 4096, dtype=torch.bfloat16) * 0.02, requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16,
+                                     module=layer).to("cuda")
+    state = layer.weight.quant_state
+    expected = bnb.functional.dequantize_4bit(layer.weight.data, state)
+    ours = dequantize_nf4(layer.weight.data, state.absmax, state.state2.code, state.state2.absmax, state.offset,
+                          state.code, state.blocksize, state.state2.blocksize, tuple(state.shape), torch.bfloat16)
+    assert torch.equal(ours, expected)
+    x = torch.randn(2, 64, 4096, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    grad = torch.randn(2, 64, 11008, dtype=torch.bfloat16, device="cuda")
+    reference = layer(x)
+    reference.backward(grad)
+    reference_grad, x.grad = x.grad.clone(), None
+    assert install_compiled_nf4(layer) == 1
+    out = torch.compile(layer)(x)
+    out.backward(grad)
+    # the same bf16 weight and cuBLAS matmul, but inductor may pick another GEMM layout: bf16 rounding apart
+    torch.testing.assert_close(out, reference, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad, reference_grad, rtol=1.6e-2, atol=1e-2)
