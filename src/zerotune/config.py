@@ -60,11 +60,11 @@ class ModelConfig:
                 "take minutes and rarely pay back in a short run).", "--compile",
     )
     compiled_nf4: bool = option(
-        True, "With --method qlora and compiled layers (one process or DDP): the 4-bit matmul is written in torch "
-              "ops and compiled with its layer (zerotune.nf4), one fused dequantize kernel per weight instead of "
+        True, "With --method qlora and compiled layers in one process: the 4-bit matmul is written in torch ops and "
+              "compiled with its layer (zerotune.nf4), one fused dequantize kernel per weight instead of "
               "bitsandbytes' per-call host code; same values bit for bit. A 7B QLoRA micro-batch-1 step is "
-              "host-bound, and took 0.26 s instead of 0.38 s on an H200. --no-compiled-nf4: bitsandbytes' own "
-              "matmul.", "--compiled-nf4",
+              "host-bound, and took 0.26 s instead of 0.38 s on an H200. Not yet under DDP, FSDP2 or DeepSpeed "
+              "(untested there). --no-compiled-nf4: bitsandbytes' own matmul.", "--compiled-nf4",
     )
     mixed_precision: bool = option(
         True, "With a bf16/fp16 model, run the forward under torch.autocast in that dtype: the fp32 LoRA weights "

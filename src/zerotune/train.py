@@ -244,7 +244,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     if compiled:
         from zerotune.model import compile_layers
 
-        if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name in ("single", "ddp"):
+        if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name == "single":
             from zerotune.nf4 import install_compiled_nf4
 
             tracker.note(f"QLoRA: {install_compiled_nf4(model)} 4-bit matmuls compiled with their layers (zerotune.nf4)")
