@@ -8,7 +8,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from zerotune.model import bitsandbytes_runs_4bit_on_cpu  # noqa: E402
-from zerotune.nf4 import covered, dequantize_nf4, install_compiled_nf4  # noqa: E402
+from zerotune.nf4 import covered, dequantize_nf4, install_compiled_nf4, matches_bitsandbytes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not bitsandbytes_runs_4bit_on_cpu(), reason="bitsandbytes has no CPU 4-bit backend")
 
@@ -132,3 +132,21 @@ def test_qlora_run_with_the_compiled_matmul_equals_bitsandbytes_run(alpaca_file,
     assert installed == [2 * 7] and len(compiled) == 2  # every linear of both layers, in the first run only
     assert losses[True][-1] < losses[True][0]
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-6, atol=0)
+
+
+def test_a_changed_bitsandbytes_layout_keeps_bitsandbytes_matmul(monkeypatch):
+    """The install-time check: this bitsandbytes matches; one that reads its packed bytes another way (here:
+    the low nibble first) gets no compiled matmul at all."""
+    import zerotune.nf4
+
+    assert matches_bitsandbytes(torch.device("cpu"))
+    real = bnb.functional.dequantize_4bit
+
+    def low_nibble_first(packed, state, *args, **kwargs):
+        raw = packed.view(torch.uint8)
+        return real(((raw << 4) | (raw >> 4)).view(packed.dtype), state, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", low_nibble_first)
+    assert not zerotune.nf4.matches_bitsandbytes(torch.device("cpu"))
+    layer = nf4_layer(64, 128)
+    assert install_compiled_nf4(layer) == 0 and not hasattr(layer, "_zerotune_bnb_forward")

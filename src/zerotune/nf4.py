@@ -105,10 +105,27 @@ def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def install_compiled_nf4(model: torch.nn.Module) -> int:
-    """Route every bitsandbytes ``Linear4bit`` of ``model`` through ``_Linear4bit``. Returns how many."""
+def matches_bitsandbytes(device: torch.device) -> bool:
+    """A 128x128 weight packed by the installed bitsandbytes on ``device``: does ``dequantize_nf4`` give its
+    dequantization bit for bit? Guards against a bitsandbytes release that changes the NF4 layout."""
     import bitsandbytes as bnb
 
+    weight = torch.randn(128, 128, generator=torch.Generator().manual_seed(0)).to(device)
+    packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    expected = bnb.functional.dequantize_4bit(packed, state).to(torch.float32)
+    ours = dequantize_nf4(packed, state.absmax, state.state2.code, state.state2.absmax, state.offset, state.code,
+                          state.blocksize, state.state2.blocksize, tuple(state.shape), torch.float32)
+    return torch.equal(ours, expected)
+
+
+def install_compiled_nf4(model: torch.nn.Module) -> int:
+    """Route every bitsandbytes ``Linear4bit`` of ``model`` through ``_Linear4bit``. Returns how many: none when
+    the installed bitsandbytes packs NF4 in a layout ``dequantize_nf4`` does not reproduce."""
+    import bitsandbytes as bnb
+
+    devices = {m.weight.device for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if not all(matches_bitsandbytes(device) for device in devices):
+        return 0
     count = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and not hasattr(module, "_zerotune_bnb_forward"):

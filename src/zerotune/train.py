@@ -247,7 +247,10 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name == "single":
             from zerotune.nf4 import install_compiled_nf4
 
-            tracker.note(f"QLoRA: {install_compiled_nf4(model)} 4-bit matmuls compiled with their layers (zerotune.nf4)")
+            installed = install_compiled_nf4(model)
+            tracker.note(f"QLoRA: {installed} 4-bit matmuls compiled with their layers (zerotune.nf4)" if installed else
+                         "QLoRA: bitsandbytes' matmul (the installed bitsandbytes packs NF4 in a layout zerotune.nf4 "
+                         "was not built for)")
 
         tracker.note(f"compiling {compile_layers(model)} decoder layers (torch.compile; the first steps are slow)")
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
