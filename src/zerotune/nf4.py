@@ -13,9 +13,9 @@ outputs and input gradients with bitsandbytes' own forward). The backward dequan
 bitsandbytes' kernel (see ``_Linear4bit.backward``), rather than keeping the full-precision weight: saved for
 backward are the packed bytes and their scales, as in bitsandbytes.
 
-Installed per ``Linear4bit`` by replacing its forward (``install_compiled_nf4``). Layers whose state this
-path does not cover (FP4, no double quantization with 256-entry blocks, a CPU inference repack) keep the
-original forward. So do rows whose width is not a multiple of the 64-weight block (none in the supported
+Installed per ``Linear4bit`` by replacing its forward (``install_compiled_nf4``), once, so the training step
+does not re-check each layer's state. Layers whose state this path does not cover (FP4, no double
+quantization with 256-entry blocks, a CPU inference repack) keep the original forward. So do rows whose width is not a multiple of the 64-weight block (none in the supported
 families).
 """
 
@@ -94,8 +94,6 @@ def covered(module) -> bool:
 
 
 def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if not covered(self):
-        return self._zerotune_bnb_forward(x)
     state = _state_of(self)
     dtype = self.compute_dtype or x.dtype
     bias = None if self.bias is None else self.bias.to(dtype)
@@ -128,7 +126,7 @@ def install_compiled_nf4(model: torch.nn.Module) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and not hasattr(module, "_zerotune_bnb_forward"):
+        if isinstance(module, bnb.nn.Linear4bit) and covered(module) and not hasattr(module, "_zerotune_bnb_forward"):
             module._zerotune_bnb_forward = module.forward
             module.forward = types.MethodType(_compiled_forward, module)
             count += 1
