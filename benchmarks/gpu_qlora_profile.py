@@ -4,7 +4,7 @@ The model is the `qlora` bench workload's: Llama-2-7B architecture with random w
 quantization, bf16 compute and storage), LoRA r16 on all linear layers, gradient checkpointing, seq 2048,
 micro-batch 1, the chunked loss, fused AdamW, bf16 autocast. For each variant (``compiled``: zerotune's
 decoder-layer compilation; ``compiled-nf4``: with zerotune.nf4's matmul; ``...-cpp-wrapper``: inductor's
-host code in C++; ``...-groupN``: N decoder layers per compiled call; ``eager``):
+host code in C++; ``eager``):
 
 1. ``--steps`` timed steps after ``--warmup`` ones. Per step: the host's enqueue time (until the last kernel of
    the step is queued) and the wall time (until the GPU is done). A step whose enqueue time is close to its
@@ -32,19 +32,16 @@ from pathlib import Path
 import torch
 
 
-VARIANTS = {  # name: (compile the decoder layers, zerotune.nf4 matmul, inductor's C++ host wrapper, layers per call)
-    "compiled": (True, False, False, 1),
-    "compiled-nf4": (True, True, False, 1),
-    "compiled-nf4-group2": (True, True, False, 2),
-    "compiled-nf4-group4": (True, True, False, 4),
-    "compiled-nf4-group8": (True, True, False, 8),
-    "compiled-nf4-cpp-wrapper": (True, True, True, 1),
-    "compiled-cpp-wrapper": (True, False, True, 1),
-    "eager": (False, False, False, 1),
+VARIANTS = {  # name: (compile the decoder layers, zerotune.nf4 matmul, inductor's C++ host wrapper)
+    "compiled": (True, False, False),
+    "compiled-nf4": (True, True, False),
+    "compiled-nf4-cpp-wrapper": (True, True, True),
+    "compiled-cpp-wrapper": (True, False, True),
+    "eager": (False, False, False),
 }
 
 
-def build(compiled: bool, nf4: bool, group: int = 1):
+def build(compiled: bool, nf4: bool):
     from transformers import LlamaConfig
 
     from zerotune import adapters
@@ -66,7 +63,7 @@ def build(compiled: bool, nf4: bool, group: int = 1):
 
         install_compiled_nf4(model)
     if compiled:
-        compile_layers(model, group=group)
+        compile_layers(model)
     model.train()
     return model, head
 
@@ -76,10 +73,10 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
 
     from zerotune.train import token_loss_sum
 
-    compiled, nf4, cpp_wrapper, group = VARIANTS[variant]
+    compiled, nf4, cpp_wrapper = VARIANTS[variant]
     torch._dynamo.reset()
     torch._inductor.config.cpp_wrapper = cpp_wrapper
-    model, head = build(compiled, nf4, group)
+    model, head = build(compiled, nf4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     ids = torch.randint(4, 32000, (1, 2048), device="cuda")
     batch = {"input_ids": ids, "labels": ids}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import types
 from pathlib import Path
 
 import torch
@@ -154,59 +153,13 @@ def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> int:
     return sum(1 for layer in layers if layer.gradient_checkpointing)
 
 
-# Families whose decoder layers return the hidden states as one tensor and take the same inputs in every layer of
-# a run of equal ``config.layer_types``: their layers can run in groups (see compile_layers).
-GROUPABLE_FAMILIES = ("llama", "mistral", "qwen2")
-
-
-def _pass_through(hidden_states, *args, **kwargs):
-    return hidden_states
-
-
-def _run_group(self, hidden_states, *args, **kwargs):
-    # Each layer's own class forward: its gradient checkpointing stays per layer, as without grouping.
-    for layer in self._zerotune_group:
-        hidden_states = type(layer).forward(layer, hidden_states, *args, **kwargs)
-    return hidden_states
-
-
-def layer_groups(model: torch.nn.Module, size: int) -> list[list[torch.nn.Module]]:
-    """Runs of up to ``size`` consecutive decoder layers that may share one compiled call: same class and, where
-    the config gives per-layer attention types (sliding window or full), the same type. Families outside
-    GROUPABLE_FAMILIES, or size 1, give one layer per group."""
-    layers = decoder_layers(model)
-    config = getattr(model, "config", None)
-    if size <= 1 or getattr(config, "model_type", None) not in GROUPABLE_FAMILIES:
-        return [[layer] for layer in layers]
-    kinds = list(getattr(config, "layer_types", None) or ["any"] * len(layers))
-    groups: list[list[torch.nn.Module]] = []
-    for index, layer in enumerate(layers):
-        same = groups and len(groups[-1]) < size and type(groups[-1][0]) is type(layer) and kinds[index] == kinds[index - 1]
-        if same:
-            groups[-1].append(layer)
-        else:
-            groups.append([layer])
-    return groups
-
-
-def compile_layers(model: torch.nn.Module, mode: str | None = None, group: int = 1) -> int:
+def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     """Regional compilation: torch.compile each decoder layer (one graph reused by every layer, so compile
-    time stays that of one layer). With ``group`` > 1, runs of that many layers become one compiled call
-    (layer_groups): the first layer's forward runs the whole run and the others pass their input through.
-    That cuts the per-call host cost of compiled code (guards, the autograd wrapper), which bounds short steps
-    such as QLoRA at micro-batch 1; parameters and their names do not change. Returns how many layers were
-    compiled."""
-    groups = layer_groups(model, group)
-    for layers in groups:
-        leader = layers[0]
-        if len(layers) > 1:
-            # Plain attributes (not submodules): the state dict, parameters and module tree stay as they were.
-            leader.__dict__["_zerotune_group"] = layers
-            leader.__dict__["forward"] = types.MethodType(_run_group, leader)
-            for follower in layers[1:]:
-                follower.__dict__["forward"] = _pass_through
-        leader.compile(mode=mode)
-    return sum(len(layers) for layers in groups)
+    time stays that of one layer). Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(mode=mode)
+    return len(layers)
 
 
 def has_linear_subclasses(model_config, trust_remote_code: bool = False) -> bool:
