@@ -4,7 +4,8 @@ The model is the `qlora` bench workload's: Llama-2-7B architecture with random w
 quantization, bf16 compute and storage), LoRA r16 on all linear layers, gradient checkpointing, seq 2048,
 micro-batch 1, the chunked loss, fused AdamW, bf16 autocast. For each variant (``compiled``: zerotune's
 decoder-layer compilation; ``compiled-nf4``: with zerotune.nf4's matmul; ``...-cpp-wrapper``: inductor's
-host code in C++; ``eager``):
+host code in C++; ``...-graphed``: the whole step (forward, backward, optimizer) captured once as a CUDA graph and
+replayed; ``eager``):
 
 1. ``--steps`` timed steps after ``--warmup`` ones. Per step: the host's enqueue time (until the last kernel of
    the step is queued) and the wall time (until the GPU is done). A step whose enqueue time is close to its
@@ -35,6 +36,7 @@ import torch
 VARIANTS = {  # name: (compile the decoder layers, zerotune.nf4 matmul, inductor's C++ host wrapper)
     "compiled": (True, False, False),
     "compiled-nf4": (True, True, False),
+    "compiled-nf4-graphed": (True, True, False),
     "compiled-nf4-cpp-wrapper": (True, True, True),
     "compiled-cpp-wrapper": (True, False, True),
     "eager": (False, False, False),
@@ -81,13 +83,33 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
     ids = torch.randint(4, 32000, (1, 2048), device="cuda")
     batch = {"input_ids": ids, "labels": ids}
 
+    graphed = variant.endswith("-graphed")
+    if graphed:  # the step's inputs and the optimizer's state must stay at fixed addresses for replay
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True,
+                                      capturable=True)
+
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, tokens = token_loss_sum(model, batch, head)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
+            loss, tokens = token_loss_sum(model, batch, head, label_count=2047)
         (loss / tokens).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not graphed:
+            optimizer.zero_grad(set_to_none=True)
 
+    if graphed:
+        # Whole-step CUDA graph: warm up (and compile) on a side stream, capture one step, then each step is
+        # one replay; gradients live in the graph's pool and each replay overwrites them.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+                optimizer.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        step = graph.replay
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
