@@ -97,6 +97,11 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
     if graphed:
+        # transformers builds a full attention mask while a CUDA stream captures (it cannot look at a padding
+        # mask then); these rows have none, so the causal fast path is right, and what was compiled stays valid.
+        import transformers.utils.import_utils as hf_import_utils
+
+        hf_import_utils.is_cuda_stream_capturing = lambda: False
         # Whole-step CUDA graph: warm up (and compile) on a side stream, capture one step, then each step is
         # one replay; gradients live in the graph's pool and each replay overwrites them.
         side = torch.cuda.Stream()
@@ -107,7 +112,7 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
         step = graph.replay
     for _ in range(warmup):
@@ -194,7 +199,10 @@ def main() -> None:
             try:
                 measured = measure(variant, args.steps, args.warmup)
             except Exception as error:  # one variant failing must not lose the others' numbers
-                measured = {"variant": variant, "error": f"{type(error).__name__}: {str(error)[:800]}"}
+                import traceback
+
+                measured = {"variant": variant, "error": f"{type(error).__name__}: {str(error)[:800]}",
+                            "traceback": traceback.format_exc()[-3000:]}
             gc.collect()
             torch.cuda.empty_cache()
             measured["gpu_while_timed"] = summarise(gpu_samples(samples), started, time.time())
