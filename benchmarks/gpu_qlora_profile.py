@@ -101,7 +101,10 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
         # mask then); these rows have none, so the causal fast path is right, and what was compiled stays valid.
         import transformers.utils.import_utils as hf_import_utils
 
+        import transformers.masking_utils as hf_masking
+
         hf_import_utils.is_cuda_stream_capturing = lambda: False
+        hf_masking.find_packed_sequence_indices = lambda position_ids: None  # one sequence per row (a host sync)
         # Whole-step CUDA graph: warm up (and compile) on a side stream, capture one step, then each step is
         # one replay; gradients live in the graph's pool and each replay overwrites them.
         side = torch.cuda.Stream()
