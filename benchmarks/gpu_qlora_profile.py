@@ -95,6 +95,9 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
         optimizer.step()
         if not graphed:
             optimizer.zero_grad(set_to_none=True)
+        return (loss / tokens).detach()
+
+    losses = []  # every executed update's loss, in order: equal between variants if the graph replays right
 
     if graphed:
         # transformers builds a full attention mask while a CUDA stream captures (it cannot look at a padding
@@ -111,23 +114,29 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                step()
+                losses.append(step())
                 optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        # Replays allocate nothing: the step's working set is what the capture takes from the graph's pool.
+        torch.cuda.reset_peak_memory_stats()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            step()
-        step = graph.replay
+            static_loss = step()
+
+        def step():
+            graph.replay()
+            return static_loss.clone()
     for _ in range(warmup):
-        step()
+        losses.append(step())
     torch.cuda.synchronize()
     gc.collect()
     gc.freeze()
-    torch.cuda.reset_peak_memory_stats()
+    if not graphed:
+        torch.cuda.reset_peak_memory_stats()
     enqueue, wall = [], []
     for _ in range(steps):
         started = time.perf_counter()
-        step()
+        losses.append(step())
         enqueue.append(time.perf_counter() - started)
         torch.cuda.synchronize()
         wall.append(time.perf_counter() - started)
@@ -149,6 +158,8 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
         "enqueue_median_s": statistics.median(enqueue),
         "tokens_per_second_median": 2048 / statistics.median(wall),
         "peak_gib": peak,
+        "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+        "losses": [round(float(x), 5) for x in losses],
         "gpu_busy_ms_per_step": sum(ms for _, ms, _ in kernels),
         "kernels_per_step": sum(n for _, _, n in kernels),
         "top_kernels_ms_count": [[k[:100], round(ms, 3), round(n, 1)] for k, ms, n in kernels[:20]],
@@ -211,7 +222,7 @@ def main() -> None:
             measured["gpu_while_timed"] = summarise(gpu_samples(samples), started, time.time())
             result["variants"].append(measured)
             out.write_text(json.dumps(result, indent=1))
-            brief = {k: v for k, v in measured.items() if k not in ("wall_s", "enqueue_s", "top_cpu_ops_ms_count")}
+            brief = {k: v for k, v in measured.items() if k not in ("wall_s", "enqueue_s", "top_cpu_ops_ms_count", "losses")}
             print(json.dumps(brief, indent=1), flush=True)
     finally:
         sampler.kill()
