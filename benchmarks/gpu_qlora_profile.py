@@ -70,6 +70,37 @@ def build(compiled: bool, nf4: bool):
     return model, head
 
 
+def whole_step_graph(step, warmup: int, losses: list, optimizer):
+    """Capture ``step`` (forward, backward, optimizer step; built with ``capturable=True`` and without zeroing
+    gradients) as one CUDA graph after ``warmup`` ordinary steps on a side stream (their losses go to
+    ``losses``). Returns a function that replays it and returns the step's loss. Peak memory stats are reset
+    before the capture: replays allocate nothing, so the capture's working set is the step's peak. The two
+    transformers patches below stay for the rest of the process; they are exact for one-sequence rows."""
+    # transformers builds a full attention mask while a CUDA stream captures (it cannot look at a padding
+    # mask then); these rows have none, so the causal fast path is right, and what was compiled stays valid.
+    import transformers.masking_utils as hf_masking
+    import transformers.utils.import_utils as hf_import_utils
+
+    hf_import_utils.is_cuda_stream_capturing = lambda: False
+    hf_masking.find_packed_sequence_indices = lambda position_ids: None  # one sequence per row (a host sync)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            losses.append(step())
+            optimizer.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_loss = step()
+
+    def replay():
+        graph.replay()
+        return static_loss.clone()
+    return replay
+
+
 def measure(variant: str, steps: int, warmup: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -100,32 +131,7 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
     losses = []  # every executed update's loss, in order: equal between variants if the graph replays right
 
     if graphed:
-        # transformers builds a full attention mask while a CUDA stream captures (it cannot look at a padding
-        # mask then); these rows have none, so the causal fast path is right, and what was compiled stays valid.
-        import transformers.utils.import_utils as hf_import_utils
-
-        import transformers.masking_utils as hf_masking
-
-        hf_import_utils.is_cuda_stream_capturing = lambda: False
-        hf_masking.find_packed_sequence_indices = lambda position_ids: None  # one sequence per row (a host sync)
-        # Whole-step CUDA graph: warm up (and compile) on a side stream, capture one step, then each step is
-        # one replay; gradients live in the graph's pool and each replay overwrites them.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                losses.append(step())
-                optimizer.zero_grad(set_to_none=True)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # Replays allocate nothing: the step's working set is what the capture takes from the graph's pool.
-        torch.cuda.reset_peak_memory_stats()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_loss = step()
-
-        def step():
-            graph.replay()
-            return static_loss.clone()
+        step = whole_step_graph(step, warmup, losses, optimizer)
     for _ in range(warmup):
         losses.append(step())
     torch.cuda.synchronize()

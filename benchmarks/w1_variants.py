@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
-            loss_chunk=None, cpp_wrapper=False)
+            loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -37,6 +37,12 @@ VARIANTS = {
     "ckpt-mb4-compiled": dict(micro=4, ckpt=True),
     "ckpt-mb4-compiled+fast_lora": dict(micro=4, ckpt=True, fast_lora=True),
     "ckpt-mb4-compiled-reduce-overhead": dict(micro=4, ckpt=True, mode="reduce-overhead"),
+    # The whole step as one CUDA graph (gpu_qlora_profile.whole_step_graph); run these last: the
+    # transformers patches it makes stay for the rest of the process.
+    "compiled-no-mask": dict(mask=False),  # the batch as the training loop sends it without padding
+    "ckpt-mb4-compiled-no-mask": dict(micro=4, ckpt=True, mask=False),
+    "compiled-graphed": dict(graphed=True, mask=False),
+    "ckpt-mb4-compiled-graphed": dict(micro=4, ckpt=True, graphed=True, mask=False),
 }
 
 
@@ -84,25 +90,38 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     if compiled:
         compile_layers(model, options["mode"])
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    graphed = options["graphed"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True,
+                                  capturable=graphed)
     ids = torch.randint(4, model.config.vocab_size, (micro, 2048), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if not options["mask"]:  # as the training loop sends a batch without padding (step_io.without_full_mask)
+        batch = {"input_ids": ids, "labels": ids}
 
     count = micro * 2047 if options["host_count"] else None
 
     def step():
         if options["mode"] == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
             loss, tokens = token_loss_sum(model, batch, head, count)
         (loss / tokens).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        if not graphed:
+            optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    losses = [float(step()) / ids.numel() for _ in range(3)]
+    if graphed:
+        from gpu_qlora_profile import whole_step_graph
+
+        warm: list = []
+        step = whole_step_graph(step, 3, warm, optimizer)
+        losses = [float(x) / ids.numel() for x in warm]
+    else:
+        losses = [float(step()) / ids.numel() for _ in range(3)]
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if not graphed:  # a graph's peak is its capture's (whole_step_graph reset the stats before it)
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
