@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
-            loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True)
+            loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
+            packed_probe=True)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -41,6 +42,9 @@ VARIANTS = {
     # transformers patches it makes stay for the rest of the process.
     "compiled-no-mask": dict(mask=False),  # the batch as the training loop sends it without padding
     "ckpt-mb4-compiled-no-mask": dict(micro=4, ckpt=True, mask=False),
+    # without transformers' packed-sequence probe (a host sync in every forward); exact for one-sequence rows
+    "compiled-no-mask-no-probe": dict(mask=False, packed_probe=False),
+    "ckpt-mb4-compiled-no-mask-no-probe": dict(micro=4, ckpt=True, mask=False, packed_probe=False),
     "compiled-graphed": dict(graphed=True, mask=False),
     "ckpt-mb4-compiled-graphed": dict(micro=4, ckpt=True, graphed=True, mask=False),
 }
@@ -69,7 +73,11 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     options = {**BASE, **VARIANTS[name]}
     micro, ckpt, compiled, fast_lora, liger = (options[k] for k in ("micro", "ckpt", "compile", "fast_lora", "liger"))
     torch._dynamo.reset()
-    torch._inductor.config.cpp_wrapper = options["cpp_wrapper"]  # inductor's generated host code in C++
+    torch._inductor.config.cpp_wrapper = options["cpp_wrapper"]
+    if not options["packed_probe"]:
+        import transformers.masking_utils as hf_masking
+
+        hf_masking.find_packed_sequence_indices = lambda position_ids: None  # inductor's generated host code in C++
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[arch_name])).to(torch.bfloat16)
@@ -171,6 +179,9 @@ def main() -> None:
 
     # liger swaps these module-wide (classes for new models, the rope function): put them back after each
     saved = {k: getattr(modeling_llama, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    import transformers.masking_utils as hf_masking
+
+    probe = hf_masking.find_packed_sequence_indices
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, args.steps, args.arch)
@@ -179,6 +190,7 @@ def main() -> None:
         finally:
             for key, value in saved.items():
                 setattr(modeling_llama, key, value)
+            hf_masking.find_packed_sequence_indices = probe
             gc.collect()
             torch.cuda.empty_cache()
         row = result["variants"][name]
