@@ -24,6 +24,9 @@ CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32 (2**26, 256 MiB, set 
 # weight reads per step. 512 rows measured 5.7% faster on W2 (Llama-3-8B, one H200) for 0.5 GiB more peak
 # (benchmarks/results/*-w2-loss-chunk-variants.json); at a 32k vocabulary 2**24 elements are 524 rows anyway.
 MIN_CHUNK_TOKENS = 512
+# ``label_count`` meaning "every row, at fixed shapes": the loss runs over all positions and rows whose label is
+# -100 weigh zero, so nothing depends on how many labels a batch has (a replayed CUDA graph needs that).
+ALL_ROWS = -1
 
 
 def chunk_tokens_for(vocab_size: int) -> int:
@@ -34,9 +37,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, label_count):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rows = label_rows(labels, label_count)
-        picked, targets = hidden.index_select(0, rows), labels.index_select(0, rows)
         wide = torch.promote_types(hidden.dtype, torch.float32)  # the softmax runs in fp32 (or fp64 if given)
+        if label_count == ALL_ROWS:
+            rows, picked, keep = None, hidden, (labels != IGNORE_INDEX).to(wide)
+            targets = labels.clamp(min=0)
+        else:
+            rows, keep = label_rows(labels, label_count), None
+            picked, targets = hidden.index_select(0, rows), labels.index_select(0, rows)
         total = torch.zeros((), dtype=wide, device=hidden.device)
         grad_picked = torch.empty_like(picked) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if want_weight else None
@@ -44,11 +51,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk, target = picked[start:start + chunk_tokens], targets[start:start + chunk_tokens]
             logits = (chunk @ weight.t()).to(wide)
             log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            losses = log_norm - logits.gather(1, target[:, None]).squeeze(1)
+            weight_of_row = None if keep is None else keep[start:start + chunk_tokens]
+            total += (losses if weight_of_row is None else losses * weight_of_row).sum()
             if want_hidden or want_weight:
                 # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the fp32 logits
                 grad_logits = logits.sub_(log_norm[:, None]).exp_()
                 grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((target.size(0), 1), -1.0))
+                if weight_of_row is not None:
+                    grad_logits.mul_(weight_of_row[:, None])
                 grad_logits = grad_logits.to(hidden.dtype)
                 if want_hidden:
                     grad_picked[start:start + chunk_tokens] = grad_logits @ weight
@@ -56,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight += (grad_logits.t() @ chunk).to(wide)
         grad_hidden = None
         if want_hidden:
-            grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_picked)
+            grad_hidden = grad_picked if rows is None else torch.zeros_like(hidden).index_copy_(0, rows, grad_picked)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -86,7 +97,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
                              chunk_tokens: int | None = None, label_count: int | None = None) -> torch.Tensor:
     """Sum over positions with ``labels != -100`` of cross-entropy(hidden @ weight.T, labels).
     ``hidden`` [N, d], ``weight`` [V, d], ``labels`` [N] (already aligned: label i is the target of row i).
-    ``label_count``: how many labels are not -100, when the caller knows it (saves a host-GPU sync)."""
+    ``label_count``: how many labels are not -100, when the caller knows it (saves a host-GPU sync), or
+    ALL_ROWS: every row at fixed shapes, -100 rows weighing zero (no count needed, for CUDA graphs)."""
     chunk = chunk_tokens or chunk_tokens_for(weight.size(0))
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, label_count)
 

@@ -124,15 +124,16 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
     return model
 
 
-def compute_precision(config: ModelConfig, model: torch.nn.Module, device: torch.device):
+def compute_precision(config: ModelConfig, model: torch.nn.Module, device: torch.device, cache: bool = True):
     """The context the forward runs in: autocast to the weights' dtype when they are 16-bit and
-    ``model.mixed_precision`` is on, so fp32 adapter weights do not force fp32 matmuls."""
+    ``model.mixed_precision`` is on, so fp32 adapter weights do not force fp32 matmuls. ``cache=False`` keeps
+    autocast from caching casts across calls (inside a captured CUDA graph)."""
     from contextlib import nullcontext
 
     dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
     if not config.mixed_precision or dtype not in (torch.bfloat16, torch.float16):
         return nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

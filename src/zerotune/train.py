@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from zerotune import adapters
+from zerotune.attention import is_plain_causal, plain_causal
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
     save_checkpoint
 from zerotune.config import RunConfig, compile_enabled, dump_yaml
 from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
-from zerotune.errors import ZerotuneError
+from zerotune.errors import ConfigError, ZerotuneError
+from zerotune.loss import ALL_ROWS
 from zerotune.model import compute_precision, load_tokenizer, resolve_dtype
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
@@ -156,8 +158,6 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool = False) 
         return
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
-            from zerotune.errors import ConfigError
-
             raise ConfigError(f"{output_dir}: output directory already holds a run; pass --overwrite or pick another")
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,16 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             from zerotune.fast_lora import install_fast_lora
 
             install_fast_lora(model)
-    precision = compute_precision(config.model, model, strategy.device)
+    graphs = config.train.cuda_graph
+    if graphs:
+        from zerotune.attention import install_plain_causal_hint
+
+        if strategy.device.type != "cuda" or strategy.name != "single":
+            raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU (this run has "
+                              f"{strategy.name} on {strategy.device.type}); drop --cuda-graph")
+        if not install_plain_causal_hint(model):
+            raise ConfigError("train.cuda_graph: needs model.attn_implementation sdpa")
+    precision = compute_precision(config.model, model, strategy.device, cache=not graphs)
     compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
     if compiled:
         from zerotune.model import compile_layers
@@ -257,8 +266,10 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
     def build_optimizer(params):
         # Fused (CUDA and CPU): one kernel per step, and it can drop a non-finite step on the device (found_inf).
-        return torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                 betas=(0.9, 0.999), eps=1e-8, fused=True)
+        # Replayed steps read the learning rate from a device tensor the scheduler fills in place.
+        lr = torch.tensor(config.train.lr, device=strategy.device) if graphs else config.train.lr
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.train.weight_decay,
+                                 betas=(0.9, 0.999), eps=1e-8, fused=True, capturable=graphs)
 
     def build_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config, total_steps))
@@ -288,7 +299,9 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
     # Compiled layers with packed rows: one row length for every step, so nothing recompiles (rows are nearly
     # full anyway). Unpacked batches vary in length; torch.compile then switches to dynamic shapes.
-    pad_to = config.data.max_seq_len if compiled and config.data.packing else None
+    # A replayed CUDA graph needs that too, packed or not.
+    pad_to = config.data.max_seq_len if (compiled and config.data.packing) or graphs else None
+    strategy.schedule_in_step = not graphs
     save_every, save_seconds = config.checkpoint.save_steps, config.checkpoint.save_minutes * 60
     last_save = time.monotonic()
     elapsed_before = state.get("elapsed_seconds", 0.0)
@@ -334,6 +347,28 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         while pending:
             finish(pending.pop(0))
 
+    def run_step(device_batches, global_tokens, counts=None, plain=None) -> torch.Tensor:
+        """One optimizer step on batches already on the device: [loss sum, grad norm, applied]. With CUDA
+        graphs (counts None) nothing here reads a device value on the host, and the loss runs over every row."""
+        step_loss_sum = torch.zeros((), device=strategy.device)
+        for index, batch in enumerate(device_batches):
+            with strategy.accumulating(model, sync=index == len(device_batches) - 1):
+                with precision(), plain_causal(plain[index]):
+                    loss_sum, _ = token_loss_sum(model, batch, loss_head, ALL_ROWS if counts is None else counts[index])
+                strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
+            step_loss_sum += loss_sum.detach()
+        loss_total = strategy.all_reduce_sum(step_loss_sum)
+        grad_norm, applied = strategy.optimizer_step(model, loss_total)
+        return torch.stack([loss_total.float(), grad_norm.to(loss_total.device).float(),
+                            applied.to(loss_total.device).float()])
+
+    step_graphs = None
+    if graphs:
+        from zerotune.step_graphs import StepGraphs
+
+        step_graphs = StepGraphs(lambda batches, tokens, plain: run_step(batches, tokens, None, plain),
+                                 note=tracker.note)
+
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
         micro_indices = plan.micro_batches(epoch, step_in_epoch, strategy.rank)
@@ -346,21 +381,16 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         info = strategy.all_reduce_sum(host_values(strategy.device, [
             sum(counts), sum(int(b["attention_mask"].sum()) for b in batches), sum(b["input_ids"].numel() for b in batches),
             signals.requested is not None, time_due]))
-        global_tokens = info[0].float()
-        step_loss_sum = torch.zeros((), device=strategy.device)
-        for index, batch in enumerate(batches):
-            batch = to_device(without_full_mask(batch), strategy.device)
-            with strategy.accumulating(model, sync=index == len(batches) - 1):
-                with precision():
-                    loss_sum, _ = token_loss_sum(model, batch, loss_head, counts[index])
-                strategy.backward(loss_sum * strategy.world_size / global_tokens.clamp(min=1))
-            step_loss_sum += loss_sum.detach()
+        batches = [without_full_mask(batch) for batch in batches]
+        plain = [is_plain_causal(batch) for batch in batches]
+        device_batches = [to_device(batch, strategy.device) for batch in batches]
         lr = strategy.current_lr()
-        loss_total = strategy.all_reduce_sum(step_loss_sum)
-        grad_norm, applied = strategy.optimizer_step(model, loss_total)
-        launched = LaunchedStep(step, lr, HostCopy(info), HostCopy(torch.stack([
-            loss_total.float(), grad_norm.to(loss_total.device).float(), applied.to(loss_total.device).float()])),
-            WorkDone(strategy.device))
+        if graphs:
+            outcome = step_graphs(device_batches, info[0].float(), plain)
+            strategy.scheduler.step()  # fills the learning-rate tensor the next replay reads
+        else:
+            outcome = run_step(device_batches, info[0].float(), counts, plain)
+        launched = LaunchedStep(step, lr, HostCopy(info), HostCopy(outcome), WorkDone(strategy.device))
         pending.append(launched)
         while len(pending) > (1 if strategy.drops_steps_on_device else 0):
             finish(pending.pop(0))

@@ -64,6 +64,9 @@ class Strategy(ABC):
     #: Whether optimizer_step drops a non-finite step on the device. The loop then reads a step's results back
     #: one step late, so the host never waits for the GPU; an engine that cannot drop a step is read at once.
     drops_steps_on_device: bool = True
+    #: False while steps replay as CUDA graphs: the scheduler then steps outside optimizer_step (the loop calls
+    #: it), filling the learning-rate tensor the captured update reads.
+    schedule_in_step: bool = True
 
     def optimizer_step(self, model: torch.nn.Module, loss_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip, step optimizer and scheduler, zero gradients. Returns the pre-clip global grad norm and whether
@@ -78,7 +81,8 @@ class Strategy(ABC):
         applied = torch.isfinite(grad_norm) & torch.isfinite(loss_total.to(grad_norm.device))
         self.optimizer.found_inf = (~applied).float()
         self.optimizer.step()
-        self.scheduler.step()
+        if self.schedule_in_step:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
 
@@ -102,11 +106,21 @@ class Strategy(ABC):
         tensors = load_file(str(directory / "trainable.safetensors"), device=str(self.device))
         load_trainable(self.unwrap(model), tensors, directory)
         states = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        settings = [(group.get("capturable", False), group["lr"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(states["optimizer"])
+        # A checkpoint written with or without CUDA graphs resumes in either mode: this run's kind of
+        # learning rate (tensor or number) and capturable flag stay; the saved values carry over.
+        for group, (capturable, lr) in zip(self.optimizer.param_groups, settings):
+            saved = float(group["lr"])
+            group["capturable"] = capturable
+            group["lr"] = lr.fill_(saved) if isinstance(lr, torch.Tensor) else saved
         self.scheduler.load_state_dict(states["scheduler"])
 
     def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(lr, torch.Tensor):  # a CUDA graph's learning rate: computed on the host, no device read
+            return self.config.train.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        return lr
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

@@ -1,0 +1,63 @@
+"""train.cuda_graph on CPU: its config checks, and the attention-mask hint it relies on (the replayed graphs
+themselves run on the GPU: tests/test_gpu.py::test_cuda_graph_steps_equal_op_by_op)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from zerotune.attention import NAME, install_plain_causal_hint, is_plain_causal, plain_causal
+from zerotune.config import build_config
+from zerotune.errors import ConfigError
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"distributed.use_cpu": True}, "train.cuda_graph: needs one worker on a CUDA GPU"),
+    ({"distributed.num_workers": 2}, "train.cuda_graph: needs one worker on a CUDA GPU"),
+    ({"model.compile": "off"}, "train.cuda_graph: needs compiled layers"),
+    ({"adapter.dropout": 0.05}, "train.cuda_graph: needs --lora-dropout 0"),
+])
+def test_cuda_graph_config_errors(settings, message):
+    layers = {"train.cuda_graph": True, "adapter.dropout": 0.0, **settings}
+    with pytest.raises(ConfigError, match=message):
+        build_config(layers)
+    build_config({"train.cuda_graph": True, "adapter.dropout": 0.0})  # the accepted setting
+
+
+def test_plain_causal_hint_leaves_logits_unchanged(tiny_llama):
+    """The hinted attention gives the stock SDPA logits bit for bit (called as the training loop calls it, no
+    KV cache), for a plain batch (no mask: SDPA causal), a padded one, a packed one with two sequences in a
+    row, and packed rows of one sequence each."""
+    stock = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32, attn_implementation="sdpa")
+    hinted = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32, attn_implementation="sdpa")
+    assert install_plain_causal_hint(hinted) and hinted.config._attn_implementation == NAME
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    batches = {
+        "plain": ({"input_ids": ids}, True),
+        "padded": ({"input_ids": ids, "attention_mask": mask}, False),
+        "packed": ({"input_ids": ids, "position_ids": torch.tensor([list(range(5)) + list(range(7)),
+                                                                    list(range(12))])}, False),
+        "one per row": ({"input_ids": ids, "position_ids": torch.arange(12).repeat(2, 1)}, True),
+    }
+    for name, (batch, plain) in batches.items():
+        assert is_plain_causal(batch) is plain, name
+        with torch.no_grad():
+            expected = stock(**batch, use_cache=False).logits
+            with plain_causal(plain):
+                got = hinted(**batch, use_cache=False).logits
+        assert torch.equal(got, expected), name
+    # The hint is what makes a plain batch skip the mask: told wrongly, a packed row attends across examples.
+    with torch.no_grad(), plain_causal(True):
+        crossed = hinted(**batches["packed"][0], use_cache=False).logits
+        separate = stock(**batches["packed"][0], use_cache=False).logits
+    assert not torch.allclose(crossed[0, 5:], separate[0, 5:])
+
+
+def test_hint_is_refused_for_other_attention(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32, attn_implementation="eager")
+    assert not install_plain_causal_hint(model)
+    assert model.config._attn_implementation == "eager"
