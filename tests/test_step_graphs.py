@@ -61,3 +61,38 @@ def test_hint_is_refused_for_other_attention(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32, attn_implementation="eager")
     assert not install_plain_causal_hint(model)
     assert model.config._attn_implementation == "eager"
+
+
+def _strategy_with(lr_as_tensor: bool, config):
+    from zerotune.strategies.single import SingleDeviceStrategy
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    strategy = SingleDeviceStrategy(config, torch.device("cpu"))
+    lr = torch.tensor(config.train.lr) if lr_as_tensor else config.train.lr
+    strategy.wrap(model, lambda params: torch.optim.AdamW(params, lr=lr, fused=True),
+                  lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step), 10)
+    return model, strategy
+
+
+@pytest.mark.parametrize("saved_as_tensor", [False, True])
+def test_checkpoint_resumes_across_learning_rate_kinds(saved_as_tensor, tmp_path):
+    """A run with --cuda-graph keeps its learning rate in a tensor the scheduler fills; one without keeps a
+    number. A checkpoint from either resumes in the other: the same learning rate and schedule, in the
+    resuming run's own kind."""
+    config = build_config({"train.lr": 0.01})
+    model, first = _strategy_with(saved_as_tensor, config)
+    for _ in range(2):
+        model(torch.ones(1, 3)).sum().backward()
+        first.optimizer_step(model, torch.tensor(1.0))
+    first.save_state(model, tmp_path)
+    assert first.current_lr() == pytest.approx(0.0025)
+    model, second = _strategy_with(not saved_as_tensor, config)
+    second.load_state(model, tmp_path)
+    lr = second.optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) is (not saved_as_tensor)
+    assert float(lr) == pytest.approx(0.0025) and second.current_lr() == pytest.approx(0.0025)
+    second.scheduler.step()
+    assert second.optimizer.param_groups[0]["lr"] is lr if isinstance(lr, torch.Tensor) else True
+    assert float(second.optimizer.param_groups[0]["lr"]) == pytest.approx(0.00125)
+    assert second.current_lr() == pytest.approx(0.00125)

@@ -115,6 +115,9 @@ class Strategy(ABC):
             group["capturable"] = capturable
             group["lr"] = lr.fill_(saved) if isinstance(lr, torch.Tensor) else saved
         self.scheduler.load_state_dict(states["scheduler"])
+        # The schedule computes in numbers either way; it fills a tensor learning rate in place.
+        self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]
+        self.scheduler._last_lr = [float(lr) for lr in self.scheduler._last_lr]
 
     def current_lr(self) -> float:
         lr = self.optimizer.param_groups[0]["lr"]
