@@ -17,6 +17,7 @@ from zerotune.errors import ConfigError
     ({"distributed.num_workers": 2}, "train.cuda_graph: needs one worker on a CUDA GPU"),
     ({"model.compile": "off"}, "train.cuda_graph: needs compiled layers"),
     ({"adapter.dropout": 0.05}, "train.cuda_graph: needs --lora-dropout 0"),
+    ({"model.attn_implementation": "eager"}, "train.cuda_graph: needs --attn-implementation sdpa"),
 ])
 def test_cuda_graph_config_errors(settings, message):
     layers = {"train.cuda_graph": True, "adapter.dropout": 0.0, **settings}
@@ -96,3 +97,14 @@ def test_checkpoint_resumes_across_learning_rate_kinds(saved_as_tensor, tmp_path
     assert second.optimizer.param_groups[0]["lr"] is lr if isinstance(lr, torch.Tensor) else True
     assert float(second.optimizer.param_groups[0]["lr"]) == pytest.approx(0.00125)
     assert second.current_lr() == pytest.approx(0.00125)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_graph_without_a_gpu_is_refused_before_the_model_loads(config_for, monkeypatch):
+    from helpers import train
+
+    import zerotune.strategies.base as base
+
+    monkeypatch.setattr(base.Strategy, "load_base_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=r"train.cuda_graph: needs one worker on a CUDA GPU \(this run has single on cpu\)"):
+        train(config_for(**{"train.cuda_graph": True, "adapter.dropout": 0.0}))

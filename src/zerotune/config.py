@@ -472,6 +472,9 @@ def validate(config: RunConfig) -> None:
                               "--num-workers/--use-cpu")
         if config.model.compile == "off":
             raise ConfigError("train.cuda_graph: needs compiled layers; drop --compile off or --cuda-graph")
+        if config.model.attn_implementation not in ("auto", "sdpa"):
+            raise ConfigError(f"train.cuda_graph: needs --attn-implementation sdpa (or auto), got "
+                              f"{config.model.attn_implementation}")
         if config.adapter.method != "full" and config.adapter.dropout > 0:
             raise ConfigError("train.cuda_graph: needs --lora-dropout 0 (random dropout inside a replayed graph "
                               "is not tested)")

@@ -222,6 +222,9 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             f"x workers {plan.world_size}; {total_steps} steps"
         )
 
+    if config.train.cuda_graph and (strategy.device.type != "cuda" or strategy.name != "single"):
+        raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU (this run has "
+                          f"{strategy.name} on {strategy.device.type}); drop --cuda-graph")
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
     model = strategy.load_base_model(dtype, total_steps)
     model = adapters.apply_method(model, config.adapter, seed)
@@ -243,11 +246,9 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     if graphs:
         from zerotune.attention import install_plain_causal_hint
 
-        if strategy.device.type != "cuda" or strategy.name != "single":
-            raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU (this run has "
-                              f"{strategy.name} on {strategy.device.type}); drop --cuda-graph")
         if not install_plain_causal_hint(model):
-            raise ConfigError("train.cuda_graph: needs model.attn_implementation sdpa")
+            raise ConfigError(f"train.cuda_graph: needs SDPA attention; {config.model.name} loaded with "
+                              f"{getattr(model.config, '_attn_implementation', 'another')}; drop --cuda-graph")
     precision = compute_precision(config.model, model, strategy.device, cache=not graphs)
     compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
     if compiled:
