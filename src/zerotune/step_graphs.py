@@ -45,7 +45,6 @@ class StepGraphs:
         self.captured: dict[tuple, _Captured] = {}
         self.pool = None
         self.side = torch.cuda.Stream()
-        self.replays = 0
 
     def __call__(self, batches: list[dict[str, torch.Tensor]], global_tokens: torch.Tensor,
                  plain: list[bool]) -> torch.Tensor:
@@ -64,7 +63,6 @@ class StepGraphs:
                     static[name].copy_(tensor, non_blocking=True)
             entry.global_tokens.copy_(global_tokens, non_blocking=True)
         entry.graph.replay()
-        self.replays += 1
         return entry.outcome.clone()
 
     def _on_side_stream(self, batches, global_tokens, plain) -> torch.Tensor:

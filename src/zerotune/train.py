@@ -383,7 +383,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             sum(counts), sum(int(b["attention_mask"].sum()) for b in batches), sum(b["input_ids"].numel() for b in batches),
             signals.requested is not None, time_due]))
         batches = [without_full_mask(batch) for batch in batches]
-        plain = [is_plain_causal(batch) for batch in batches]
+        plain = [is_plain_causal(batch) if graphs else False for batch in batches]  # the hint exists with graphs only
         device_batches = [to_device(batch, strategy.device) for batch in batches]
         lr = strategy.current_lr()
         if graphs:
