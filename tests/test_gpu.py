@@ -164,3 +164,26 @@ def test_cuda_graph_steps_equal_op_by_op(packing, tiny_llama, alpaca_file, tmp_p
     assert "train.cuda_graph: captured the step" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(plain.losses), rtol=1e-4, atol=0)
     assert len(set(graphed.losses)) == len(graphed.losses)  # new batches each replay
+
+
+def test_lora_dropout_under_cuda_graphs_and_checkpointing(tiny_llama, alpaca_file, tmp_path, capsys):
+    """LoRA dropout inside replayed step graphs draws new masks every replay, the same ones the op-by-op run
+    draws (the graph advances the CUDA generator as the op-by-op step does), and gradient checkpointing's
+    recomputation redraws the forward's masks, in both modes: all four runs give the same per-step losses.
+    A frozen mask, or a recomputed one that differs from the forward's, changes the losses from step 2 on."""
+    from conftest import make_config
+    from helpers import train
+
+    common = {"train.max_steps": 8, "train.batch_size": 2, "data.packing": True, "data.max_seq_len": 128,
+              "adapter.dropout": 0.3, "train.lr": 3e-2}
+    runs = {}
+    for name, extra in {"plain": {}, "ckpt": {"model.gradient_checkpointing": True},
+                        "graphed": {"train.cuda_graph": True},
+                        "graphed-ckpt": {"train.cuda_graph": True, "model.gradient_checkpointing": True}}.items():
+        runs[name] = torch.tensor(train(make_config(tiny_llama, alpaca_file, tmp_path / name, **common, **extra)).losses)
+    assert capsys.readouterr().out.count("train.cuda_graph: captured the step") >= 2
+    no_dropout = torch.tensor(train(make_config(tiny_llama, alpaca_file, tmp_path / "no-dropout",
+                                                **{**common, "adapter.dropout": 0.0})).losses)
+    assert (runs["plain"] - no_dropout).abs().max() > 1e-3  # the dropout is there to see
+    for name, losses in runs.items():
+        torch.testing.assert_close(losses, runs["plain"], rtol=1e-4, atol=0, msg=lambda m: f"{name}: {m}")
