@@ -6,7 +6,7 @@ Each run trains with the allocator's history recorded (Python stacks); the trace
 peak allocated bytes and the blocks alive then, grouped by the innermost frame in zerotune, transformers, peft,
 bitsandbytes or torch (inductor's generated code names the frame that called it).
 
-Usage: python benchmarks/graph_memory.py --out DIR [--workload qlora] [--steps 6]
+Usage: python benchmarks/graph_memory.py --out DIR [--workload qlora] [--steps 6] [--no-stacks]
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def peak_report(trace: list[dict]) -> dict:
         elif event["action"] == "free_requested":
             live.pop(event["addr"], None)
     groups = defaultdict(int)
-    for event in live.values():
-        groups[where(event.get("frames", []))] += event["size"]
+    for event in live.values():  # without recorded stacks: by block size (and how many such blocks)
+        groups[where(event["frames"]) if event.get("frames") else f"{event['size'] / 2**20:.2f} MiB blocks"] += event["size"]
     top = sorted(groups.items(), key=lambda item: -item[1])[:30]
     at_peak = trace[peak_index]
     return {"peak_gib_in_trace": peak / 2**30, "peak_event": peak_index, "events": len(trace),
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--workload", default="qlora")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--no-stacks", action="store_true")
     args = parser.parse_args()
     from zerotune.bench import ARCHITECTURES, WORKLOADS, provenance, run_config, run_ours, token_records, \
         write_model_dir
@@ -73,12 +74,16 @@ def main() -> None:
     data = work / "data.jsonl"
     records = token_records(workload, arch["vocab_size"], args.steps * workload.micro_batch, 0)
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = {**provenance(f"python benchmarks/graph_memory.py --workload {args.workload} --steps {args.steps}"),
+    result = {**provenance(f"python benchmarks/graph_memory.py --workload {args.workload} --steps {args.steps}"
+                             + (" --no-stacks" if args.no_stacks else "")),
               "workload": args.workload, "runs": {}}
     for graphed in (False, True):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.memory._record_memory_history(max_entries=10_000_000, stacks="python")
+        # Python stacks crashed a checkpointed compiled backward (SystemError in autograd's apply, torch 2.11), so
+        # --no-stacks records sizes only.
+        torch.cuda.memory._record_memory_history(max_entries=10_000_000, stacks="python",
+                                                 context=None if args.no_stacks else "all")
         config = run_config(workload, model_dir, data, work / f"run-{graphed}", args.steps, False, 0,
                             {"train.cuda_graph": graphed})
         ours = run_ours(config, 2, 1)
