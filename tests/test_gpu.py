@@ -159,8 +159,8 @@ def test_cuda_graph_steps_equal_op_by_op(packing, tiny_llama, alpaca_file, tmp_p
 
     common = {"train.max_steps": 10, "train.batch_size": 2, "train.warmup_steps": 3, "data.packing": packing,
               "data.max_seq_len": 128}
-    plain = train(make_config(tiny_llama, alpaca_file, tmp_path / "plain", **common))
-    graphed = train(make_config(tiny_llama, alpaca_file, tmp_path / "graphed", **common, **{"train.cuda_graph": True}))
+    plain = train(make_config(tiny_llama, alpaca_file, tmp_path / "plain", **common, **{"train.cuda_graph": "off"}))
+    graphed = train(make_config(tiny_llama, alpaca_file, tmp_path / "graphed", **common, **{"train.cuda_graph": "on"}))
     assert "train.cuda_graph: captured the step" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(plain.losses), rtol=1e-4, atol=0)
     assert len(set(graphed.losses)) == len(graphed.losses)  # new batches each replay
@@ -177,13 +177,36 @@ def test_lora_dropout_under_cuda_graphs_and_checkpointing(tiny_llama, alpaca_fil
     common = {"train.max_steps": 8, "train.batch_size": 2, "data.packing": True, "data.max_seq_len": 128,
               "adapter.dropout": 0.3, "train.lr": 3e-2}
     runs = {}
-    for name, extra in {"plain": {}, "ckpt": {"model.gradient_checkpointing": True},
-                        "graphed": {"train.cuda_graph": True},
-                        "graphed-ckpt": {"train.cuda_graph": True, "model.gradient_checkpointing": True}}.items():
+    for name, extra in {"plain": {"train.cuda_graph": "off"},
+                        "ckpt": {"train.cuda_graph": "off", "model.gradient_checkpointing": True},
+                        "graphed": {"train.cuda_graph": "on"},
+                        "graphed-ckpt": {"train.cuda_graph": "on", "model.gradient_checkpointing": True}}.items():
         runs[name] = torch.tensor(train(make_config(tiny_llama, alpaca_file, tmp_path / name, **common, **extra)).losses)
     assert capsys.readouterr().out.count("train.cuda_graph: captured the step") >= 2
     no_dropout = torch.tensor(train(make_config(tiny_llama, alpaca_file, tmp_path / "no-dropout",
-                                                **{**common, "adapter.dropout": 0.0})).losses)
+                                                **{**common, "adapter.dropout": 0.0, "train.cuda_graph": "off"})).losses)
     assert (runs["plain"] - no_dropout).abs().max() > 1e-3  # the dropout is there to see
     for name, losses in runs.items():
         torch.testing.assert_close(losses, runs["plain"], rtol=1e-4, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_cuda_graph_auto_with_evaluation_and_checkpoints_equals_op_by_op(tiny_llama, alpaca_file, tmp_path, capsys):
+    """train.cuda_graph auto turns graphs on for a packed LoRA run on one GPU; evaluation and checkpoint saves
+    between replays (op by op, outside the graphs) give the op-by-op run's eval losses, and the replays after
+    them the same training losses; the adapters written at the end match."""
+    from conftest import make_config
+    from helpers import adapter_weights, train
+
+    common = {"train.max_steps": 8, "train.batch_size": 2, "data.packing": True, "data.max_seq_len": 128,
+              "data.eval_fraction": 0.1, "train.eval_every": 3, "checkpoint.save_steps": 4, "train.lr": 3e-2}
+    plain = train(make_config(tiny_llama, alpaca_file, tmp_path / "plain", **common, **{"train.cuda_graph": "off"}))
+    capsys.readouterr()
+    auto = train(make_config(tiny_llama, alpaca_file, tmp_path / "auto", **common))
+    out = capsys.readouterr().out
+    assert "train.cuda_graph auto: on" in out and "train.cuda_graph: captured the step" in out
+    torch.testing.assert_close(torch.tensor(auto.losses), torch.tensor(plain.losses), rtol=1e-4, atol=0)
+    assert len(auto.eval_losses) == len(plain.eval_losses) >= 3
+    torch.testing.assert_close(torch.tensor(auto.eval_losses), torch.tensor(plain.eval_losses), rtol=1e-4, atol=0)
+    ours, reference = adapter_weights(tmp_path / "auto"), adapter_weights(tmp_path / "plain")
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-3, atol=1e-5)

@@ -19,10 +19,43 @@ from zerotune.errors import ConfigError
     ({"model.attn_implementation": "eager"}, "train.cuda_graph: needs --attn-implementation sdpa"),
 ])
 def test_cuda_graph_config_errors(settings, message):
-    layers = {"train.cuda_graph": True, "adapter.dropout": 0.0, **settings}
-    with pytest.raises(ConfigError, match=message):
-        build_config(layers)
-    build_config({"train.cuda_graph": True})  # the accepted setting, LoRA dropout included
+    for on in (True, "on"):  # YAML's and an override's `true` mean on
+        with pytest.raises(ConfigError, match=message):
+            build_config({"train.cuda_graph": on, **settings})
+    assert build_config({"train.cuda_graph": True}).train.cuda_graph == "on"  # accepted, LoRA dropout included
+    config = build_config(settings)  # auto (the default) never refuses: it turns graphs off where they do not fit
+    assert config.train.cuda_graph == "auto"
+
+
+def test_cuda_graph_flag_alone_means_on_and_takes_no_following_argument():
+    from zerotune.cli import config_from_args, parse_args
+
+    args = parse_args(["train", "--cuda-graph", "train.lr=0.003"])
+    config = config_from_args(args)
+    assert config.train.cuda_graph == "on" and config.train.lr == 0.003
+    assert config_from_args(parse_args(["train", "--cuda-graph", "off"])).train.cuda_graph == "off"
+    assert config_from_args(parse_args(["train", "--compile"])).model.compile == "on"
+    assert config_from_args(parse_args(["train"])).train.cuda_graph == "auto"
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({}, None),
+    ({"device_type": "cpu"}, "needs one CUDA worker (single on cpu)"),
+    ({"strategy": "ddp"}, "needs one CUDA worker (ddp on cuda)"),
+    ({"compiled": False}, "needs compiled layers"),
+    ({"method": "full"}, "full fine-tuning was not tested in a graph"),
+    ({"attention": "eager"}, "needs SDPA attention (--attn-implementation eager)"),
+    ({"fixed_shapes": False}, "unpacked examples of varying length"),
+])
+def test_cuda_graph_auto_takes_graphs_only_where_tested(change, reason):
+    from zerotune.step_graphs import wanted
+
+    run = dict(device_type="cuda", strategy="single", compiled=True, method="qlora", attention="auto",
+               fixed_shapes=True) | change
+    on, why = wanted("auto", **run)
+    assert on == (reason is None)
+    assert why == "train.cuda_graph auto: on" if reason is None else reason in why
+    assert wanted("off", **run)[0] is False and wanted("on", **run)[0] is True
 
 
 def test_plain_causal_hint_leaves_logits_unchanged(tiny_llama):
@@ -106,4 +139,4 @@ def test_cuda_graph_without_a_gpu_is_refused_before_the_model_loads(config_for, 
 
     monkeypatch.setattr(base.Strategy, "load_base_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=r"train.cuda_graph: needs one worker on a CUDA GPU \(this run has single on cpu\)"):
-        train(config_for(**{"train.cuda_graph": True, "adapter.dropout": 0.0}))
+        train(config_for(**{"train.cuda_graph": "on"}))

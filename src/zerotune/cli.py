@@ -250,10 +250,26 @@ def command_bench(args: argparse.Namespace) -> None:
               command=command)
 
 
+def with_bare_switches(argv: list[str]) -> list[str]:
+    """An auto/on/off flag given alone (``--cuda-graph``, ``--compile``) means ``on``: argparse's optional value
+    would swallow a following config file or override, so the ``on`` is written in before parsing."""
+    from zerotune.config import field_specs
+
+    switches = {spec.metadata["flag"]: typing.get_args(annotation) for _, spec, annotation in field_specs()
+                if spec.metadata.get("flag") and typing.get_origin(annotation) is typing.Literal
+                and {"on", "off"} <= set(typing.get_args(annotation))}
+    result = []
+    for index, item in enumerate(argv):
+        result.append(item)
+        if item in switches and (index + 1 == len(argv) or argv[index + 1] not in switches[item]):
+            result.append("on")
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like parse_args, but overrides of train and bench may come after flags (argparse stops at the first flag)."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(with_bare_switches(sys.argv[1:] if argv is None else list(argv)))
     takes_more = {"train": "inputs", "plan": "inputs", "bench": "overrides"}.get(args.command)
     unknown = [item for item in extra if item.startswith("-") or not takes_more]
     if unknown:

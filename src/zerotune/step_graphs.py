@@ -27,6 +27,23 @@ class _Captured:
     outcome: torch.Tensor
 
 
+def wanted(setting: str, *, device_type: str, strategy: str, compiled: bool, method: str, attention: str,
+           fixed_shapes: bool) -> tuple[bool, str]:
+    """Whether this run replays graphs, and why (``train.cuda_graph``). ``on`` was checked against the config
+    already (and the device by the loop); ``auto`` takes graphs only where they are tested and cost nothing:
+    LoRA or QLoRA, one CUDA worker, compiled layers, SDPA attention, and batches that have one shape anyway."""
+    if setting != "auto":
+        return setting == "on", f"train.cuda_graph {setting}"
+    needs = [(device_type == "cuda" and strategy == "single", f"needs one CUDA worker ({strategy} on {device_type})"),
+             (compiled, "needs compiled layers"),
+             (method in ("lora", "qlora"), "full fine-tuning was not tested in a graph"),
+             (attention in ("auto", "sdpa"), f"needs SDPA attention (--attn-implementation {attention})"),
+             (fixed_shapes, "unpacked examples of varying length would be padded to data.max_seq_len; --packing "
+                            "fixes the shape")]
+    missing = [why for met, why in needs if not met]
+    return (False, "train.cuda_graph auto: off, " + missing[0]) if missing else (True, "train.cuda_graph auto: on")
+
+
 def signature(batches: list[dict[str, torch.Tensor]], plain: list[bool]) -> tuple:
     return tuple((tuple((key, tuple(value.shape)) for key, value in sorted(batch.items())), flag)
                  for batch, flag in zip(batches, plain))
@@ -79,6 +96,9 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outcome = self.body(batches, global_tokens, plain)
         self.pool = self.pool or graph.pool()
+        # The warm-up steps' blocks, cached in the ordinary pool, are not what the replays use: give them back,
+        # so that evaluation and saving between replays do not need the step's memory twice.
+        torch.cuda.empty_cache()
         entry = _Captured(graph, batches, global_tokens, outcome)
         self.captured[key] = entry
         self.note(f"train.cuda_graph: captured the step for batches of shape "

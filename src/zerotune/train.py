@@ -33,6 +33,7 @@ from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError, ZerotuneError
 from zerotune.loss import ALL_ROWS
 from zerotune.model import compute_precision, load_tokenizer, resolve_dtype
+from zerotune.step_graphs import StepGraphs, wanted
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
 from zerotune.strategies import create_strategy
@@ -222,9 +223,16 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             f"x workers {plan.world_size}; {total_steps} steps"
         )
 
-    if config.train.cuda_graph and (strategy.device.type != "cuda" or strategy.name != "single"):
+    if config.train.cuda_graph == "on" and (strategy.device.type != "cuda" or strategy.name != "single"):
         raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU (this run has "
                           f"{strategy.name} on {strategy.device.type}); drop --cuda-graph")
+    compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
+    fixed_shapes = config.data.packing or all(len(e.input_ids) == config.data.max_seq_len for e in data.train)
+    graphs, graphs_reason = wanted(config.train.cuda_graph, device_type=strategy.device.type, strategy=strategy.name,
+                                   compiled=compiled, method=config.adapter.method,
+                                   attention=config.model.attn_implementation, fixed_shapes=fixed_shapes)
+    if strategy.device.type == "cuda":
+        tracker.note(graphs_reason)
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
     model = strategy.load_base_model(dtype, total_steps)
     model = adapters.apply_method(model, config.adapter, seed)
@@ -242,15 +250,17 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             from zerotune.fast_lora import install_fast_lora
 
             install_fast_lora(model)
-    graphs = config.train.cuda_graph
     if graphs:
         from zerotune.attention import install_plain_causal_hint
 
         if not install_plain_causal_hint(model):
-            raise ConfigError(f"train.cuda_graph: needs SDPA attention; {config.model.name} loaded with "
-                              f"{getattr(model.config, '_attn_implementation', 'another')}; drop --cuda-graph")
+            loaded = getattr(model.config, "_attn_implementation", "another")
+            if config.train.cuda_graph == "on":
+                raise ConfigError(f"train.cuda_graph: needs SDPA attention; {config.model.name} loaded with "
+                                  f"{loaded}; drop --cuda-graph")
+            graphs = False
+            tracker.note(f"train.cuda_graph auto: off, the model loaded with {loaded} attention, not SDPA")
     precision = compute_precision(config.model, model, strategy.device, cache=not graphs)
-    compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
     if compiled:
         from zerotune.model import compile_layers
 
@@ -365,8 +375,6 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
     step_graphs = None
     if graphs:
-        from zerotune.step_graphs import StepGraphs
-
         step_graphs = StepGraphs(lambda batches, tokens, plain: run_step(batches, tokens, None, plain),
                                  note=tracker.note)
 
