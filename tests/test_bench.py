@@ -26,8 +26,9 @@ def test_bench_writes_a_result_where_both_sides_start_from_the_same_loss(workloa
         seconds = written[side]["step_seconds"]
         assert len(seconds) == 2 and all(t > 0 for t in seconds)
         median = written[side]["median_step_tokens_per_second"]
-        assert written[side]["tokens_per_second"] * min(seconds) / max(seconds) <= median * (1 + 1e-9)
-        assert median <= written[side]["tokens_per_second"] * max(seconds) / min(seconds) * (1 + 1e-9)
+        slack = 1 + 1e-5 / min(seconds)  # the stored times are rounded to 10 microseconds (tiny steps take ~9 ms)
+        assert written[side]["tokens_per_second"] * min(seconds) / max(seconds) <= median * slack
+        assert median <= written[side]["tokens_per_second"] * max(seconds) / min(seconds) * slack
     assert written["median_step_ratio"] == pytest.approx(written["ours"]["median_step_tokens_per_second"]
                                                          / written["baseline"]["median_step_tokens_per_second"])
     assert written["ratio"] == pytest.approx(written["ours"]["tokens_per_second"]
