@@ -381,7 +381,8 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
                      "warmup_steps": warmup, "micro_batch": workload.micro_batch, "method": workload.method,
                      "gradient_checkpointing": workload.checkpointing,
                      "ours": {k: v for k, v in config.to_dict()["model"].items() if k != "name"}
-                     | {"packing": config.data.packing, "strategy": config.distributed.strategy}},
+                     | {"packing": config.data.packing, "strategy": config.distributed.strategy,
+                        "cuda_graph": config.train.cuda_graph}},
         "metric": "effective (non-pad) tokens/s" if workload.short_examples else "tokens/s",
         "ours": ours, "baseline": baseline,
         "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
