@@ -44,13 +44,14 @@ def test_cuda_graph_flag_alone_means_on_and_takes_no_following_argument():
     ({"strategy": "ddp"}, "needs one CUDA worker (ddp on cuda)"),
     ({"compiled": False}, "needs compiled layers"),
     ({"method": "full"}, "full fine-tuning was not tested in a graph"),
-    ({"attention": "eager"}, "needs SDPA attention (--attn-implementation eager)"),
+    ({"attention": "eager"}, "needs SDPA attention (this run uses eager)"),
+    ({"attention": "flash_attention_2"}, "needs SDPA attention (this run uses flash_attention_2)"),
     ({"fixed_shapes": False}, "unpacked examples of varying length"),
 ])
 def test_cuda_graph_auto_takes_graphs_only_where_tested(change, reason):
     from zerotune.step_graphs import wanted
 
-    run = dict(device_type="cuda", strategy="single", compiled=True, method="qlora", attention="auto",
+    run = dict(device_type="cuda", strategy="single", compiled=True, method="qlora", attention="sdpa",
                fixed_shapes=True) | change
     on, why = wanted("auto", **run)
     if reason is None:
@@ -141,4 +142,19 @@ def test_cuda_graph_without_a_gpu_is_refused_before_the_model_loads(config_for, 
 
     monkeypatch.setattr(base.Strategy, "load_base_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=r"train.cuda_graph: needs one worker on a CUDA GPU \(this run has single on cpu\)"):
+        train(config_for(**{"train.cuda_graph": "on"}))
+
+
+def test_cuda_graph_on_with_flash_attention_is_refused_before_the_model_loads(config_for, monkeypatch):
+    """--attn-implementation auto picks flash-attn where it is installed; --cuda-graph on then stops before the
+    model loads (auto would leave graphs off and say why)."""
+    from helpers import train
+
+    import zerotune.strategies.base as base
+    import zerotune.train as loop
+
+    monkeypatch.setattr(loop, "resolve_attention", lambda name, device_type: "flash_attention_2")
+    monkeypatch.setattr(base.Strategy, "load_base_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="train.cuda_graph: needs SDPA attention, and this run would use "
+                                          "flash_attention_2; pass --attn-implementation sdpa"):
         train(config_for(**{"train.cuda_graph": "on"}))

@@ -31,13 +31,14 @@ def wanted(setting: str, *, device_type: str, strategy: str, compiled: bool, met
            fixed_shapes: bool) -> tuple[bool, str]:
     """Whether this run replays graphs, and why (``train.cuda_graph``). ``on`` was checked against the config
     already (and the device by the loop); ``auto`` takes graphs only where they are tested and cost nothing:
-    LoRA or QLoRA, one CUDA worker, compiled layers, SDPA attention, and batches that have one shape anyway."""
+    LoRA or QLoRA, one CUDA worker, compiled layers, SDPA attention (``attention``: as the model will load, after
+    resolving auto), and batches that have one shape anyway."""
     if setting != "auto":
         return setting == "on", f"train.cuda_graph {setting}"
     needs = [(device_type == "cuda" and strategy == "single", f"needs one CUDA worker ({strategy} on {device_type})"),
              (compiled, "needs compiled layers"),
              (method in ("lora", "qlora"), "full fine-tuning was not tested in a graph"),
-             (attention in ("auto", "sdpa"), f"needs SDPA attention (--attn-implementation {attention})"),
+             (attention == "sdpa", f"needs SDPA attention (this run uses {attention})"),
              (fixed_shapes, "unpacked examples of varying length would be padded to data.max_seq_len; --packing "
                             "fixes the shape")]
     missing = [why for met, why in needs if not met]

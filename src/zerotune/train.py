@@ -32,7 +32,7 @@ from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError, ZerotuneError
 from zerotune.loss import ALL_ROWS
-from zerotune.model import compute_precision, load_tokenizer, resolve_dtype
+from zerotune.model import compute_precision, load_tokenizer, resolve_attention, resolve_dtype
 from zerotune.step_graphs import StepGraphs, wanted
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
@@ -223,14 +223,18 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             f"x workers {plan.world_size}; {total_steps} steps"
         )
 
+    attention = resolve_attention(config.model.attn_implementation, strategy.device.type)
+    if config.train.cuda_graph == "on" and attention != "sdpa":  # auto picks flash-attn where it is installed
+        raise ConfigError(f"train.cuda_graph: needs SDPA attention, and this run would use {attention}; pass "
+                          "--attn-implementation sdpa or drop --cuda-graph")
     if config.train.cuda_graph == "on" and (strategy.device.type != "cuda" or strategy.name != "single"):
         raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU (this run has "
                           f"{strategy.name} on {strategy.device.type}); drop --cuda-graph")
     compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
     fixed_shapes = config.data.packing or all(len(e.input_ids) == config.data.max_seq_len for e in data.train)
     graphs, graphs_reason = wanted(config.train.cuda_graph, device_type=strategy.device.type, strategy=strategy.name,
-                                   compiled=compiled, method=config.adapter.method,
-                                   attention=config.model.attn_implementation, fixed_shapes=fixed_shapes)
+                                   compiled=compiled, method=config.adapter.method, attention=attention,
+                                   fixed_shapes=fixed_shapes)
     if strategy.device.type == "cuda":
         tracker.note(graphs_reason)
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
