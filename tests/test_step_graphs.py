@@ -3,6 +3,8 @@ themselves run on the GPU: tests/test_gpu.py::test_cuda_graph_steps_equal_op_by_
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -40,12 +42,12 @@ def test_cuda_graph_flag_alone_means_on_and_takes_no_following_argument():
 
 @pytest.mark.parametrize("change,reason", [
     ({}, None),
-    ({"device_type": "cpu"}, "needs one CUDA worker (single on cpu)"),
-    ({"strategy": "ddp"}, "needs one CUDA worker (ddp on cuda)"),
+    ({"device_type": "cpu"}, "needs one worker on a CUDA GPU (this run has single on cpu)"),
+    ({"strategy": "ddp"}, "needs one worker on a CUDA GPU (this run has ddp on cuda)"),
     ({"compiled": False}, "needs compiled layers"),
     ({"method": "full"}, "full fine-tuning was not tested in a graph"),
-    ({"attention": "eager"}, "needs SDPA attention (this run uses eager)"),
-    ({"attention": "flash_attention_2"}, "needs SDPA attention (this run uses flash_attention_2)"),
+    ({"attention": "eager"}, "needs SDPA attention (this run would use eager"),
+    ({"attention": "flash_attention_2"}, "needs SDPA attention (this run would use flash_attention_2"),
     ({"fixed_shapes": False}, "unpacked examples of varying length"),
 ])
 def test_cuda_graph_auto_takes_graphs_only_where_tested(change, reason):
@@ -58,7 +60,12 @@ def test_cuda_graph_auto_takes_graphs_only_where_tested(change, reason):
         assert on and why == "train.cuda_graph auto: on"
     else:
         assert not on and why.startswith("train.cuda_graph auto: off, ") and reason in why
-    assert wanted("off", **run)[0] is False and wanted("on", **run)[0] is True
+    assert wanted("off", **run)[0] is False
+    if reason is None or "full" in reason or "unpacked" in reason:  # on takes these (and needs no more)
+        assert wanted("on", **run)[0] is True
+    else:
+        with pytest.raises(ConfigError, match=re.escape(f"train.cuda_graph: {reason}")):
+            wanted("on", **run)
 
 
 def test_plain_causal_hint_leaves_logits_unchanged(tiny_llama):
@@ -155,6 +162,6 @@ def test_cuda_graph_on_with_flash_attention_is_refused_before_the_model_loads(co
 
     monkeypatch.setattr(loop, "resolve_attention", lambda name, device_type: "flash_attention_2")
     monkeypatch.setattr(base.Strategy, "load_base_model", lambda *a: pytest.fail("the model was loaded"))
-    with pytest.raises(ConfigError, match="train.cuda_graph: needs SDPA attention, and this run would use "
-                                          "flash_attention_2; pass --attn-implementation sdpa"):
+    with pytest.raises(ConfigError, match=re.escape("train.cuda_graph: needs SDPA attention (this run would use "
+                                                    "flash_attention_2; pass --attn-implementation sdpa)")):
         train(config_for(**{"train.cuda_graph": "on"}))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from zerotune import adapters
-from zerotune.attention import is_plain_causal, plain_causal
+from zerotune.attention import install_plain_causal_hint, is_plain_causal, plain_causal
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
     save_checkpoint
 from zerotune.config import RunConfig, compile_enabled, dump_yaml
@@ -223,18 +223,12 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             f"x workers {plan.world_size}; {total_steps} steps"
         )
 
-    attention = resolve_attention(config.model.attn_implementation, strategy.device.type)
-    if config.train.cuda_graph == "on" and attention != "sdpa":  # auto picks flash-attn where it is installed
-        raise ConfigError(f"train.cuda_graph: needs SDPA attention, and this run would use {attention}; pass "
-                          "--attn-implementation sdpa or drop --cuda-graph")
-    if config.train.cuda_graph == "on" and (strategy.device.type != "cuda" or strategy.name != "single"):
-        raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU (this run has "
-                          f"{strategy.name} on {strategy.device.type}); drop --cuda-graph")
     compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
     fixed_shapes = config.data.packing or all(len(e.input_ids) == config.data.max_seq_len for e in data.train)
+    # Before the model loads: --cuda-graph on stops here when a need is missing (auto may pick flash-attn).
     graphs, graphs_reason = wanted(config.train.cuda_graph, device_type=strategy.device.type, strategy=strategy.name,
-                                   compiled=compiled, method=config.adapter.method, attention=attention,
-                                   fixed_shapes=fixed_shapes)
+                                   compiled=compiled, method=config.adapter.method, fixed_shapes=fixed_shapes,
+                                   attention=resolve_attention(config.model.attn_implementation, strategy.device.type))
     if strategy.device.type == "cuda":
         tracker.note(graphs_reason)
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
@@ -255,8 +249,6 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
             install_fast_lora(model)
     if graphs:
-        from zerotune.attention import install_plain_causal_hint
-
         if not install_plain_causal_hint(model):
             loaded = getattr(model.config, "_attn_implementation", "another")
             if config.train.cuda_graph == "on":
