@@ -20,7 +20,7 @@ import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
-            packed_probe=True)
+            packed_probe=True, outer_ckpt=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -51,6 +51,10 @@ VARIANTS = {
     # memory traffic, which only a GPU-bound (graphed) step shows
     "compiled-graphed+fast_lora": dict(graphed=True, mask=False, fast_lora=True),
     "ckpt-mb4-compiled-graphed+fast_lora": dict(micro=4, ckpt=True, graphed=True, mask=False, fast_lora=True),
+    # transformers < 5.2x checkpoints around the compiled call (the whole compiled forward runs again);
+    # compile_layers moves it inside (model.checkpoint_in_forward): these keep the earlier layout
+    "ckpt-mb4-compiled-graphed-outer-ckpt": dict(micro=4, ckpt=True, graphed=True, mask=False, outer_ckpt=True),
+    "ckpt-mb4-compiled-outer-ckpt": dict(micro=4, ckpt=True, outer_ckpt=True),
 }
 
 
@@ -99,7 +103,10 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     head.chunk_tokens = options["loss_chunk"]
     if fast_lora:
         install_fast_lora(model)
-    if compiled:
+    if compiled and options["outer_ckpt"]:
+        for layer in model.base_model.model.model.layers:
+            layer.compile(mode=options["mode"])
+    elif compiled:
         compile_layers(model, options["mode"])
     model.train()
     graphed = options["graphed"]

@@ -17,3 +17,82 @@ def test_compiled_layers_match_eager(config_for, tmp_path):
     left, right = adapter_weights(tmp_path / "compiled"), adapter_weights(tmp_path / "eager")
     for key in right:
         torch.testing.assert_close(left[key], right[key], rtol=1e-3, atol=1e-5)
+
+
+def _matmul_counting_compile(counts: list):
+    """Module.compile with a backend that records each compiled graph's matmul count (fw/bw) and runs it
+    as traced (fast on CPU)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def counter(kind):
+        def compiler(graph, example_inputs):
+            counts.append((kind, sum(node.target in matmuls for node in graph.graph.nodes)))
+            return graph.forward
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw"))
+    original = torch.nn.Module.compile
+
+    def compile(self, *args, **kwargs):
+        kwargs.pop("mode", None)
+        return original(self, *args, backend=backend, **kwargs)
+    return compile
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projection(tiny_llama, monkeypatch,
+                                                                                   checkpointing):
+    """transformers before 5.2x checkpoints around a layer's __call__, outside its compiled call, so the whole
+    compiled forward ran again. compile_layers moves the checkpoint into forward (as later transformers do):
+    the compiler then recomputes in the backward graph only what it reads, which leaves out down_proj's base
+    and LoRA-B matmuls. Simulated here with a layer class of the earlier layout; gradients equal eager."""
+    import functools
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from zerotune import adapters
+    from zerotune.config import AdapterConfig, ModelConfig
+    from zerotune.model import checkpoint_in_forward, compile_layers, load_model
+
+    class EarlierLayout(LlamaDecoderLayer):
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+    EarlierLayout.__name__ = "LlamaDecoderLayer"  # how decoder_layers finds the layers
+
+    def build(layout):
+        model = load_model(ModelConfig(name=str(tiny_llama), gradient_checkpointing=checkpointing), "lora",
+                           torch.device("cpu"), torch.float32)
+        for layer in model.model.layers:
+            layer.__class__ = layout
+        return adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+
+    ids = torch.arange(3, 19).reshape(2, 8)
+
+    def grads(model):
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    eager = grads(build(EarlierLayout))
+    counts: list = []
+    monkeypatch.setattr(torch.nn.Module, "compile", _matmul_counting_compile(counts))
+    model = build(EarlierLayout)
+    layers = model.base_model.model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [checkpointing] * len(layers)
+    assert compile_layers(model) == len(layers)
+    assert not any(layer.gradient_checkpointing for layer in layers)  # moved: __call__ passes through
+    assert checkpoint_in_forward(layers[0]) is False  # once moved, a layer is left alone
+    compiled = grads(model)
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    forward = max(n for kind, n in counts if kind == "fw")
+    backward = max(n for kind, n in counts if kind == "bw")
+    assert forward == 21  # 7 projections: base, LoRA A, LoRA B
+    # the backward: 7 base + 28 LoRA matmuls, and with checkpointing the recomputed forward less down_proj's two
+    assert backward == (35 + forward - 2 if checkpointing else 35)
+    plain = build(LlamaDecoderLayer)
+    assert checkpoint_in_forward(plain.base_model.model.model.layers[0]) is False  # the later layout: untouched

@@ -5,8 +5,10 @@ No distributed code lives here; strategies place and wrap the model afterwards.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -156,11 +158,37 @@ def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> int:
 
 def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     """Regional compilation: torch.compile each decoder layer (one graph reused by every layer, so compile
-    time stays that of one layer). Returns how many layers were compiled."""
+    time stays that of one layer). A checkpointed layer is checkpointed inside its compiled call
+    (checkpoint_in_forward). Returns how many layers were compiled."""
     layers = decoder_layers(model)
     for layer in layers:
+        checkpoint_in_forward(layer)
         layer.compile(mode=mode)
     return len(layers)
+
+
+def checkpoint_in_forward(layer: torch.nn.Module) -> bool:
+    """Move a layer's gradient checkpointing from around its ``__call__`` into its ``forward``.
+
+    transformers before 5.2x checkpoints a layer around ``__call__``; since then, around ``forward``. A layer
+    compiled through ``Module.compile`` compiles ``__call__``'s inner call, so only the later layout puts the
+    checkpoint inside the compiled region, where the compiler recomputes just what the backward reads: not
+    the last projection's output (down_proj, a ninth of the layer's matmul work), and the recomputed kernels
+    fuse with the backward's. Under the earlier layout the whole compiled forward runs again. Here a layer of
+    the earlier layout gets the later one (its flag off, so ``__call__`` passes through, and a ``forward`` that
+    checkpoints when training with gradients, as transformers does). Returns whether it changed the layer."""
+    if type(layer).__call__ is torch.nn.Module.__call__ or not getattr(layer, "gradient_checkpointing", False):
+        return False
+    layer.gradient_checkpointing = False
+    layer.forward = types.MethodType(_checkpointed_forward, layer)
+    return True
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    forward = type(self).forward
+    if self.training and torch.is_grad_enabled():
+        return self._gradient_checkpointing_func(functools.partial(forward, self, **kwargs), *args)
+    return forward(self, *args, **kwargs)
 
 
 def has_linear_subclasses(model_config, trust_remote_code: bool = False) -> bool:
