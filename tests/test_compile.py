@@ -1,6 +1,8 @@
 """--compile (torch.compile per decoder layer) against eager: per-step losses within 1e-4 relative (fp32,
 CPU inductor kernels reorder reductions), and the adapter within 1e-3 relative / 1e-5 absolute."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -96,3 +98,9 @@ def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projectio
     assert backward == (35 + forward - 2 if checkpointing else 35)
     plain = build(LlamaDecoderLayer)
     assert checkpoint_in_forward(plain.base_model.model.model.layers[0]) is False  # the later layout: untouched
+    if checkpointing and importlib.util.find_spec("bitsandbytes"):  # 4-bit layers keep the checkpoint outside
+        quantized = load_model(ModelConfig(name=str(tiny_llama), gradient_checkpointing=True), "qlora",
+                               torch.device("cpu"), torch.float32)
+        layer = quantized.model.layers[0]
+        layer.__class__ = EarlierLayout
+        assert checkpoint_in_forward(layer) is False and layer.gradient_checkpointing
