@@ -49,7 +49,8 @@ def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projectio
     """transformers before 5.2x checkpoints around a layer's __call__, outside its compiled call, so the whole
     compiled forward ran again. compile_layers moves the checkpoint into forward (as later transformers do):
     the compiler then recomputes in the backward graph only what it reads, which leaves out down_proj's base
-    and LoRA-B matmuls. Simulated here with a layer class of the earlier layout; gradients equal eager."""
+    and LoRA-B matmuls. Simulated here with a layer class of the earlier layout; gradients equal eager. Layers
+    with 4-bit weights or dropout keep the earlier layout."""
     import functools
 
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -66,12 +67,12 @@ def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projectio
 
     EarlierLayout.__name__ = "LlamaDecoderLayer"  # how decoder_layers finds the layers
 
-    def build(layout):
+    def build(layout, dropout=0.0):
         model = load_model(ModelConfig(name=str(tiny_llama), gradient_checkpointing=checkpointing), "lora",
                            torch.device("cpu"), torch.float32)
         for layer in model.model.layers:
             layer.__class__ = layout
-        return adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+        return adapters.apply_method(model, AdapterConfig(dropout=dropout), seed=0)
 
     ids = torch.arange(3, 19).reshape(2, 8)
 
@@ -98,6 +99,8 @@ def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projectio
     assert backward == (35 + forward - 2 if checkpointing else 35)
     plain = build(LlamaDecoderLayer)
     assert checkpoint_in_forward(plain.base_model.model.model.layers[0]) is False  # the later layout: untouched
+    dropped = build(EarlierLayout, dropout=0.1).base_model.model.model.layers[0]  # random draws: left alone
+    assert checkpoint_in_forward(dropped) is False and dropped.gradient_checkpointing == checkpointing
     if checkpointing and importlib.util.find_spec("bitsandbytes"):  # 4-bit layers keep the checkpoint outside
         quantized = load_model(ModelConfig(name=str(tiny_llama), gradient_checkpointing=True), "qlora",
                                torch.device("cpu"), torch.float32)
