@@ -15,3 +15,55 @@ def train(config):
 
 def adapter_weights(output_dir) -> dict:
     return load_file(str(Path(output_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def dropout_gradient_check(model, ids, eps: float = 1e-5) -> tuple[float, float]:
+    """For a model whose forward draws random numbers (dropout) from the global generator: the gradient of
+    the next-token loss along a random direction of the trainable weights, against central differences of
+    forwards that draw the same numbers (the seed set before each). They agree when the backward used the
+    forward's draws, e.g. a checkpoint's recomputation the forward's masks. Returns (gradient, difference)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss():
+        torch.manual_seed(7)
+        logits = model(input_ids=ids).logits  # the loss in the logits' dtype (the model's own upcasts to fp32)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    generator = torch.Generator().manual_seed(1)
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    loss().backward()
+    along = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+
+    def shifted(step):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+        value = loss().item()
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(step * d)
+        return value
+
+    return along, (shifted(eps) - shifted(-eps)) / (2 * eps)
+
+
+def dropout_model(model_dir, device="cpu"):
+    """A tiny Llama in fp64 with checkpointing, LoRA dropout 0.3 and random (nonzero) adapter weights, so
+    the masks reach the loss and its gradient."""
+    import torch
+
+    from zerotune import adapters
+    from zerotune.config import AdapterConfig, ModelConfig
+    from zerotune.model import load_model
+
+    model = load_model(ModelConfig(name=str(model_dir), gradient_checkpointing=True), "lora",
+                       torch.device(device), torch.float64)
+    model = adapters.apply_method(model, AdapterConfig(dropout=0.3), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1)
+    return model.train()

@@ -212,3 +212,20 @@ def test_cuda_graph_auto_with_evaluation_and_checkpoints_equals_op_by_op(tiny_ll
     # ~0 lands anywhere within +-lr from a last-bit difference in a GEMM's reduction order (seen at 543161f).
     ours, reference = adapter_weights(tmp_path / "auto"), adapter_weights(tmp_path / "plain")
     assert ours.keys() == reference.keys()
+
+
+def test_dropout_gradients_under_a_compiled_checkpoint_on_cuda(tiny_llama):
+    """LoRA dropout 0.3 with the checkpoint inside compiled layers on the GPU (moved there on transformers
+    < 5.2x, where zerotune does not yet do it for layers with dropout): the gradient along a random direction
+    equals central differences of forwards drawing the same masks, so the recomputation redraws the forward's.
+    What lifting checkpoint_in_forward's dropout exclusion needs (with the step-graph dropout test)."""
+    from helpers import dropout_gradient_check, dropout_model
+    from zerotune.model import compile_layers, move_checkpoint_into_forward
+
+    model = dropout_model(tiny_llama, "cuda")
+    for layer in model.base_model.model.model.layers:
+        if type(layer).__call__ is not torch.nn.Module.__call__:
+            move_checkpoint_into_forward(layer)
+    compile_layers(model)
+    along, difference = dropout_gradient_check(model, torch.arange(3, 35, device="cuda").reshape(2, 16))
+    assert abs(along - difference) / abs(difference) < 5e-3

@@ -192,9 +192,14 @@ def checkpoint_in_forward(layer: torch.nn.Module) -> bool:
     if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in layer.modules()) or \
             getattr(getattr(layer, "self_attn", None), "attention_dropout", 0.0):
         return False
+    move_checkpoint_into_forward(layer)
+    return True
+
+
+def move_checkpoint_into_forward(layer: torch.nn.Module) -> None:
+    """The move itself, without checkpoint_in_forward's exclusions: the flag off, a checkpointing forward."""
     layer.gradient_checkpointing = False
     layer.forward = types.MethodType(_checkpointed_forward, layer)
-    return True
 
 
 def _checkpointed_forward(self, *args, **kwargs):
