@@ -100,6 +100,25 @@ def test_plain_causal_hint_leaves_logits_unchanged(tiny_llama):
     assert not torch.allclose(crossed[0, 5:], separate[0, 5:])
 
 
+def test_one_plain_flag_per_step_bounds_the_graphs_of_a_shape():
+    """Packed rows of one shape, grad_accum 4: each micro-batch is plain or not (one example per row, or two),
+    16 combinations. With one flag per step they make two signatures (within step_graphs.LIMIT), and a step
+    is plain only when every micro-batch is."""
+    import itertools
+
+    from zerotune.step_graphs import StepGraphs, signature, step_plain
+
+    one = torch.arange(8).view(1, 8)
+    two = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    steps = [[{"input_ids": one, "position_ids": positions} for positions in combination]
+             for combination in itertools.product([one, two], repeat=4)]
+    flags = [[is_plain_causal(batch) for batch in batches] for batches in steps]
+    assert len({signature(batches, f) for batches, f in zip(steps, flags)}) == 16  # per micro-batch
+    merged = {signature(batches, step_plain(f)) for batches, f in zip(steps, flags)}
+    assert len(merged) == 2 <= StepGraphs.LIMIT
+    assert step_plain([True] * 4) == [True] * 4 and step_plain([True, False, True, True]) == [False] * 4
+
+
 def test_hint_is_refused_for_other_attention(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32, attn_implementation="eager")
     assert not install_plain_causal_hint(model)

@@ -33,7 +33,7 @@ from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError, ZerotuneError
 from zerotune.loss import ALL_ROWS
 from zerotune.model import compute_precision, load_tokenizer, resolve_attention, resolve_dtype
-from zerotune.step_graphs import StepGraphs, wanted
+from zerotune.step_graphs import StepGraphs, step_plain, wanted
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
 from zerotune.strategies import create_strategy
@@ -387,7 +387,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             sum(counts), sum(int(b["attention_mask"].sum()) for b in batches), sum(b["input_ids"].numel() for b in batches),
             signals.requested is not None, time_due]))
         batches = [without_full_mask(batch) for batch in batches]
-        plain = [is_plain_causal(batch) if graphs else False for batch in batches]  # the hint exists with graphs only
+        # the hint exists with graphs only; one flag per step (step_graphs.step_plain)
+        plain = step_plain([is_plain_causal(batch) for batch in batches]) if graphs else [False] * len(batches)
         device_batches = [to_device(batch, strategy.device) for batch in batches]
         lr = strategy.current_lr()
         if graphs:
