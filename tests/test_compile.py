@@ -46,7 +46,7 @@ def _matmul_counting_compile(counts: list):
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projection(tiny_llama, monkeypatch,
                                                                                    checkpointing):
-    """transformers before 5.2x checkpoints around a layer's __call__, outside its compiled call, so the whole
+    """transformers 5.17 checkpoints around a layer's __call__, outside its compiled call, so the whole
     compiled forward ran again. compile_layers moves the checkpoint into forward (as later transformers do):
     the compiler then recomputes in the backward graph only what it reads, which leaves out down_proj's base
     and LoRA-B matmuls. Simulated here with a layer class of the earlier layout; gradients equal eager. Layers
@@ -113,7 +113,7 @@ def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projectio
 def test_dropout_gradients_under_checkpointing_are_the_forwards(tiny_llama, path):
     """Checkpointed layers with LoRA dropout: the backward's recomputation must redraw the forward's masks, or
     the gradient belongs to another forward. Checked against central differences of forwards drawing the same
-    masks, eager and compiled (here transformers >= 5.2x checkpoints inside the compiled layer: the compiler
+    masks, eager and compiled (here transformers 5.24 checkpoints inside the compiled layer: the compiler
     replays saved generator states). The control recomputes with fresh masks and must disagree."""
     import functools
 

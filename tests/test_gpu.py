@@ -215,10 +215,11 @@ def test_cuda_graph_auto_with_evaluation_and_checkpoints_equals_op_by_op(tiny_ll
 
 
 def test_dropout_gradients_under_a_compiled_checkpoint_on_cuda(tiny_llama):
-    """LoRA dropout 0.3 with the checkpoint inside compiled layers on the GPU (moved there on transformers
-    < 5.2x, where zerotune does not yet do it for layers with dropout): the gradient along a random direction
-    equals central differences of forwards drawing the same masks, so the recomputation redraws the forward's.
-    What lifting checkpoint_in_forward's dropout exclusion needs (with the step-graph dropout test)."""
+    """LoRA dropout 0.3 with the checkpoint inside compiled layers on the GPU (moved there on a transformers
+    that checkpoints around __call__, as 5.17 does; zerotune does not yet move it for layers with dropout): the
+    gradient along a random direction equals central differences of forwards drawing the same masks, so the
+    recomputation redraws the forward's. What lifting checkpoint_in_forward's dropout exclusion needs (with
+    the step-graph dropout test)."""
     from helpers import dropout_gradient_check, dropout_model
     from zerotune.model import compile_layers, move_checkpoint_into_forward
 

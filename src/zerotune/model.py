@@ -170,7 +170,7 @@ def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
 def checkpoint_in_forward(layer: torch.nn.Module) -> bool:
     """Move a layer's gradient checkpointing from around its ``__call__`` into its ``forward``.
 
-    transformers before 5.2x checkpoints a layer around ``__call__``; since then, around ``forward``. A layer
+    transformers 5.17 (the GPU box's) checkpoints a layer around ``__call__``; 5.24 around ``forward``. A layer
     compiled through ``Module.compile`` compiles ``__call__``'s inner call, so only the later layout puts the
     checkpoint inside the compiled region, where the compiler recomputes just what the backward reads: not
     the last projection's output (down_proj, a ninth of the layer's matmul work), and the recomputed kernels

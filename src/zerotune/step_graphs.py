@@ -57,8 +57,8 @@ def wanted(setting: str, *, device_type: str, strategy: str, compiled: bool, met
 def step_plain(flags: list[bool]) -> list[bool]:
     """One plain-causal flag for all of a step's micro-batches: plain only if every one is. A plain batch runs
     exactly through the masked path too, and per-micro-batch flags would make up to 2**grad_accum signatures
-    of one shape (packed rows that happen to hold one example each), more than ``StepGraphs.LIMIT`` graphs; this way a
-    shape has at most two."""
+    of one shape (packed rows that happen to hold one example each), more than ``StepGraphs.LIMIT`` graphs;
+    this way a shape has at most two."""
     return [all(flags)] * len(flags)
 
 
