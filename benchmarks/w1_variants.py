@@ -20,7 +20,7 @@ import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
-            packed_probe=True, outer_ckpt=False)
+            packed_probe=True, outer_ckpt=False, fused=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -55,6 +55,9 @@ VARIANTS = {
     # compile_layers moves it inside (model.checkpoint_in_forward): these keep the earlier layout
     "ckpt-mb4-compiled-graphed-outer-ckpt": dict(micro=4, ckpt=True, graphed=True, mask=False, outer_ckpt=True),
     "ckpt-mb4-compiled-outer-ckpt": dict(micro=4, ckpt=True, outer_ckpt=True),
+    # adapter.fused_projections: q/k/v and gate/up as one matmul each way (layers without checkpointing)
+    "compiled-graphed+fused": dict(graphed=True, mask=False, fused=True),
+    "compiled+fused": dict(fused=True),
 }
 
 
@@ -103,6 +106,10 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     head.chunk_tokens = options["loss_chunk"]
     if fast_lora:
         install_fast_lora(model)
+    if options["fused"]:
+        from zerotune.fused_projections import install_fused_projections
+
+        install_fused_projections(model)
     if compiled and options["outer_ckpt"]:
         for layer in model.base_model.model.model.layers:
             layer.compile(mode=options["mode"])

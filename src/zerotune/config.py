@@ -107,6 +107,14 @@ class AdapterConfig:
               "already do PEFT's scale and add (benchmarks/results/*-w1-variants.json). Not under ZeRO-3 or "
               "for 4-bit bases (PEFT's path runs there).", "--fast-lora",
     )
+    fused_projections: bool = option(
+        False, "Run sibling projections that read one input (q/k/v, gate/up) as one frozen matmul, one LoRA-A and "
+               "one block-diagonal LoRA-B matmul, forward and backward (zerotune/fused_projections.py): fewer, "
+               "wider matmuls, same adapter files. LoRA on bf16/fp32 bases, one process, layers without "
+               "checkpointing, --lora-dropout 0; elsewhere PEFT's path runs and the log says why. Same values as "
+               "PEFT's path (tested to 1e-6 in fp32). Off by default: not yet measured on a GPU.",
+        "--fused-projections",
+    )
 
 
 @dataclass

@@ -248,6 +248,17 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             from zerotune.fast_lora import install_fast_lora
 
             install_fast_lora(model)
+    if config.adapter.fused_projections:
+        if config.adapter.method != "lora" or strategy.name != "single":
+            tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process (this run: "
+                         f"{config.adapter.method}, {strategy.name})")
+        else:
+            from zerotune.fused_projections import install_fused_projections
+
+            groups = install_fused_projections(model)
+            tracker.note(f"adapter.fused_projections: {groups} groups of sibling projections fused"
+                         + ("" if groups else " (none covered: needs --lora-dropout 0 and layers without "
+                                              "checkpointing)"))
     if graphs:
         if not install_plain_causal_hint(model):
             loaded = getattr(model.config, "_attn_implementation", "another")

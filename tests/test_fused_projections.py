@@ -1,0 +1,129 @@
+"""adapter.fused_projections: sibling projections (q/k/v, gate/up) as one matmul each way. Same values as
+PEFT's path, the same adapter files, and the compiled layer really holds fewer matmuls."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from zerotune import adapters
+from zerotune.config import AdapterConfig
+from zerotune.fused_projections import install_fused_projections
+from zerotune.tiny import build_model
+
+IDS = torch.arange(3, 35).reshape(2, 16)
+
+
+def _model(architecture="llama", dropout=0.0, layers=2, checkpointing=False):
+    """Grouped-query attention (k/v narrower than q); random nonzero adapters so the updates count."""
+    model = build_model(architecture, 300, hidden_size=64, layers=layers, heads=4, kv_heads=2, seed=0)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = adapters.apply_method(model, AdapterConfig(dropout=dropout), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model.train()
+
+
+def _run(model):
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # qwen2: biased q/k/v
+def test_fused_siblings_give_peft_values_and_keep_the_state_dict(architecture):
+    reference, fused = _model(architecture), _model(architecture)
+    assert install_fused_projections(fused) == 2 * 2  # q/k/v and gate/up in each layer
+    logits, grads = _run(reference)
+    fused_logits, fused_grads = _run(fused)
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    state, fused_state = reference.state_dict(), fused.state_dict()
+    assert fused_state.keys() == state.keys()  # the fused weight is a non-persistent buffer
+    for key, value in state.items():
+        torch.testing.assert_close(fused_state[key], value, rtol=0, atol=0, msg=key)
+    layer = fused.base_model.model.model.layers[0].self_attn
+    views = [getattr(layer, n).base_layer.weight for n in ("q_proj", "k_proj", "v_proj")]
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1  # the base weights are not stored twice
+
+
+def test_a_sibling_called_alone_or_out_of_order_gets_its_own_output():
+    """Only the first call of a group computes; a lone or reordered call still gets its own columns, and after
+    an adapter changes, the next forward (the holder's pre-hook clears the memo) uses the new weights."""
+    reference, fused = _model(), _model()
+    install_fused_projections(fused)
+    x = torch.randn(2, 5, 64)
+    ours = fused.base_model.model.model.layers[0].self_attn
+    theirs = reference.base_model.model.model.layers[0].self_attn
+    for name in ("v_proj", "q_proj", "k_proj", "k_proj"):
+        torch.testing.assert_close(getattr(ours, name)(x), getattr(theirs, name)(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        for model in (fused, reference):
+            model.base_model.model.model.layers[0].self_attn.k_proj.lora_B["default"].weight.add_(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=1e-6,
+                                   atol=1e-6)
+
+
+def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
+    """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 12
+    matmuls instead of 21 (7 projections x base, A, B) and the backward 20 instead of 35; 4 layers compile
+    one graph (two: the first layer's input needs no gradient), no recompilation per layer."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from zerotune.model import compile_layers
+
+    counts = []
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def counter(kind):
+        def compiler(graph, example_inputs):
+            counts.append((kind, sum(node.target in matmuls for node in graph.graph.nodes)))
+            return graph.forward
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: original(self, backend=backend))
+    reference, fused = _model(layers=4), _model(layers=4)
+    install_fused_projections(fused)
+    expected, _ = _run(reference)
+    torch._dynamo.reset()
+    compile_layers(fused)
+    logits, _ = _run(fused)
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    assert sorted(counts) == [("bw", 18), ("bw", 20), ("fw", 12), ("fw", 12)]
+
+
+def test_uncovered_layers_keep_pefts_path(tiny_llama):
+    assert install_fused_projections(_model(dropout=0.1)) == 0  # each sibling draws its own mask
+    assert install_fused_projections(_model(checkpointing=True)) == 0  # a compiled checkpoint cannot hold the memo
+    if importlib.util.find_spec("bitsandbytes"):
+        from zerotune.config import ModelConfig
+        from zerotune.model import load_model
+
+        quantized = load_model(ModelConfig(name=str(tiny_llama)), "qlora", torch.device("cpu"), torch.float32)
+        assert install_fused_projections(adapters.apply_method(quantized, AdapterConfig(method="qlora",
+                                                                                        dropout=0.0), seed=0)) == 0
+
+
+def test_training_with_fused_projections_equals_peft_and_saves_the_same_adapter(config_for, tmp_path, capsys):
+    from helpers import adapter_weights, train
+
+    settings = {"train.max_steps": 3, "adapter.dropout": 0.0}
+    plain = train(config_for(**settings, **{"output.dir": str(tmp_path / "plain")}))
+    fused = train(config_for(**settings, **{"output.dir": str(tmp_path / "fused"), "adapter.fused_projections": True}))
+    assert "adapter.fused_projections: 4 groups of sibling projections fused" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
+    ours, reference = adapter_weights(tmp_path / "fused"), adapter_weights(tmp_path / "plain")
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-3, atol=1e-5, msg=key)  # Adam: as test_compile
