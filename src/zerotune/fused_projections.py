@@ -58,7 +58,9 @@ def _fusable(members) -> bool:
 
 
 class _Group:
-    """The siblings, in call order, and the memo: (input, parts) from the first sibling's call."""
+    """The siblings in GROUPS order (the order Llama-style layers call them: the last one clears the memo; a
+    model calling them in another order stays correct, computing the group more than once) and the memo:
+    (input, parts) from the call that computed them."""
 
     def __init__(self, members: tuple):
         self.members = members
