@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import adapter_weights, train
+from helpers import adapter_weights, matmul_counting_compile, train
 
 pytestmark = pytest.mark.slow
 
@@ -19,28 +19,6 @@ def test_compiled_layers_match_eager(config_for, tmp_path):
     left, right = adapter_weights(tmp_path / "compiled"), adapter_weights(tmp_path / "eager")
     for key in right:
         torch.testing.assert_close(left[key], right[key], rtol=1e-3, atol=1e-5)
-
-
-def _matmul_counting_compile(counts: list):
-    """Module.compile with a backend that records each compiled graph's matmul count (fw/bw) and runs it
-    as traced (fast on CPU)."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-
-    def counter(kind):
-        def compiler(graph, example_inputs):
-            counts.append((kind, sum(node.target in matmuls for node in graph.graph.nodes)))
-            return graph.forward
-        return compiler
-
-    backend = aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw"))
-    original = torch.nn.Module.compile
-
-    def compile(self, *args, **kwargs):
-        kwargs.pop("mode", None)
-        return original(self, *args, backend=backend, **kwargs)
-    return compile
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -82,7 +60,7 @@ def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projectio
 
     eager = grads(build(EarlierLayout))
     counts: list = []
-    monkeypatch.setattr(torch.nn.Module, "compile", _matmul_counting_compile(counts))
+    monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
     model = build(EarlierLayout)
     layers = model.base_model.model.model.layers
     assert [layer.gradient_checkpointing for layer in layers] == [checkpointing] * len(layers)

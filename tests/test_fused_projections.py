@@ -75,24 +75,11 @@ def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 12
     matmuls instead of 21 (7 projections x base, A, B) and the backward 20 instead of 35; 4 layers compile
     one graph (two: the first layer's input needs no gradient), no recompilation per layer."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
+    from helpers import matmul_counting_compile
     from zerotune.model import compile_layers
 
     counts = []
-    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-
-    def counter(kind):
-        def compiler(graph, example_inputs):
-            counts.append((kind, sum(node.target in matmuls for node in graph.graph.nodes)))
-            return graph.forward
-        return compiler
-
-    backend = aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw"),
-                           partition_fn=min_cut_rematerialization_partition)
-    original = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: original(self, backend=backend))
+    monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
     reference, fused = _model(layers=4), _model(layers=4)
     install_fused_projections(fused)
     expected, _ = _run(reference)
