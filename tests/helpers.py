@@ -60,12 +60,19 @@ def dropout_model(model_dir, device="cpu"):
 
     model = load_model(ModelConfig(name=str(model_dir), gradient_checkpointing=True), "lora",
                        torch.device(device), torch.float64)
-    model = adapters.apply_method(model, AdapterConfig(dropout=0.3), seed=0)
+    return random_adapters(adapters.apply_method(model, AdapterConfig(dropout=0.3), seed=0))
+
+
+def random_adapters(model, scale: float = 0.1):
+    """Every trainable weight drawn at random (seeded), LoRA B included, so the updates reach the outputs (PEFT
+    starts B at zero). Returns the model in training mode."""
+    import torch
+
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
     return model.train()
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 
+from helpers import random_adapters
 from zerotune import adapters
 from zerotune.config import AdapterConfig
 from zerotune.fused_projections import install_fused_projections
@@ -20,13 +21,7 @@ def _model(architecture="llama", dropout=0.0, layers=2, checkpointing=False):
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = adapters.apply_method(model, AdapterConfig(dropout=dropout), seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model.train()
+    return random_adapters(adapters.apply_method(model, AdapterConfig(dropout=dropout), seed=0))
 
 
 def _run(model):
