@@ -281,12 +281,14 @@ def run_baseline(workload: Workload, spec: dict) -> dict:
     ranks = [json.loads(Path(spec["out"]).with_suffix(f".rank{r}.json").read_text()) for r in range(workload.gpus)]
     steps = ranks[0]["steps"]
     peaks = [r["peak_gib"] for r in ranks if r["peak_gib"] is not None]
-    # every rank's tokens count; time is the slowest rank's (they sync each step anyway)
+    # every rank's tokens count; time is the slowest rank's, its total and its steps (they sync each step, so a
+    # rank that finishes a step early waits in the next: the per-step maximum over ranks would count that twice)
     timed = slice(spec["warmup"], None)
     tokens = sum(sum(s["tokens"] for s in r["steps"][timed]) for r in ranks)
-    seconds = max(sum(s["seconds"] for s in r["steps"][timed]) for r in ranks)
+    slowest = max(ranks, key=lambda r: sum(s["seconds"] for s in r["steps"][timed]))
+    seconds = sum(s["seconds"] for s in slowest["steps"][timed])
     slots = sum(sum(s["slots"] for s in r["steps"][timed]) for r in ranks)
-    per_step = [(sum(r["steps"][i]["tokens"] for r in ranks), max(r["steps"][i]["seconds"] for r in ranks))
+    per_step = [(sum(r["steps"][i]["tokens"] for r in ranks), slowest["steps"][i]["seconds"])
                 for i in range(len(steps))][timed]
     return {"tokens_per_second": tokens / seconds, "tokens_per_second_per_gpu": tokens / seconds / workload.gpus,
             **step_spread(per_step),
