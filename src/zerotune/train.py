@@ -248,17 +248,18 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             from zerotune.fast_lora import install_fast_lora
 
             install_fast_lora(model)
-    if config.adapter.fused_projections:
-        if config.adapter.method != "lora" or strategy.name != "single":
-            tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process (this run: "
-                         f"{config.adapter.method}, {strategy.name})")
-        else:
-            from zerotune.fused_projections import install_fused_projections
+    fusing = config.adapter.fused_projections == "on" or (config.adapter.fused_projections == "auto" and compiled
+                                                               and strategy.device.type == "cuda")
+    if fusing and config.adapter.method == "lora" and strategy.name == "single":
+        from zerotune.fused_projections import install_fused_projections
 
-            groups = install_fused_projections(model)
-            tracker.note(f"adapter.fused_projections: {groups} groups of sibling projections fused"
-                         + ("" if groups else " (none covered: needs --lora-dropout 0 and layers without "
-                                              "checkpointing)"))
+        groups = install_fused_projections(model)
+        tracker.note(f"adapter.fused_projections: {groups} groups of sibling projections fused"
+                     + ("" if groups else " (none covered: needs --lora-dropout 0 and layers without "
+                                          "checkpointing)"))
+    elif config.adapter.fused_projections == "on":
+        tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process (this run: "
+                     f"{config.adapter.method}, {strategy.name})")
     if graphs:
         if not install_plain_causal_hint(model):
             loaded = getattr(model.config, "_attn_implementation", "another")
