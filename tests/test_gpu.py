@@ -168,12 +168,9 @@ def test_cuda_graph_steps_equal_op_by_op(packing, tiny_llama, alpaca_file, tmp_p
 
 def test_lora_dropout_under_cuda_graphs_and_checkpointing(tiny_llama, alpaca_file, tmp_path, capsys):
     """LoRA dropout inside replayed step graphs draws new masks every replay, the same ones the op-by-op run
-    draws (the graph advances the CUDA generator as the op-by-op step does), with and without gradient
-    checkpointing: graphed and op-by-op runs give the same per-step losses. A frozen mask, or a recomputed one
-    that differs from the forward's, changes the losses from step 2 on. The checkpoint sits inside the compiled
-    layers (moved there on transformers 5.17), whose replay of saved generator states is another stream than
-    the run without checkpointing: the checkpointed runs agree with each other, and with the others on the
-    first step's loss (the same forward masks); that their gradients are the forward's is the next test's."""
+    draws (the graph advances the CUDA generator as the op-by-op step does), and gradient checkpointing's
+    recomputation redraws the forward's masks, in both modes: all four runs give the same per-step losses.
+    A frozen mask, or a recomputed one that differs from the forward's, changes the losses from step 2 on."""
     from conftest import make_config
     from helpers import train
 
@@ -189,10 +186,24 @@ def test_lora_dropout_under_cuda_graphs_and_checkpointing(tiny_llama, alpaca_fil
     no_dropout = torch.tensor(train(make_config(tiny_llama, alpaca_file, tmp_path / "no-dropout",
                                                 **{**common, "adapter.dropout": 0.0, "train.cuda_graph": "off"})).losses)
     assert (runs["plain"] - no_dropout).abs().max() > 1e-3  # the dropout is there to see
-    torch.testing.assert_close(runs["graphed"], runs["plain"], rtol=1e-4, atol=0)
-    torch.testing.assert_close(runs["graphed-ckpt"], runs["ckpt"], rtol=1e-4, atol=0)
-    assert (runs["ckpt"] - no_dropout).abs().max() > 1e-3
-    torch.testing.assert_close(runs["ckpt"][:1], runs["plain"][:1], rtol=1e-4, atol=0)
+    for name, losses in runs.items():
+        torch.testing.assert_close(losses, runs["plain"], rtol=1e-4, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_dropout_with_checkpointing_under_dynamic_shapes_equals_the_run_without(tiny_llama, alpaca_file, tmp_path):
+    """Unpacked batches vary in length, so the compiled layers go dynamic. With LoRA dropout, checkpointing stays
+    around the compiled layer (checkpoint_in_forward leaves dropout layers alone: moved inside, torch 2.11's
+    partitioner failed on dynamic shapes, "Node ... was invalid, but is output"): the run trains, and its
+    recomputation replays the forward's masks, so its per-step losses are those of the run without."""
+    from conftest import make_config
+    from helpers import train
+
+    common = {"train.max_steps": 5, "train.batch_size": 2, "data.packing": False, "adapter.dropout": 0.3,
+              "train.lr": 3e-2, "model.compile": "on", "train.cuda_graph": "off"}
+    plain = train(make_config(tiny_llama, alpaca_file, tmp_path / "plain", **common))
+    ckpt = train(make_config(tiny_llama, alpaca_file, tmp_path / "ckpt", **common,
+                             **{"model.gradient_checkpointing": True}))
+    torch.testing.assert_close(torch.tensor(ckpt.losses), torch.tensor(plain.losses), rtol=1e-4, atol=0)
 
 
 def test_cuda_graph_auto_with_evaluation_and_checkpoints_equals_op_by_op(tiny_llama, alpaca_file, tmp_path, capsys):
@@ -220,17 +231,19 @@ def test_cuda_graph_auto_with_evaluation_and_checkpoints_equals_op_by_op(tiny_ll
 
 
 def test_dropout_gradients_under_a_compiled_checkpoint_on_cuda(tiny_llama):
-    """LoRA dropout 0.3 with the checkpoint inside compiled layers on the GPU (compile_layers moves it there on
-    a transformers that checkpoints around __call__, as 5.17 does): the gradient along a random direction
-    equals central differences of forwards drawing the same masks, so the recomputation redraws the
-    forward's."""
+    """LoRA dropout 0.3 with the checkpoint inside compiled layers on the GPU (moved there on a transformers
+    that checkpoints around __call__, as 5.17 does; zerotune does not yet move it for layers with dropout): the
+    gradient along a random direction equals central differences of forwards drawing the same masks, so the
+    recomputation redraws the forward's. What lifting checkpoint_in_forward's dropout exclusion needs (with
+    the step-graph dropout test)."""
     from helpers import dropout_gradient_check, dropout_model
-    from zerotune.model import compile_layers
+    from zerotune.model import compile_layers, move_checkpoint_into_forward
 
     model = dropout_model(tiny_llama, "cuda")
+    for layer in model.base_model.model.model.layers:
+        if type(layer).__call__ is not torch.nn.Module.__call__:
+            move_checkpoint_into_forward(layer)
     compile_layers(model)
-    for layer in model.base_model.model.model.layers:  # inside forward: moved, or transformers' own layout
-        assert not layer.gradient_checkpointing or type(layer).__call__ is torch.nn.Module.__call__
     along, difference = dropout_gradient_check(model, torch.arange(3, 35, device="cuda").reshape(2, 16))
     assert abs(along - difference) / abs(difference) < 5e-3
 

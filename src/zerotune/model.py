@@ -181,20 +181,28 @@ def checkpoint_in_forward(layer: torch.nn.Module) -> bool:
     Not for a layer holding 4-bit weights: torch 2.11's compiler keeps the activations around an autograd
     Function (bitsandbytes' 4-bit matmul, or zerotune.nf4's) inside a compiled checkpoint, so the layer saved
     what checkpointing drops (a 7B QLoRA at micro-batch 1: 10.3 GiB peak, not 5.2; torch 2.13 recomputes them).
-
-    Layers with dropout (LoRA or attention) move too: the compiled checkpoint replays the forward's draws from
-    saved generator states, so the recomputation sees the forward's masks (gradients checked against central
-    differences, tests/test_compile.py on CPU and test_gpu.py on CUDA), and replayed step graphs give the
-    op-by-op run's losses. The draws are another stream than a run without checkpointing, as on transformers
-    5.24, which checkpoints inside forward itself.
+    Nor for a layer that draws random numbers (LoRA or attention dropout). Its gradients there are right (the
+    compiled checkpoint replays the forward's draws from saved generator states: central differences agree, on
+    CPU and on CUDA, and step graphs give the op-by-op run's losses), but on the GPU box (torch 2.11) it did not
+    pay: with dynamic shapes (unpacked batches of varying length) the compiler's partitioner failed ("Node ...
+    was invalid, but is output"), and W1-ckpt with --lora-dropout 0.05 ran at 1.83x the HF path for 1.03x its
+    peak memory (2026-11-29-h200-w1-ckpt-dropout-moved-at-097557c.json).
     """
     if type(layer).__call__ is torch.nn.Module.__call__ or not getattr(layer, "gradient_checkpointing", False):
         return False
     if any(type(getattr(module, "weight", None)).__name__ == "Params4bit" for module in layer.modules()):
         return False
+    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in layer.modules()) or \
+            getattr(getattr(layer, "self_attn", None), "attention_dropout", 0.0):
+        return False
+    move_checkpoint_into_forward(layer)
+    return True
+
+
+def move_checkpoint_into_forward(layer: torch.nn.Module) -> None:
+    """The move itself, without checkpoint_in_forward's exclusions: the flag off, a checkpointing forward."""
     layer.gradient_checkpointing = False
     layer.forward = types.MethodType(_checkpointed_forward, layer)
-    return True
 
 
 def _checkpointed_forward(self, *args, **kwargs):
