@@ -20,7 +20,7 @@ import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
-            packed_probe=True, outer_ckpt=False, fused=False)
+            packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -58,6 +58,11 @@ VARIANTS = {
     # adapter.fused_projections: q/k/v and gate/up as one matmul each way (layers without checkpointing)
     "compiled-graphed+fused": dict(graphed=True, mask=False, fused=True),
     "compiled+fused": dict(fused=True),
+    # the chunked loss's softmax and gradient through torch.compile (loss.compiled_chunk_math), as train does
+    # under --compile: no fp32 copy of each chunk's logits
+    "compiled-graphed+fused+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True),
+    "ckpt-mb4-compiled-graphed+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False,
+                                                    compiled_loss=True),
 }
 
 
@@ -102,7 +107,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
-    head, _ = install_chunked_loss(model)
+    head, _ = install_chunked_loss(model, compiled=options["compiled_loss"])
     head.chunk_tokens = options["loss_chunk"]
     if fast_lora:
         install_fast_lora(model)

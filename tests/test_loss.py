@@ -18,8 +18,11 @@ from zerotune.train import token_loss_sum
 from helpers import train
 
 
-@pytest.mark.parametrize("weight_trains,host_count", [(False, False), (True, False), (True, True), (True, "all")])
-def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains, host_count):
+@pytest.mark.parametrize("weight_trains,host_count,compiled", [
+    (False, False, False), (True, False, False), (True, True, False), (True, "all", False),
+    (True, True, True), (False, "all", True)])
+def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains, host_count, compiled):
+    """Eager, and with each chunk's softmax and gradient through torch.compile (as under --compile)."""
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_trains)
@@ -28,7 +31,8 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains, host
     count = int((labels != -100).sum()) if host_count else None  # the sync-free row lookup when known
     if host_count == "all":
         count = ALL_ROWS  # every row at fixed shapes, -100 rows weighing zero (CUDA graphs)
-    ours = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=5, label_count=count)  # 6 chunks
+    ours = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=5, label_count=count,  # 6 chunks
+                                    compiled=compiled)
     ours.mul(0.37).backward()
     ours_grads = [hidden.grad.clone()] + ([weight.grad.clone()] if weight_trains else [])
     hidden.grad = None
@@ -40,6 +44,26 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains, host
     for mine, theirs in zip(ours_grads, stock_grads):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
     assert not torch.equal(ours_grads[0][0], torch.zeros(16, dtype=torch.float64)) or labels[0] == -100
+
+
+def test_compiled_chunk_math_equals_eager_in_bf16():
+    """The compiled chunk math reads bf16 logits and writes the bf16 gradient without an fp32 copy in memory;
+    its values are the eager path's: the loss to fp32 reordering, the gradient to one bf16 rounding."""
+    from zerotune.loss import chunk_loss_and_grad, compiled_chunk_math
+
+    torch.manual_seed(0)
+    logits = (torch.randn(24, 301) * 4).to(torch.bfloat16)
+    target = torch.randint(0, 301, (24,))
+    keep = (torch.arange(24) % 5 != 0).float()
+    for weight_of_row in (None, keep):
+        eager_total, eager_grad = chunk_loss_and_grad(logits.clone(), target, weight_of_row, True)
+        total, grad = compiled_chunk_math()(logits.clone(), target, weight_of_row, True)
+        torch.testing.assert_close(total, eager_total, rtol=1e-6, atol=0)
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad, eager_grad, rtol=8e-3, atol=1e-6)
+    total, grad = compiled_chunk_math()(logits, target, None, False)
+    assert grad is None and torch.isclose(total, eager_total.new_tensor(float(
+        F.cross_entropy(logits.float(), target, reduction="sum"))), rtol=1e-6)
 
 
 def _lora_model(tiny_llama):

@@ -33,9 +33,42 @@ def chunk_tokens_for(vocab_size: int) -> int:
     return max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_size)
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, weight_of_row: torch.Tensor | None,
+                        want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's summed cross-entropy from its logits (in the matmul's dtype), and the gradient of that sum
+    with respect to the logits, softmax - one_hot (rows weighted by ``weight_of_row``), back in the logits'
+    dtype. The softmax runs in fp32 (fp64 for fp64 logits). Eagerly the fp32 copy is made and updated in
+    place; compiled (``compiled_chunk_math``) the steps fuse into a few kernels that read the logits and write
+    the gradient, with no fp32 copy in memory."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    wide_logits = logits.to(wide)
+    log_norm = torch.logsumexp(wide_logits, dim=-1)
+    losses = log_norm - wide_logits.gather(1, target[:, None]).squeeze(1)
+    total = (losses if weight_of_row is None else losses * weight_of_row).sum()
+    if not want_grad:
+        return total, None
+    # d(sum CE)/d(logits) = softmax - one_hot, in place over the fp32 logits
+    grad = wide_logits.sub_(log_norm[:, None]).exp_()
+    grad.scatter_add_(1, target[:, None], grad.new_full((target.size(0), 1), -1.0))
+    if weight_of_row is not None:
+        grad.mul_(weight_of_row[:, None])
+    return total, grad.to(logits.dtype)
+
+
+_compiled_chunk_math = None
+
+
+def compiled_chunk_math():
+    """chunk_loss_and_grad through torch.compile, made once per process."""
+    global _compiled_chunk_math
+    if _compiled_chunk_math is None:
+        _compiled_chunk_math = torch.compile(chunk_loss_and_grad)
+    return _compiled_chunk_math
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, label_count):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, label_count, compiled=False):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         wide = torch.promote_types(hidden.dtype, torch.float32)  # the softmax runs in fp32 (or fp64 if given)
         if label_count == ALL_ROWS:
@@ -47,19 +80,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=wide, device=hidden.device)
         grad_picked = torch.empty_like(picked) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if want_weight else None
+        math = compiled_chunk_math() if compiled else chunk_loss_and_grad
         for start in range(0, picked.size(0), chunk_tokens):
             chunk, target = picked[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-            logits = (chunk @ weight.t()).to(wide)
-            log_norm = torch.logsumexp(logits, dim=-1)
-            losses = log_norm - logits.gather(1, target[:, None]).squeeze(1)
             weight_of_row = None if keep is None else keep[start:start + chunk_tokens]
-            total += (losses if weight_of_row is None else losses * weight_of_row).sum()
-            if want_hidden or want_weight:
-                # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the fp32 logits
-                grad_logits = logits.sub_(log_norm[:, None]).exp_()
-                grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((target.size(0), 1), -1.0))
-                if weight_of_row is not None:
-                    grad_logits.mul_(weight_of_row[:, None])
+            chunk_total, grad_logits = math(chunk @ weight.t(), target, weight_of_row, want_hidden or want_weight)
+            total += chunk_total
+            if grad_logits is not None:
                 grad_logits = grad_logits.to(hidden.dtype)
                 if want_hidden:
                     grad_picked[start:start + chunk_tokens] = grad_logits @ weight
@@ -79,7 +106,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def label_rows(labels: torch.Tensor, label_count: int | None = None) -> torch.Tensor:
@@ -94,13 +121,15 @@ def label_rows(labels: torch.Tensor, label_count: int | None = None) -> torch.Te
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk_tokens: int | None = None, label_count: int | None = None) -> torch.Tensor:
+                             chunk_tokens: int | None = None, label_count: int | None = None,
+                             compiled: bool = False) -> torch.Tensor:
     """Sum over positions with ``labels != -100`` of cross-entropy(hidden @ weight.T, labels).
     ``hidden`` [N, d], ``weight`` [V, d], ``labels`` [N] (already aligned: label i is the target of row i).
     ``label_count``: how many labels are not -100, when the caller knows it (saves a host-GPU sync), or
-    ALL_ROWS: every row at fixed shapes, -100 rows weighing zero (no count needed, for CUDA graphs)."""
+    ALL_ROWS: every row at fixed shapes, -100 rows weighing zero (no count needed, for CUDA graphs).
+    ``compiled``: each chunk's softmax and gradient through torch.compile (compiled_chunk_math)."""
     chunk = chunk_tokens or chunk_tokens_for(weight.size(0))
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, label_count)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, label_count, compiled)
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -119,11 +148,14 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 class ChunkedLossHead:
     """Installed on a causal LM's output head. Inside ``computing(labels)``, the model's forward returns the
-    summed loss in place of ``logits``; outside it (generation, plain calls) the head behaves as before."""
+    summed loss in place of ``logits``; outside it (generation, plain calls) the head behaves as before.
+    ``compiled``: each chunk's softmax and gradient run through torch.compile (compiled_chunk_math), as the
+    layers do under --compile."""
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int | None = None):
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int | None = None, compiled: bool = False):
         self.head = model.get_output_embeddings()
         self.chunk_tokens = chunk_tokens
+        self.compiled = compiled
         self._labels: torch.Tensor | None = None
         self._count: int | None = None
         original = self.head.forward
@@ -133,7 +165,7 @@ class ChunkedLossHead:
                 return original(hidden)
             labels, self._labels = self._labels, None
             return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), self.head.weight, labels,
-                                            self.chunk_tokens, self._count)
+                                            self.chunk_tokens, self._count, self.compiled)
 
         self.head.forward = forward
 
@@ -150,7 +182,7 @@ class ChunkedLossHead:
             self._labels = self._count = None
 
 
-def install_chunked_loss(model: torch.nn.Module) -> tuple[ChunkedLossHead | None, str | None]:
-    """The head, or None and the reason the model keeps the stock loss."""
+def install_chunked_loss(model: torch.nn.Module, compiled: bool = False) -> tuple[ChunkedLossHead | None, str | None]:
+    """The head, or None and the reason the model keeps the stock loss. ``compiled``: see ChunkedLossHead."""
     reason = unsupported_reason(model)
-    return (None, reason) if reason else (ChunkedLossHead(model), None)
+    return (None, reason) if reason else (ChunkedLossHead(model, compiled=compiled), None)

@@ -238,7 +238,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     if config.model.chunked_loss:
         from zerotune.loss import install_chunked_loss
 
-        loss_head, why_not = install_chunked_loss(model)
+        loss_head, why_not = install_chunked_loss(model, compiled=compiled)
         if why_not:
             tracker.note(f"model.chunked_loss: kept the stock loss because {why_not}")
     if config.adapter.fast_lora and config.adapter.method != "full":
