@@ -13,6 +13,7 @@ It plugs in at the output head's forward, inside the model's own forward, so eve
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -55,15 +56,10 @@ def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, weight_of_ro
     return total, grad.to(logits.dtype)
 
 
-_compiled_chunk_math = None
-
-
+@functools.cache
 def compiled_chunk_math():
     """chunk_loss_and_grad through torch.compile, made once per process."""
-    global _compiled_chunk_math
-    if _compiled_chunk_math is None:
-        _compiled_chunk_math = torch.compile(chunk_loss_and_grad)
-    return _compiled_chunk_math
+    return torch.compile(chunk_loss_and_grad)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
