@@ -84,27 +84,39 @@ def test_full_finetune_saves_model(config_for):
 def test_each_step_is_read_back_after_the_next_is_queued(config_for, monkeypatch, tmp_path):
     """On a GPU, reading a step's loss at once would make the host wait for the GPU's queue to drain every step.
     The loop reads step k's loss and grad norm only after step k+1's optimizer step is queued, and those
-    late reads give exactly the losses of reading each step at once (as the DeepSpeed engine does)."""
+    late reads give exactly the losses of reading each step at once (as the DeepSpeed engine does).
+    The step's host counts and stop signal, read back at once, are copied before the step's work is queued:
+    a copy queued after it would wait for the whole step, and the GPU would idle while the host batches the
+    next one."""
     import zerotune.train as loop
     from zerotune.strategies.base import Strategy
 
     events = []
-    real_step, real_values = Strategy.optimizer_step, loop.HostCopy.values
+    real_step, real_values, real_init = Strategy.optimizer_step, loop.HostCopy.values, loop.HostCopy.__init__
 
     def optimizer_step(self, model, loss_total):
         events.append("queue")
         return real_step(self, model, loss_total)
 
+    def copy(self, tensor):
+        real_init(self, tensor)
+        if tensor.numel() == 5:  # a step's reduced [label tokens, input tokens, slots, stop, save due]
+            events.append("copy-info")
+
     def values(self):
-        if self._values is None and self.host.numel() == 3:  # a step's [loss sum, grad norm, applied]
-            events.append("read")
+        if self._values is None:  # the first read, which waits for the copy on a GPU
+            events.append({3: "read", 5: "read-info"}[self.host.numel()])  # 3: [loss sum, grad norm, applied]
         return real_values(self)
 
     monkeypatch.setattr(Strategy, "optimizer_step", optimizer_step)
     monkeypatch.setattr(loop.HostCopy, "values", values)
+    monkeypatch.setattr(loop.HostCopy, "__init__", copy)
     overrides = {"train.max_steps": 4, "train.grad_accum": 2, "train.eval_every": 0, "train.log_every": 1}
     late = train(config_for(**overrides))
-    assert events == ["queue", "queue", "read", "queue", "read", "queue", "read", "read"]
+    assert events == ["copy-info", "queue", "read-info",
+                      "copy-info", "queue", "read", "read-info",
+                      "copy-info", "queue", "read", "read-info",
+                      "copy-info", "queue", "read", "read-info", "read"]
     # each step is timed end to end, the last one too (it is read right after the one before it)
     seconds = [m["step_seconds"] for m in read_metrics(late.output_dir / "metrics.jsonl") if "step_seconds" in m]
     assert len(seconds) == 4 and min(seconds[1:]) > 0.25 * max(seconds[1:])
@@ -112,7 +124,7 @@ def test_each_step_is_read_back_after_the_next_is_queued(config_for, monkeypatch
     events.clear()
     monkeypatch.setattr(Strategy, "drops_steps_on_device", False)
     at_once = train(config_for(**overrides, **{"output.dir": str(tmp_path / "at_once")}))
-    assert events == ["queue", "read"] * 4
+    assert [event for event in events if "info" not in event] == ["queue", "read"] * 4
     assert late.losses == at_once.losses
 
 

@@ -398,6 +398,9 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         info = strategy.all_reduce_sum(host_values(strategy.device, [
             sum(counts), sum(int(b["attention_mask"].sum()) for b in batches), sum(b["input_ids"].numel() for b in batches),
             signals.requested is not None, time_due]))
+        # Its copy back is queued now, ahead of this step's work: queued after it, reading the stop signal below
+        # would wait for the whole step, and the GPU would idle while the host batches the next one.
+        info_copy = HostCopy(info)
         batches = [without_full_mask(batch) for batch in batches]
         # the hint exists with graphs only; one flag per step (step_graphs.step_plain)
         plain = step_plain([is_plain_causal(batch) for batch in batches]) if graphs else [False] * len(batches)
@@ -408,7 +411,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             strategy.scheduler.step()  # fills the learning-rate tensor the next replay reads
         else:
             outcome = run_step(device_batches, info[0].float(), counts, plain)
-        launched = LaunchedStep(step, lr, HostCopy(info), HostCopy(outcome), WorkDone(strategy.device))
+        launched = LaunchedStep(step, lr, info_copy, HostCopy(outcome), WorkDone(strategy.device))
         pending.append(launched)
         while len(pending) > (1 if strategy.drops_steps_on_device else 0):
             finish(pending.pop(0))
