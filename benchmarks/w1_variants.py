@@ -20,7 +20,7 @@ import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
-            packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False)
+            packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -63,7 +63,17 @@ VARIANTS = {
     "compiled-graphed+fused+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True),
     "ckpt-mb4-compiled-graphed+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False,
                                                     compiled_loss=True),
+    # inductor tuning its own Triton kernels' block sizes by measuring them (longer compiles)
+    # the default LoRA dropout (0.05): fused projections fuse the frozen matmuls only
+    "compiled-graphed+compiled-loss-dropout": dict(graphed=True, mask=False, compiled_loss=True, dropout=0.05),
+    "compiled-graphed+fused+compiled-loss-dropout": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                         dropout=0.05),
+    "compiled-graphed+fused+compiled-loss+cdt": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                     inductor=dict(coordinate_descent_tuning=True)),
 }
+
+
+INDUCTOR_DEFAULTS = {"coordinate_descent_tuning": False}
 
 
 def group_of(name: str) -> str:
@@ -90,6 +100,8 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     micro, ckpt, compiled, fast_lora, liger = (options[k] for k in ("micro", "ckpt", "compile", "fast_lora", "liger"))
     torch._dynamo.reset()
     torch._inductor.config.cpp_wrapper = options["cpp_wrapper"]
+    for key, value in INDUCTOR_DEFAULTS.items():
+        setattr(torch._inductor.config, key, options["inductor"].get(key, value))
     if not options["packed_probe"]:
         import transformers.masking_utils as hf_masking
 
@@ -106,7 +118,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
                                     fused_linear_cross_entropy=False, model=model)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+    model = adapters.apply_method(model, AdapterConfig(dropout=options["dropout"]), seed=0)
     head, _ = install_chunked_loss(model, compiled=options["compiled_loss"])
     head.chunk_tokens = options["loss_chunk"]
     if fast_lora:
