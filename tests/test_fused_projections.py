@@ -85,8 +85,34 @@ def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     assert sorted(counts) == [("bw", 18), ("bw", 20), ("fw", 12), ("fw", 12)]
 
 
+def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(monkeypatch):
+    """Each sibling's adapter keeps its own dropout mask: with the same seed, the fused group draws PEFT's masks
+    in PEFT's order, so logits and every gradient equal PEFT's. Compiled, the forward holds one frozen matmul
+    per group (18 matmuls per layer instead of 21: the adapters' 14 stay)."""
+    from helpers import matmul_counting_compile
+    from zerotune.model import compile_layers
+
+    reference, fused = _model(dropout=0.3), _model(dropout=0.3)
+    assert install_fused_projections(fused) == 2 * 2
+    torch.manual_seed(7)
+    logits, grads = _run(reference)
+    torch.manual_seed(7)
+    fused_logits, fused_grads = _run(fused)
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(8)
+    assert not torch.allclose(_run(fused)[0], fused_logits)  # the masks are live: another seed, other logits
+
+    counts = []
+    monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
+    torch._dynamo.reset()
+    compile_layers(fused)
+    _run(fused)
+    assert sorted(c for c in counts if c[0] == "fw") == [("fw", 18), ("fw", 18)]
+
+
 def test_uncovered_layers_keep_pefts_path(tiny_llama):
-    assert install_fused_projections(_model(dropout=0.1)) == 0  # each sibling draws its own mask
     assert install_fused_projections(_model(checkpointing=True)) == 0  # a compiled checkpoint cannot hold the memo
     if importlib.util.find_spec("bitsandbytes"):
         from zerotune.config import ModelConfig
@@ -97,10 +123,12 @@ def test_uncovered_layers_keep_pefts_path(tiny_llama):
                                                                                         dropout=0.0), seed=0)) == 0
 
 
-def test_training_with_fused_projections_equals_peft_and_saves_the_same_adapter(config_for, tmp_path, capsys):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_with_fused_projections_equals_peft_and_saves_the_same_adapter(config_for, tmp_path, capsys,
+                                                                               dropout):
     from helpers import adapter_weights, train
 
-    settings = {"train.max_steps": 3, "adapter.dropout": 0.0}
+    settings = {"train.max_steps": 3, "adapter.dropout": dropout}
     plain = train(config_for(**settings, **{"output.dir": str(tmp_path / "plain")}))
     assert "adapter.fused_projections" not in capsys.readouterr().out  # auto: on CUDA with compiled layers only
     fused = train(config_for(**settings, **{"output.dir": str(tmp_path / "fused"), "adapter.fused_projections": "on"}))

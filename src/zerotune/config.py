@@ -112,8 +112,9 @@ class AdapterConfig:
         "auto", "Run sibling projections that read one input (q/k/v, gate/up) as one frozen matmul, one LoRA-A "
                 "and one block-diagonal LoRA-B matmul, forward and backward (zerotune/fused_projections.py): fewer, "
                 "wider matmuls, same adapter files, same values as PEFT's path (tested to 1e-6 in fp32). Covers "
-                "LoRA on bf16/fp32 bases in one process, on layers without checkpointing, with --lora-dropout 0; "
-                "elsewhere PEFT's path runs and the log says why. On an H200 +2.5% tokens/s on W1 and W2 in the "
+                "LoRA on bf16/fp32 bases in one process, on layers without checkpointing; with LoRA dropout only "
+                "the frozen matmul is fused (each adapter keeps its own mask); elsewhere PEFT's path runs and the "
+                "log says why. On an H200 +2.5% tokens/s on W1 and W2 in the "
                 "graphed step, for ~1 GiB more peak memory (benchmarks/results/*-variants-fused-projections.json). "
                 "auto: on where covered with compiled layers on a CUDA GPU (where it was measured); on: wherever "
                 "covered, eager and CPU too. A bare --fused-projections means on.",

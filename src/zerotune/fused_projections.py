@@ -6,7 +6,9 @@ writes a full [tokens, hidden] tensor: on a 7B LoRA step the small matmuls took 
 outputs also fill the GPU badly: with grouped-query attention k_proj and v_proj have a quarter of q_proj's
 columns. Fused, a group is one frozen matmul against the concatenated weights, one LoRA-A matmul against the
 stacked A matrices, and one LoRA-B matmul against a block-diagonal matrix of the scaled B matrices; the
-backward likewise.
+backward likewise. With LoRA dropout only the frozen matmul is fused: each sibling's adapter runs on its own
+dropout mask as in PEFT, the masks drawn in the order PEFT's separate calls draw them (so an eager run gives
+PEFT's values, masks included).
 
 How, without touching the model's code: the first sibling called computes the whole group's output, splits it
 into the siblings' columns and keeps the parts, with the input they came from; each later sibling called with
@@ -18,8 +20,7 @@ buffer, so nothing is stored twice and the state dict is unchanged; the adapters
 saved as before.
 
 Covered: PEFT LoRA Linear siblings over plain ``nn.Linear`` bases of one dtype and device, one active
-adapter, no LoRA dropout (each sibling's dropout would draw its own mask), no DoRA or other variant, no LoRA
-bias; base biases all present or all absent; decoder layers without gradient checkpointing (a compiled
+adapter, no DoRA or other variant, no LoRA bias; base biases all present or all absent; decoder layers without gradient checkpointing (a compiled
 checkpoint cannot hold the memo's Python state). Anything else keeps PEFT's forward, as does a sibling whose
 state changes later (adapters disabled or merged).
 """
@@ -39,8 +40,7 @@ def _adapter(module) -> str | None:
     adapters = module.active_adapters
     name = adapters[0] if len(adapters) == 1 else None
     if (name is None or module.disable_adapters or module.merged or name not in module.lora_A
-            or name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False)
-            or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+            or name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False)):
         return None
     return name
 
@@ -76,12 +76,17 @@ def _fused_forward(self, x, *args, **kwargs):
     index = self._zerotune_index
     memo = group.memo
     if memo is None or memo[0] is not x:
+        members, sizes = group.members, [m.base_layer.out_features for m in group.members]
         result = torch.nn.functional.linear(x, self._zerotune_fused_weight, self._zerotune_fused_bias)
-        weight_a = torch.cat([m.lora_A[name].weight for m in group.members])
-        weight_b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m in group.members])
-        lora_x = self._cast_input_dtype(x, weight_a.dtype)
-        update = torch.nn.functional.linear(torch.nn.functional.linear(lora_x, weight_a), weight_b)
-        parts = (result + update).to(result.dtype).split([m.base_layer.out_features for m in group.members], -1)
+        lora_x = self._cast_input_dtype(x, members[0].lora_A[name].weight.dtype)
+        if all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in members):
+            weight_a = torch.cat([m.lora_A[name].weight for m in members])
+            weight_b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m in members])
+            update = torch.nn.functional.linear(torch.nn.functional.linear(lora_x, weight_a), weight_b)
+            parts = (result + update).to(result.dtype).split(sizes, -1)
+        else:  # PEFT's update per sibling, each through its own dropout, drawn in the siblings' call order
+            parts = tuple((base + m.lora_B[name](m.lora_A[name](m.lora_dropout[name](lora_x))) * m.scaling[name])
+                          .to(result.dtype) for m, base in zip(members, result.split(sizes, -1)))
         memo = group.memo = (x, parts)
     if index == len(group.members) - 1:
         group.memo = None

@@ -255,8 +255,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
 
         groups = install_fused_projections(model)
         tracker.note(f"adapter.fused_projections: {groups} groups of sibling projections fused"
-                     + ("" if groups else " (none covered: needs --lora-dropout 0 and layers without "
-                                          "checkpointing)"))
+                     + ("" if groups else " (none covered: needs layers without gradient checkpointing)"))
     elif config.adapter.fused_projections == "on":
         tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process (this run: "
                      f"{config.adapter.method}, {strategy.name})")
