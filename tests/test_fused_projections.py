@@ -88,7 +88,8 @@ def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
 def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(monkeypatch):
     """Each sibling's adapter keeps its own dropout mask: with the same seed, the fused group draws PEFT's masks
     in PEFT's order, so logits and every gradient equal PEFT's. Compiled, the forward holds one frozen matmul
-    per group (18 matmuls per layer instead of 21: the adapters' 14 stay)."""
+    per group (18 matmuls per layer instead of 21: the adapters' 14 stay), and with inductor drawing from
+    eager's generator (``fallback_random``) the compiled layers give eager PEFT's values too."""
     from helpers import matmul_counting_compile
     from zerotune.model import compile_layers
 
@@ -106,10 +107,18 @@ def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(mo
 
     counts = []
     monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's generator, so eager's masks
     torch._dynamo.reset()
     compile_layers(fused)
-    _run(fused)
+    for model in (fused, reference):
+        for p in model.parameters():
+            p.grad = None
+    torch.manual_seed(7)
+    compiled_logits, compiled_grads = _run(fused)
     assert sorted(c for c in counts if c[0] == "fw") == [("fw", 18), ("fw", 18)]
+    torch.testing.assert_close(compiled_logits, logits, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_uncovered_layers_keep_pefts_path(tiny_llama):
