@@ -33,7 +33,7 @@ def _run(model):
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # qwen2: biased q/k/v
 def test_fused_siblings_give_peft_values_and_keep_the_state_dict(architecture):
     reference, fused = _model(architecture), _model(architecture)
-    assert install_fused_projections(fused) == 2 * 2  # q/k/v and gate/up in each layer
+    assert install_fused_projections(fused) == 2 * 4  # q/k/v, gate/up, o and down in each layer
     logits, grads = _run(reference)
     fused_logits, fused_grads = _run(fused)
     torch.testing.assert_close(fused_logits, logits, rtol=1e-6, atol=1e-6)
@@ -61,15 +61,19 @@ def test_a_sibling_called_alone_or_out_of_order_gets_its_own_output():
     with torch.no_grad():
         for model in (fused, reference):
             model.base_model.model.model.layers[0].self_attn.k_proj.lora_B["default"].weight.add_(1.0)
+            model.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"].weight.mul_(-2.0)
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=1e-6,
                                    atol=1e-6)
 
 
 def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
-    """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 12
-    matmuls instead of 21 (7 projections x base, A, B) and the backward 20 instead of 35; 4 layers compile
-    one graph (two: the first layer's input needs no gradient), no recompilation per layer."""
+    """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 8
+    matmuls instead of 21 (7 projections x base, A, B; fused: per group one stacked matmul and one LoRA-B)
+    and the backward 16 instead of 35 (per group: the input's gradient through the stacked weight, A's, and
+    LoRA-B's two); 4 layers compile one graph (two: the first layer's input needs no gradient), no
+    recompilation per layer. Compiled, the stacked A rows are refreshed by the model's pre-hook: after the
+    A matrices change (as an optimizer step changes them), the next forward and gradients follow."""
     from helpers import matmul_counting_compile
     from zerotune.model import compile_layers
 
@@ -82,7 +86,56 @@ def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     compile_layers(fused)
     logits, _ = _run(fused)
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
-    assert sorted(counts) == [("bw", 18), ("bw", 20), ("fw", 12), ("fw", 12)]
+    assert sorted(counts) == [("bw", 15), ("bw", 16), ("fw", 8), ("fw", 8)]
+
+    for model in (reference, fused):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.grad = None
+                if "lora_A" in name:
+                    p.mul_(-1.5)
+    expected, grads = _run(reference)
+    logits, fused_grads = _run(fused)
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _saved_for_backward(model) -> int:
+    """Bytes of the storages a forward keeps for the backward (views count their whole storage, which they
+    keep alive), parameters and buffers left out."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    return sum(size for pointer, size in storages.items() if pointer not in held)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch, compiled):
+    """Peak memory: the fused model keeps for the backward what PEFT's path keeps plus the block-diagonal
+    LoRA-B matrices (rank x out per group; ~80 MB on a 7B, here relatively large), nothing more. Earlier
+    versions kept whole group outputs alive through one saved part (v_proj's columns, or x A^T as a view of
+    the stacked matmul's output): 0.7-4.6 GiB more on an H200 W2 step."""
+    from helpers import matmul_counting_compile
+    from zerotune.model import compile_layers
+
+    reference, fused = _model(), _model()
+    install_fused_projections(fused)
+    if compiled:
+        monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile([]))
+        torch._dynamo.reset()
+        compile_layers(reference)
+        compile_layers(fused)
+    groups = [m._zerotune_group for m in fused.modules() if getattr(m, "_zerotune_index", None) == 0]
+    block_diagonal = sum(4 * g.frozen_rows * (len(g.stacked) - g.frozen_rows) for g in groups)  # fp32
+    assert _saved_for_backward(fused) <= _saved_for_backward(reference) + block_diagonal
 
 
 def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(monkeypatch):
@@ -94,7 +147,7 @@ def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(mo
     from zerotune.model import compile_layers
 
     reference, fused = _model(dropout=0.3), _model(dropout=0.3)
-    assert install_fused_projections(fused) == 2 * 2
+    assert install_fused_projections(fused) == 2 * 4
     torch.manual_seed(7)
     logits, grads = _run(reference)
     torch.manual_seed(7)
@@ -121,6 +174,35 @@ def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(mo
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_stacked_matmul_under_bf16_autocast_and_where_it_does_not_apply(monkeypatch):
+    """Under autocast to the frozen weights' dtype (bf16 on CPU here) the stacked matmul runs and gives PEFT's
+    autocast values to bf16 rounding; a bf16 base with fp32 adapters and no autocast (PEFT computes the
+    adapters in fp32 there) keeps the unstacked path, which gives PEFT's values to fp32 rounding."""
+    import zerotune.fused_projections as fp
+
+    used = []
+    real = fp._StackedLinear.apply
+    monkeypatch.setattr(fp._StackedLinear, "apply", lambda *args: used.append(1) or real(*args))
+    reference, fused = _model().to(torch.bfloat16), _model().to(torch.bfloat16)
+    for model in (reference, fused):  # PEFT's fp32 adapters on a bf16 base, as apply_method leaves them
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+    install_fused_projections(fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, grads = _run(reference)
+        fused_logits, fused_grads = _run(fused)
+    assert len(used) == 2 * 4
+    torch.testing.assert_close(fused_logits, logits, rtol=2e-2, atol=2e-2)
+    for name, grad in grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        torch.testing.assert_close(fused_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+    used.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=1e-6, atol=1e-6)
+    assert used == []
+
+
 def test_uncovered_layers_keep_pefts_path(tiny_llama):
     assert install_fused_projections(_model(checkpointing=True)) == 0  # a compiled checkpoint cannot hold the memo
     if importlib.util.find_spec("bitsandbytes"):
@@ -141,7 +223,7 @@ def test_training_with_fused_projections_equals_peft_and_saves_the_same_adapter(
     plain = train(config_for(**settings, **{"output.dir": str(tmp_path / "plain")}))
     assert "adapter.fused_projections" not in capsys.readouterr().out  # auto: on CUDA with compiled layers only
     fused = train(config_for(**settings, **{"output.dir": str(tmp_path / "fused"), "adapter.fused_projections": "on"}))
-    assert "adapter.fused_projections: 4 groups of sibling projections fused" in capsys.readouterr().out
+    assert "adapter.fused_projections: 8 groups of projections fused" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
     ours, reference = adapter_weights(tmp_path / "fused"), adapter_weights(tmp_path / "plain")
     assert ours.keys() == reference.keys()

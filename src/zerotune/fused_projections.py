@@ -1,28 +1,38 @@
-"""Sibling projections that read the same input (q/k/v, gate/up) as one matmul each way, in compiled layers.
+"""Sibling projections that read the same input (q/k/v, gate/up) as one matmul each way, and LoRA-A under
+the frozen weight, in compiled layers.
 
 A Llama-style layer projects one input three times (q_proj, k_proj, v_proj) and another twice (gate_proj,
 up_proj). Under LoRA each projection is a large frozen matmul plus two small ones, and each small one reads or
 writes a full [tokens, hidden] tensor: on a 7B LoRA step the small matmuls took ~10% of the GPU time. Narrow
 outputs also fill the GPU badly: with grouped-query attention k_proj and v_proj have a quarter of q_proj's
-columns. Fused, a group is one frozen matmul against the concatenated weights, one LoRA-A matmul against the
-stacked A matrices, and one LoRA-B matmul against a block-diagonal matrix of the scaled B matrices; the
-backward likewise. With LoRA dropout only the frozen matmul is fused: each sibling's adapter runs on its own
-dropout mask as in PEFT, the masks drawn in the order PEFT's separate calls draw them (so an eager run gives
-PEFT's values, masks included).
+columns.
+
+Fused, a group (q/k/v, gate/up, and o_proj and down_proj as groups of one) holds one stacked weight: the
+frozen weights' rows, then the LoRA-A matrices' rows. One matmul x @ stacked^T yields the frozen output and
+x A^T together; the LoRA-B matmul runs against a block-diagonal matrix of the scaled B matrices. Backward, one
+matmul gives the input's gradient through the frozen weights and the adapters at once (grad @ stacked), where
+the unfused path writes the adapters' part as a separate full-size tensor and adds it; A's own gradient is
+one more small matmul. The A rows are copies, refreshed from the parameters before every use: by the model's
+forward pre-hook (outside compiled layers, where the copy is an ordinary in-place kernel) and by eager calls.
+Stacking needs x and A to meet in the frozen weights' dtype (autocast to it, or all in it, as in fp32);
+otherwise, and with LoRA dropout, the group runs the frozen matmul against the concatenated weights and the
+adapters separately. With dropout each sibling's adapter runs on its own mask as in PEFT, drawn in the order
+PEFT's separate calls draw them (so an eager run gives PEFT's values, masks included).
 
 How, without touching the model's code: the first sibling called computes the whole group's output, splits it
-into the siblings' columns and keeps the parts, with the input they came from; each later sibling called with
-that same input returns its part; the last one clears the memo, and so does every call of the module that
-holds them (a forward pre-hook), so no part outlives the call it was computed in. Under torch.compile this is ordinary
-Python state traced into one graph, so the layer's graph holds each fused matmul once and its backward too. The
-siblings' frozen weights become row views of one concatenated tensor, held by each sibling as a non-persistent
+into the siblings' columns (separate tensors, so that a part the backward keeps does not keep its siblings
+alive) and keeps the parts, with the input they came from; each later sibling called with that same input
+returns its part; the last one clears the memo, and so does every call of the module that holds them (a
+forward pre-hook), so no part outlives the call it was computed in. Under torch.compile this is ordinary
+Python state traced into one graph, so the layer's graph holds each fused matmul once and its backward too.
+The members' frozen weights become row views of the stacked tensor, held by each member as a non-persistent
 buffer, so nothing is stored twice and the state dict is unchanged; the adapters stay PEFT's own modules,
 saved as before.
 
-Covered: PEFT LoRA Linear siblings over plain ``nn.Linear`` bases of one dtype and device, one active
-adapter, no DoRA or other variant, no LoRA bias; base biases all present or all absent; decoder layers without gradient checkpointing (a compiled
-checkpoint cannot hold the memo's Python state). Anything else keeps PEFT's forward, as does a sibling whose
-state changes later (adapters disabled or merged).
+Covered: PEFT LoRA Linear layers over plain ``nn.Linear`` bases of one dtype and device, one active adapter,
+no DoRA or other variant, no LoRA bias; base biases all present or all absent; decoder layers without
+gradient checkpointing (a compiled checkpoint cannot hold the memo's Python state). Anything else keeps
+PEFT's forward, as does a member whose state changes later (adapters disabled or merged).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import types
 
 import torch
 
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
 
 
 def _adapter(module) -> str | None:
@@ -59,12 +69,55 @@ def _fusable(members) -> bool:
 
 class _Group:
     """The siblings in GROUPS order (the order Llama-style layers call them: the last one clears the memo; a
-    model calling them in another order stays correct, computing the group more than once) and the memo:
-    (input, parts) from the call that computed them."""
+    model calling them in another order stays correct, computing the group more than once), the memo:
+    (input, parts) from the call that computed them, and the stacked weight: the frozen weights' rows, then
+    rows for the LoRA-A matrices of ``adapter`` (refreshed from them before each use)."""
 
-    def __init__(self, members: tuple):
+    def __init__(self, members: tuple, stacked: torch.Tensor, adapter: str):
         self.members = members
         self.memo = None
+        self.stacked = stacked
+        self.adapter = adapter
+        self.frozen_rows = sum(m.base_layer.out_features for m in members)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """x @ stacked^T, where stacked = [frozen weights; LoRA-A matrices]: one matmul yields the frozen output
+    and x A^T, and one yields the input's gradient through both (grad_y @ stacked). The A rows' gradient is
+    the only extra matmul: grad_A = grad_xA^T x. ``weights_a`` are the A parameters whose values the
+    stacked rows hold (copied in just before), passed so that their gradients reach them."""
+
+    @staticmethod
+    def forward(ctx, x, stacked, frozen_rows, *weights_a):
+        x_c = x.to(stacked.dtype)
+        ctx.save_for_backward(x_c, stacked)
+        ctx.frozen_rows, ctx.x_dtype = frozen_rows, x.dtype
+        ctx.a_shapes = [(w.shape[0], w.dtype) for w in weights_a]
+        return torch.nn.functional.linear(x_c, stacked)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_c, stacked = ctx.saved_tensors
+        grad_y = grad_y.to(stacked.dtype)
+        grad_x = (grad_y @ stacked).to(ctx.x_dtype)
+        grad_xa = grad_y[..., ctx.frozen_rows:].reshape(-1, stacked.shape[0] - ctx.frozen_rows)
+        grad_a = grad_xa.t() @ x_c.reshape(-1, x_c.shape[-1])
+        rows = [r for r, _ in ctx.a_shapes]
+        grads_a = [g.to(dtype) for g, (_, dtype) in zip(grad_a.split(rows), ctx.a_shapes)]
+        return (grad_x, None, None, *grads_a)
+
+
+def _stacking_applies(group: _Group, name: str, x: torch.Tensor) -> bool:
+    """The stacked matmul gives PEFT's values where x and the A matrices meet in the frozen weights' dtype:
+    autocast to it, or x and A already in it (PEFT casts x to A's dtype otherwise)."""
+    dtype = group.stacked.dtype
+    if name != group.adapter or not all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in group.members):
+        return False
+    if sum(m.lora_A[name].weight.shape[0] for m in group.members) + group.frozen_rows != len(group.stacked):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type) == dtype
+    return x.dtype == dtype and all(m.lora_A[name].weight.dtype == dtype for m in group.members)
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -76,28 +129,50 @@ def _fused_forward(self, x, *args, **kwargs):
     index = self._zerotune_index
     memo = group.memo
     if memo is None or memo[0] is not x:
-        members, sizes = group.members, [m.base_layer.out_features for m in group.members]
-        result = torch.nn.functional.linear(x, self._zerotune_fused_weight, self._zerotune_fused_bias)
-        lora_x = self._cast_input_dtype(x, members[0].lora_A[name].weight.dtype)
-        if all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in members):
-            weight_a = torch.cat([m.lora_A[name].weight for m in members])
-            weight_b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m in members])
-            update = torch.nn.functional.linear(torch.nn.functional.linear(lora_x, weight_a), weight_b)
-            parts = (result + update).to(result.dtype).split(sizes, -1)
-        else:  # PEFT's update per sibling, each through its own dropout, drawn in the siblings' call order
-            parts = tuple((base + m.lora_B[name](m.lora_A[name](m.lora_dropout[name](lora_x))) * m.scaling[name])
-                          .to(result.dtype) for m, base in zip(members, result.split(sizes, -1)))
-        memo = group.memo = (x, parts)
+        memo = group.memo = (x, _group_parts(self, group, name, x))
     if index == len(group.members) - 1:
         group.memo = None
     return memo[1][index]
 
 
+def _group_parts(self, group: _Group, name: str, x: torch.Tensor) -> tuple:
+    """Every member's output for input x, in member order."""
+    members, sizes = group.members, [m.base_layer.out_features for m in group.members]
+    if _stacking_applies(group, name, x):
+        if not torch.compiler.is_compiling():  # compiled, the model's pre-hook has refreshed them (_refresh)
+            _refresh([group])
+        out = _StackedLinear.apply(x, group.stacked, group.frozen_rows, *[m.lora_A[name].weight for m in members])
+        # x A^T copied out ([tokens, rank] columns): the LoRA-B matmul's backward keeps it, and as a view it
+        # would keep the whole output alive (4.6 GiB on an H200 W2 step)
+        result, xa = out[..., :group.frozen_rows], out[..., group.frozen_rows:].contiguous()
+        if self._zerotune_fused_bias is not None:
+            result = result + self._zerotune_fused_bias
+    else:
+        result = torch.nn.functional.linear(x, self._zerotune_fused_weight, self._zerotune_fused_bias)
+        lora_x = self._cast_input_dtype(x, members[0].lora_A[name].weight.dtype)
+        if not all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in members):
+            # PEFT's update per member, each through its own dropout, drawn in the members' call order
+            return tuple((base + m.lora_B[name](m.lora_A[name](m.lora_dropout[name](lora_x))) * m.scaling[name])
+                         .to(result.dtype) for m, base in zip(members, result.split(sizes, -1)))
+        xa = torch.nn.functional.linear(lora_x, torch.cat([m.lora_A[name].weight for m in members]))
+    weight_b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m in members])
+    return _separate((result + torch.nn.functional.linear(xa, weight_b)).to(result.dtype), sizes)
+
+
+def _separate(output: torch.Tensor, sizes: list[int]) -> tuple:
+    """The siblings' columns, each its own tensor: as views of one tensor, a part the backward keeps (v_proj's
+    output, which attention saves) would keep its siblings' columns alive too (q and k: 0.7-1 GiB on a 7B
+    step). Compiled, the sum is written straight into the separate parts."""
+    if len(sizes) == 1:
+        return (output,)
+    return tuple(part.contiguous() for part in output.split(sizes, -1))
+
+
 def install_fused_projections(model: torch.nn.Module) -> int:
-    """Fuse every covered sibling group of ``model`` (see the module's text). Returns how many groups."""
+    """Fuse every covered group of ``model`` (see the module's text). Returns how many groups."""
     from zerotune.model import decoder_layers
 
-    fused = 0
+    groups = []
     for layer in decoder_layers(model):
         if getattr(layer, "gradient_checkpointing", False):
             continue
@@ -106,22 +181,38 @@ def install_fused_projections(model: torch.nn.Module) -> int:
                 members = tuple(getattr(parent, name, None) for name in names)
                 if None in members or any(hasattr(m, "_zerotune_group") for m in members) or not _fusable(members):
                     continue
-                group = _fuse(members)
+                group = _fuse(members, _adapter(members[0]))
                 parent.register_forward_pre_hook(functools.partial(_forget, group))
-                fused += 1
-    return fused
+                groups.append(group)
+    if groups:
+        model.register_forward_pre_hook(lambda module, args: _refresh(groups))
+    return len(groups)
 
 
 def _forget(group: _Group, module, args) -> None:
     group.memo = None
 
 
-def _fuse(members: tuple) -> _Group:
+@torch.no_grad()
+def _refresh(groups) -> None:
+    """Copy each group's LoRA-A matrices into its stacked rows, so they follow the parameters (optimizer steps,
+    loaded checkpoints, any edit). The model's forward pre-hook does it for every group before the layers
+    run, outside compiled layers: inside one, the in-place copy into a buffer would become a functional copy
+    of the whole stacked weight. Eager calls also refresh their own group (a projection called directly)."""
+    for group in groups:
+        rows = [m.lora_A[group.adapter].weight for m in group.members if group.adapter in m.lora_A]
+        if len(rows) == len(group.members) and sum(r.shape[0] for r in rows) + group.frozen_rows == len(group.stacked):
+            group.stacked[group.frozen_rows:].copy_(torch.cat(rows))
+
+
+def _fuse(members: tuple, adapter: str) -> _Group:
     with torch.no_grad():
-        weight = torch.cat([m.base_layer.weight for m in members])
+        stacked = torch.cat([m.base_layer.weight for m in members]
+                            + [m.lora_A[adapter].weight.to(members[0].base_layer.weight.dtype) for m in members])
         has_bias = members[0].base_layer.bias is not None
         bias = torch.cat([m.base_layer.bias for m in members]) if has_bias else None
-    group, start = _Group(members), 0
+    group, start = _Group(members, stacked, adapter), 0
+    weight = stacked[:group.frozen_rows]
     for index, module in enumerate(members):
         stop = start + module.base_layer.out_features
         module.base_layer.weight = torch.nn.Parameter(weight[start:stop], requires_grad=False)
