@@ -20,7 +20,8 @@ import torch
 
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
-            packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0)
+            packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
+            unstacked=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -63,11 +64,14 @@ VARIANTS = {
     "compiled-graphed+fused+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True),
     "ckpt-mb4-compiled-graphed+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False,
                                                     compiled_loss=True),
-    # inductor tuning its own Triton kernels' block sizes by measuring them (longer compiles)
     # the default LoRA dropout (0.05): fused projections fuse the frozen matmuls only
     "compiled-graphed+compiled-loss-dropout": dict(graphed=True, mask=False, compiled_loss=True, dropout=0.05),
     "compiled-graphed+fused+compiled-loss-dropout": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                          dropout=0.05),
+    # fused projections as before the stacked LoRA-A rows: q/k/v and gate/up only, LoRA-A its own matmul
+    "compiled-graphed+fused-unstacked+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                           unstacked=True),
+    # inductor tuning its own Triton kernels' block sizes by measuring them (longer compiles)
     "compiled-graphed+fused+compiled-loss+cdt": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                      inductor=dict(coordinate_descent_tuning=True)),
 }
@@ -124,9 +128,12 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     if fast_lora:
         install_fast_lora(model)
     if options["fused"]:
-        from zerotune.fused_projections import install_fused_projections
+        import zerotune.fused_projections as fused_projections
 
-        install_fused_projections(model)
+        if options["unstacked"]:  # put back by main() after the variant
+            fused_projections.GROUPS = fused_projections.GROUPS[:2]
+            fused_projections._stacking_applies = lambda *args: False
+        fused_projections.install_fused_projections(model)
     if compiled and options["outer_ckpt"]:
         for layer in model.base_model.model.model.layers:
             layer.compile(mode=options["mode"])
@@ -217,6 +224,9 @@ def main() -> None:
     import transformers.masking_utils as hf_masking
 
     probe = hf_masking.find_packed_sequence_indices
+    import zerotune.fused_projections as fused_projections
+
+    fused_saved = {k: getattr(fused_projections, k) for k in ("GROUPS", "_stacking_applies")}
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, args.steps, args.arch)
@@ -226,6 +236,8 @@ def main() -> None:
             for key, value in saved.items():
                 setattr(modeling_llama, key, value)
             hf_masking.find_packed_sequence_indices = probe
+            for key, value in fused_saved.items():
+                setattr(fused_projections, key, value)
             gc.collect()
             torch.cuda.empty_cache()
         row = result["variants"][name]
