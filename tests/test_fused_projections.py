@@ -141,8 +141,8 @@ def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch,
 def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(monkeypatch):
     """Each sibling's adapter keeps its own dropout mask: with the same seed, the fused group draws PEFT's masks
     in PEFT's order, so logits and every gradient equal PEFT's. Compiled, the forward holds one frozen matmul
-    per group (18 matmuls per layer instead of 21: the adapters' 14 stay), and with inductor drawing from
-    eager's generator (``fallback_random``) the compiled layers give eager PEFT's values too."""
+    per group (18 matmuls per layer instead of 21: the adapters' 14 stay), and its graphs, traced and
+    partitioned as inductor's are and run as traced, draw the same masks and give eager PEFT's values."""
     from helpers import matmul_counting_compile
     from zerotune.model import compile_layers
 
@@ -160,7 +160,6 @@ def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(mo
 
     counts = []
     monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's generator, so eager's masks
     torch._dynamo.reset()
     compile_layers(fused)
     for model in (fused, reference):
