@@ -67,6 +67,25 @@ def test_a_sibling_called_alone_or_out_of_order_gets_its_own_output():
                                    atol=1e-6)
 
 
+def test_moving_the_model_after_fusing_keeps_peft_values(monkeypatch):
+    """``model.to(...)`` after fusing converts the stacked weight with the rest (a buffer): the stacked path
+    still runs, in the new dtype, and the values hold."""
+    import zerotune.fused_projections as fp
+
+    used = []
+    real = fp._StackedLinear.apply
+    monkeypatch.setattr(fp._StackedLinear, "apply", lambda *args: used.append(args[1].dtype) or real(*args))
+    reference, fused = _model(), _model()
+    install_fused_projections(fused)
+    reference, fused = reference.to(torch.float64), fused.to(torch.float64)
+    logits, grads = _run(reference)
+    fused_logits, fused_grads = _run(fused)
+    assert used == [torch.float64] * 2 * 4
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 8
     matmuls instead of 21 (7 projections x base, A, B; fused: per group one stacked matmul and one LoRA-B)

@@ -73,12 +73,16 @@ class _Group:
     (input, parts) from the call that computed them, and the stacked weight: the frozen weights' rows, then
     rows for the LoRA-A matrices of ``adapter`` (refreshed from them before each use)."""
 
-    def __init__(self, members: tuple, stacked: torch.Tensor, adapter: str):
+    def __init__(self, members: tuple, adapter: str):
         self.members = members
         self.memo = None
-        self.stacked = stacked
         self.adapter = adapter
         self.frozen_rows = sum(m.base_layer.out_features for m in members)
+
+    @property
+    def stacked(self) -> torch.Tensor:
+        """A buffer of the first member, so that ``model.to(...)`` moves it with the rest."""
+        return self.members[0]._zerotune_stacked
 
 
 class _StackedLinear(torch.autograd.Function):
@@ -197,8 +201,9 @@ def _forget(group: _Group, module, args) -> None:
 def _refresh(groups) -> None:
     """Copy each group's LoRA-A matrices into its stacked rows, so they follow the parameters (optimizer steps,
     loaded checkpoints, any edit). The model's forward pre-hook does it for every group before the layers
-    run, outside compiled layers: inside one, the in-place copy into a buffer would become a functional copy
-    of the whole stacked weight. Eager calls also refresh their own group (a projection called directly)."""
+    run, outside compiled layers, where it is an ordinary in-place copy (inside one, the compiler would have to
+    trace a mutation of a graph input). Eager calls also refresh their own group (a projection called
+    directly)."""
     for group in groups:
         rows = [m.lora_A[group.adapter].weight for m in group.members if group.adapter in m.lora_A]
         if len(rows) == len(group.members) and sum(r.shape[0] for r in rows) + group.frozen_rows == len(group.stacked):
@@ -211,7 +216,8 @@ def _fuse(members: tuple, adapter: str) -> _Group:
                             + [m.lora_A[adapter].weight.to(members[0].base_layer.weight.dtype) for m in members])
         has_bias = members[0].base_layer.bias is not None
         bias = torch.cat([m.base_layer.bias for m in members]) if has_bias else None
-    group, start = _Group(members, stacked, adapter), 0
+    group, start = _Group(members, adapter), 0
+    members[0].register_buffer("_zerotune_stacked", stacked, persistent=False)
     weight = stacked[:group.frozen_rows]
     for index, module in enumerate(members):
         stop = start + module.base_layer.out_features
