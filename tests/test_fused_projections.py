@@ -157,6 +157,30 @@ def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch,
     assert _saved_for_backward(fused) <= _saved_for_backward(reference) + block_diagonal
 
 
+def test_inductor_compiled_stacked_layers_follow_pefts_values_across_updates():
+    """The real compiler (inductor, on CPU): two steps with the adapters updated in between give PEFT's eager
+    logits and gradients; the stacked A rows, refreshed by the model's pre-hook outside the compiled layers,
+    follow the update."""
+    from zerotune.model import compile_layers
+
+    reference, fused = _model(), _model()
+    install_fused_projections(fused)
+    torch._dynamo.reset()
+    compile_layers(fused)
+    for _ in range(2):
+        logits, grads = _run(reference)
+        fused_logits, fused_grads = _run(fused)
+        torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        with torch.no_grad():
+            for model in (reference, fused):
+                for name, p in model.named_parameters():
+                    if p.grad is not None:
+                        p.sub_(0.5 * p.grad)
+                        p.grad = None
+
+
 def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(monkeypatch):
     """Each sibling's adapter keeps its own dropout mask: with the same seed, the fused group draws PEFT's masks
     in PEFT's order, so logits and every gradient equal PEFT's. Compiled, the forward holds one frozen matmul
