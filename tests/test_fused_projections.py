@@ -24,6 +24,17 @@ def _model(architecture="llama", dropout=0.0, layers=2, checkpointing=False):
     return random_adapters(adapters.apply_method(model, AdapterConfig(dropout=dropout), seed=0))
 
 
+@pytest.fixture
+def stacked_calls(monkeypatch):
+    """The stacked weight's dtype for every stacked matmul the fused model runs."""
+    import zerotune.fused_projections as fp
+
+    calls = []
+    real = fp._StackedLinear.apply
+    monkeypatch.setattr(fp._StackedLinear, "apply", lambda *args: calls.append(args[1].dtype) or real(*args))
+    return calls
+
+
 def _run(model):
     out = model(input_ids=IDS, labels=IDS)
     out.loss.backward()
@@ -67,20 +78,15 @@ def test_a_sibling_called_alone_or_out_of_order_gets_its_own_output():
                                    atol=1e-6)
 
 
-def test_moving_the_model_after_fusing_keeps_peft_values(monkeypatch):
+def test_moving_the_model_after_fusing_keeps_peft_values(stacked_calls):
     """``model.to(...)`` after fusing converts the stacked weight with the rest (a buffer): the stacked path
     still runs, in the new dtype, and the values hold."""
-    import zerotune.fused_projections as fp
-
-    used = []
-    real = fp._StackedLinear.apply
-    monkeypatch.setattr(fp._StackedLinear, "apply", lambda *args: used.append(args[1].dtype) or real(*args))
     reference, fused = _model(), _model()
     install_fused_projections(fused)
     reference, fused = reference.to(torch.float64), fused.to(torch.float64)
     logits, grads = _run(reference)
     fused_logits, fused_grads = _run(fused)
-    assert used == [torch.float64] * 2 * 4
+    assert stacked_calls == [torch.float64] * 2 * 4
     torch.testing.assert_close(fused_logits, logits, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
@@ -216,15 +222,10 @@ def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(mo
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_stacked_matmul_under_bf16_autocast_and_where_it_does_not_apply(monkeypatch):
+def test_stacked_matmul_under_bf16_autocast_and_where_it_does_not_apply(stacked_calls):
     """Under autocast to the frozen weights' dtype (bf16 on CPU here) the stacked matmul runs and gives PEFT's
     autocast values to bf16 rounding; a bf16 base with fp32 adapters and no autocast (PEFT computes the
     adapters in fp32 there) keeps the unstacked path, which gives PEFT's values to fp32 rounding."""
-    import zerotune.fused_projections as fp
-
-    used = []
-    real = fp._StackedLinear.apply
-    monkeypatch.setattr(fp._StackedLinear, "apply", lambda *args: used.append(1) or real(*args))
     reference, fused = _model().to(torch.bfloat16), _model().to(torch.bfloat16)
     for model in (reference, fused):  # PEFT's fp32 adapters on a bf16 base, as apply_method leaves them
         for name, p in model.named_parameters():
@@ -234,15 +235,15 @@ def test_stacked_matmul_under_bf16_autocast_and_where_it_does_not_apply(monkeypa
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, grads = _run(reference)
         fused_logits, fused_grads = _run(fused)
-    assert len(used) == 2 * 4
+    assert stacked_calls == [torch.bfloat16] * 2 * 4
     torch.testing.assert_close(fused_logits, logits, rtol=2e-2, atol=2e-2)
     for name, grad in grads.items():
         assert fused_grads[name].dtype == torch.float32
         torch.testing.assert_close(fused_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
-    used.clear()
+    stacked_calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=1e-6, atol=1e-6)
-    assert used == []
+    assert stacked_calls == []
 
 
 def test_uncovered_layers_keep_pefts_path(tiny_llama):

@@ -111,17 +111,25 @@ class _StackedLinear(torch.autograd.Function):
         return (grad_x, None, None, *grads_a)
 
 
+def _stacked_a(group: _Group) -> list[torch.Tensor] | None:
+    """The A matrices of the group's adapter, if every member has one and together they fill the stacked rows."""
+    weights = [m.lora_A[group.adapter].weight for m in group.members if group.adapter in m.lora_A]
+    rows = group.frozen_rows + sum(w.shape[0] for w in weights)
+    return weights if len(weights) == len(group.members) and rows == len(group.stacked) else None
+
+
 def _stacking_applies(group: _Group, name: str, x: torch.Tensor) -> bool:
     """The stacked matmul gives PEFT's values where x and the A matrices meet in the frozen weights' dtype:
     autocast to it, or x and A already in it (PEFT casts x to A's dtype otherwise)."""
     dtype = group.stacked.dtype
     if name != group.adapter or not all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in group.members):
         return False
-    if sum(m.lora_A[name].weight.shape[0] for m in group.members) + group.frozen_rows != len(group.stacked):
+    weights = _stacked_a(group)
+    if weights is None:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type) == dtype
-    return x.dtype == dtype and all(m.lora_A[name].weight.dtype == dtype for m in group.members)
+    return x.dtype == dtype and all(w.dtype == dtype for w in weights)
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -205,9 +213,9 @@ def _refresh(groups) -> None:
     trace a mutation of a graph input). Eager calls also refresh their own group (a projection called
     directly)."""
     for group in groups:
-        rows = [m.lora_A[group.adapter].weight for m in group.members if group.adapter in m.lora_A]
-        if len(rows) == len(group.members) and sum(r.shape[0] for r in rows) + group.frozen_rows == len(group.stacked):
-            group.stacked[group.frozen_rows:].copy_(torch.cat(rows))
+        weights = _stacked_a(group)
+        if weights is not None:
+            group.stacked[group.frozen_rows:].copy_(torch.cat(weights))
 
 
 def _fuse(members: tuple, adapter: str) -> _Group:
