@@ -270,5 +270,5 @@ def test_fused_projections_in_graphed_steps_equal_pefts_op_by_op(tiny_llama, alp
     fused = train(make_config(tiny_llama, alpaca_file, tmp_path / "fused", **common,
                               **{"train.cuda_graph": "on", "adapter.fused_projections": "on"}))
     out = capsys.readouterr().out
-    assert "groups of sibling projections fused" in out and "train.cuda_graph: captured the step" in out
+    assert "groups of projections fused (q/k/v, gate/up, o, down)" in out and "train.cuda_graph: captured the step" in out
     torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-4, atol=0)
