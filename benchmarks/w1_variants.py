@@ -21,7 +21,7 @@ import torch
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
-            unstacked=False)
+            unstacked=False, sdpa=None)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -71,6 +71,11 @@ VARIANTS = {
     # fused projections as before the stacked LoRA-A rows: q/k/v and gate/up only, LoRA-A its own matmul
     "compiled-graphed+fused-unstacked+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                            unstacked=True),
+    # SDPA's cuDNN attention kernels first (flash otherwise), from the compile on
+    "compiled-graphed+fused+compiled-loss+cudnn-attn": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                            sdpa="cudnn"),
+    "ckpt-mb4-compiled-graphed+compiled-loss+cudnn-attn": dict(micro=4, ckpt=True, graphed=True, mask=False,
+                                                               compiled_loss=True, sdpa="cudnn"),
     # inductor tuning its own Triton kernels' block sizes by measuring them (longer compiles)
     "compiled-graphed+fused+compiled-loss+cdt": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                      inductor=dict(coordinate_descent_tuning=True)),
@@ -150,7 +155,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
 
     count = micro * 2047 if options["host_count"] else None
 
-    def step():
+    def plain_step():
         if options["mode"] == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
@@ -160,6 +165,17 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
         if not graphed:
             optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    step = plain_step
+    if options["sdpa"] == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+
+        def step():
+            with sdpa_kernel(order, set_priority=True):
+                return plain_step()
 
     if graphed:
         from gpu_qlora_profile import whole_step_graph
