@@ -21,7 +21,7 @@ import torch
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
-            unstacked=False, sdpa=None)
+            unstacked=False, sdpa=None, rows_only=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -71,6 +71,9 @@ VARIANTS = {
     # fused projections as before the stacked LoRA-A rows: q/k/v and gate/up only, LoRA-A its own matmul
     "compiled-graphed+fused-unstacked+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                            unstacked=True),
+    # LoRA-A rows under the frozen weights in every group (as before LoRA-B went into q/k/v's and gate/up's columns)
+    "compiled-graphed+fused-rows+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                      rows_only=True),
     # SDPA's cuDNN attention kernels first (flash otherwise), from the compile on
     "compiled-graphed+fused+compiled-loss+cudnn-attn": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                             sdpa="cudnn"),
@@ -138,6 +141,8 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
         if options["unstacked"]:  # put back by main() after the variant
             fused_projections.GROUPS = fused_projections.GROUPS[:2]
             fused_projections._stacking_applies = lambda *args: False
+        if options["rows_only"]:
+            fused_projections.B_IN_COLUMNS = False
         fused_projections.install_fused_projections(model)
     if compiled and options["outer_ckpt"]:
         for layer in model.base_model.model.model.layers:
@@ -242,7 +247,7 @@ def main() -> None:
     probe = hf_masking.find_packed_sequence_indices
     import zerotune.fused_projections as fused_projections
 
-    fused_saved = {k: getattr(fused_projections, k) for k in ("GROUPS", "_stacking_applies")}
+    fused_saved = {k: getattr(fused_projections, k) for k in ("GROUPS", "_stacking_applies", "B_IN_COLUMNS")}
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, args.steps, args.arch)

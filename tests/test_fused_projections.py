@@ -1,6 +1,7 @@
 """adapter.fused_projections: sibling projections (q/k/v, gate/up) as one matmul each way. Same values as
 PEFT's path, the same adapter files, and the compiled layer really holds fewer matmuls."""
 
+import functools
 import importlib.util
 
 import pytest
@@ -30,8 +31,9 @@ def stacked_calls(monkeypatch):
     import zerotune.fused_projections as fp
 
     calls = []
-    real = fp._StackedLinear.apply
-    monkeypatch.setattr(fp._StackedLinear, "apply", lambda *args: calls.append(args[1].dtype) or real(*args))
+    for function in (fp._StackedLinear, fp._WideLinear):  # LoRA-A in rows; LoRA-B in columns
+        monkeypatch.setattr(function, "apply", functools.partial(
+            lambda real, *args: calls.append(args[1].dtype) or real(*args), function.apply))
     return calls
 
 

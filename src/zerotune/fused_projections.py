@@ -43,6 +43,7 @@ import types
 import torch
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+B_IN_COLUMNS = True  # groups wider than their input hold LoRA-B in columns (else LoRA-A in rows, as the others)
 
 
 def _adapter(module) -> str | None:
@@ -70,14 +71,24 @@ def _fusable(members) -> bool:
 class _Group:
     """The siblings in GROUPS order (the order Llama-style layers call them: the last one clears the memo; a
     model calling them in another order stays correct, computing the group more than once), the memo:
-    (input, parts) from the call that computed them, and the stacked weight: the frozen weights' rows, then
-    rows for the LoRA-A matrices of ``adapter`` (refreshed from them before each use)."""
+    (input, parts) from the call that computed them, and the stacked weight, which holds copies of the
+    adapter's matrices next to the frozen weights (refreshed from them before each use). Where the group's
+    output is wider than its input (q/k/v, gate/up), the scaled LoRA-B matrices sit block-diagonally in
+    columns after the frozen weights' (``columns``); otherwise the LoRA-A matrices sit in rows under them."""
 
     def __init__(self, members: tuple, adapter: str):
         self.members = members
         self.memo = None
         self.adapter = adapter
         self.frozen_rows = sum(m.base_layer.out_features for m in members)
+        self.in_features = members[0].base_layer.in_features
+        self.columns = B_IN_COLUMNS and self.frozen_rows > self.in_features
+        rows = [m.base_layer.out_features for m in members]
+        ranks = [m.lora_A[adapter].weight.shape[0] for m in members]
+        # each member's block of the block-diagonal B: (first row, end row, first column, end column)
+        self.blocks = [(sum(rows[:i]), sum(rows[:i + 1]), sum(ranks[:i]), sum(ranks[:i + 1]))
+                       for i in range(len(members))]
+        self.rank = sum(ranks)
 
     @property
     def stacked(self) -> torch.Tensor:
@@ -111,25 +122,79 @@ class _StackedLinear(torch.autograd.Function):
         return (grad_x, None, None, *grads_a)
 
 
-def _stacked_a(group: _Group) -> list[torch.Tensor] | None:
-    """The A matrices of the group's adapter, if every member has one and together they fill the stacked rows."""
-    weights = [m.lora_A[group.adapter].weight for m in group.members if group.adapter in m.lora_A]
-    rows = group.frozen_rows + sum(w.shape[0] for w in weights)
-    return weights if len(weights) == len(group.members) and rows == len(group.stacked) else None
+class _WideLinear(torch.autograd.Function):
+    """[x, x A^T] @ stacked^T, where stacked = [frozen weights | block-diagonal scaled LoRA-B matrices]: the
+    adapters' update is summed inside the frozen matmul, so no full-size update tensor is written and read
+    back, forward or backward. Backward, one matmul gives the gradients of x (through the frozen weights) and
+    of x A^T together (grad_y @ stacked); then x's gradient through A (a rank-wide matmul added to it), A's
+    and B's. ``weights`` are the A parameters, then the B ones, whose values the stacked columns hold."""
+
+    @staticmethod
+    def forward(ctx, x, stacked, blocks, scalings, *weights):
+        dtype = stacked.dtype
+        x_c = x.to(dtype)
+        xa = torch.nn.functional.linear(x_c, _cat_a(weights[:len(blocks)], dtype))
+        # x and x A^T kept apart, not their concatenation: x is the layer's (the compiler may recompute it from
+        # the norm's input); A itself, whose cast copy is rebuilt
+        ctx.save_for_backward(x_c, xa, stacked, *weights[:len(blocks)])
+        ctx.blocks, ctx.scalings, ctx.x_dtype = blocks, scalings, x.dtype
+        ctx.dtypes = [w.dtype for w in weights]
+        return torch.nn.functional.linear(torch.cat([x_c, xa], -1), stacked)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_c, xa, stacked, *weights_a = ctx.saved_tensors
+        a = _cat_a(weights_a, stacked.dtype)
+        features, shape = x_c.shape[-1], x_c.shape
+        grad_y = grad_y.to(stacked.dtype).reshape(-1, stacked.shape[0])
+        x_c, xa = x_c.reshape(-1, features), xa.reshape(-1, a.shape[0])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            both = grad_y @ stacked
+            grad_xa = both[:, features:]
+            grad_x = torch.addmm(both[:, :features], grad_xa, a).to(ctx.x_dtype).reshape(shape)
+        else:  # the first layer's input: only x A^T needs a gradient
+            grad_xa = grad_y @ stacked[:, features:]
+        grad_a = grad_xa.t() @ x_c
+        grad_b = grad_y.t() @ xa
+        grads_a, grads_b = [], []
+        for (row, row_end, col, col_end), scale in zip(ctx.blocks, ctx.scalings):
+            grads_a.append(grad_a[col:col_end])
+            grads_b.append(grad_b[row:row_end, col:col_end] * scale)
+        return (grad_x, None, None, None, *[g.to(dtype) for g, dtype in zip(grads_a + grads_b, ctx.dtypes)])
+
+
+def _cat_a(weights_a, dtype) -> torch.Tensor:
+    return torch.cat([w.to(dtype) for w in weights_a])
+
+
+def _stacked_adapters(group: _Group) -> tuple[list, list] | None:
+    """The A and B matrices of the group's adapter, if every member has them and their ranks fill the
+    stacked weight's adapter rows (or columns)."""
+    name = group.adapter
+    if not all(name in m.lora_A and name in m.lora_B for m in group.members):
+        return None
+    weights_a = [m.lora_A[name].weight for m in group.members]
+    weights_b = [m.lora_B[name].weight for m in group.members]
+    shapes = [(row_end - row, col_end - col) for row, row_end, col, col_end in group.blocks]
+    stacked = ((group.frozen_rows, group.in_features + group.rank) if group.columns
+               else (group.frozen_rows + group.rank, group.in_features))
+    fits = [tuple(w.shape) for w in weights_b] == shapes and tuple(group.stacked.shape) == stacked
+    return (weights_a, weights_b) if fits else None
 
 
 def _stacking_applies(group: _Group, name: str, x: torch.Tensor) -> bool:
-    """The stacked matmul gives PEFT's values where x and the A matrices meet in the frozen weights' dtype:
-    autocast to it, or x and A already in it (PEFT casts x to A's dtype otherwise)."""
+    """The stacked matmul gives PEFT's values where x and the adapters meet in the frozen weights' dtype:
+    autocast to it, or x and the adapters already in it (PEFT casts x to A's dtype otherwise)."""
     dtype = group.stacked.dtype
     if name != group.adapter or not all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in group.members):
         return False
-    weights = _stacked_a(group)
+    weights = _stacked_adapters(group)
     if weights is None:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type) == dtype
-    return x.dtype == dtype and all(w.dtype == dtype for w in weights)
+    return x.dtype == dtype and all(w.dtype == dtype for w in weights[0] + weights[1])
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -153,6 +218,13 @@ def _group_parts(self, group: _Group, name: str, x: torch.Tensor) -> tuple:
     if _stacking_applies(group, name, x):
         if not torch.compiler.is_compiling():  # compiled, the model's pre-hook has refreshed them (_refresh)
             _refresh([group])
+        if group.columns:
+            out = _WideLinear.apply(x, group.stacked, group.blocks, [m.scaling[name] for m in members],
+                                    *[m.lora_A[name].weight for m in members],
+                                    *[m.lora_B[name].weight for m in members])
+            if self._zerotune_fused_bias is not None:
+                out = out + self._zerotune_fused_bias
+            return _separate(out, sizes)
         out = _StackedLinear.apply(x, group.stacked, group.frozen_rows, *[m.lora_A[name].weight for m in members])
         # x A^T copied out ([tokens, rank] columns): the LoRA-B matmul's backward keeps it, and as a view it
         # would keep the whole output alive (4.6 GiB on an H200 W2 step)
@@ -213,20 +285,31 @@ def _refresh(groups) -> None:
     trace a mutation of a graph input). Eager calls also refresh their own group (a projection called
     directly)."""
     for group in groups:
-        weights = _stacked_a(group)
-        if weights is not None:
-            group.stacked[group.frozen_rows:].copy_(torch.cat(weights))
+        weights = _stacked_adapters(group)
+        if weights is None:
+            continue
+        if not group.columns:
+            group.stacked[group.frozen_rows:].copy_(torch.cat(weights[0]))
+            continue
+        for (row, row_end, col, col_end), member, weight_b in zip(group.blocks, group.members, weights[1]):
+            columns = slice(group.in_features + col, group.in_features + col_end)
+            group.stacked[row:row_end, columns].copy_(weight_b * member.scaling[group.adapter])
 
 
 def _fuse(members: tuple, adapter: str) -> _Group:
+    group, start = _Group(members, adapter), 0
+    dtype = members[0].base_layer.weight.dtype
     with torch.no_grad():
-        stacked = torch.cat([m.base_layer.weight for m in members]
-                            + [m.lora_A[adapter].weight.to(members[0].base_layer.weight.dtype) for m in members])
+        frozen = [m.base_layer.weight for m in members]
+        if group.columns:
+            weight_b = torch.block_diag(*[m.lora_B[adapter].weight * m.scaling[adapter] for m in members])
+            stacked = torch.cat([torch.cat(frozen), weight_b.to(dtype)], dim=1)
+        else:
+            stacked = torch.cat(frozen + [m.lora_A[adapter].weight.to(dtype) for m in members])
         has_bias = members[0].base_layer.bias is not None
         bias = torch.cat([m.base_layer.bias for m in members]) if has_bias else None
-    group, start = _Group(members, adapter), 0
     members[0].register_buffer("_zerotune_stacked", stacked, persistent=False)
-    weight = stacked[:group.frozen_rows]
+    weight = stacked[:, :group.in_features] if group.columns else stacked[:group.frozen_rows]
     for index, module in enumerate(members):
         stop = start + module.base_layer.out_features
         module.base_layer.weight = torch.nn.Parameter(weight[start:stop], requires_grad=False)
