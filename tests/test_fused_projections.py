@@ -96,11 +96,12 @@ def test_moving_the_model_after_fusing_keeps_peft_values(stacked_calls):
 
 def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 8
-    matmuls instead of 21 (7 projections x base, A, B; fused: per group one stacked matmul and one LoRA-B)
-    and the backward 16 instead of 35 (per group: the input's gradient through the stacked weight, A's, and
-    LoRA-B's two); 4 layers compile one graph (two: the first layer's input needs no gradient), no
-    recompilation per layer. Compiled, the stacked A rows are refreshed by the model's pre-hook: after the
-    A matrices change (as an optimizer step changes them), the next forward and gradients follow."""
+    matmuls instead of 21 (7 projections x base, A, B; fused: per group two, for q/k/v and gate/up x A^T and
+    the stacked matmul with B in its columns, for o and down the stacked matmul with A in its rows and LoRA-B)
+    and the backward 16 instead of 35 (per group four: through the stacked weight, x's gradient through A or
+    LoRA-B's, A's and B's); 4 layers compile one graph (two: the first layer's input needs no gradient), no
+    recompilation per layer. Compiled, the stacked copies of A and B are refreshed by the model's pre-hook:
+    after the adapters change (as an optimizer step changes them), the next forward and gradients follow."""
     from helpers import matmul_counting_compile
     from zerotune.model import compile_layers
 
@@ -119,13 +120,14 @@ def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.grad = None
-                if "lora_A" in name:
+                if "lora_" in name:
                     p.mul_(-1.5)
     expected, grads = _run(reference)
     logits, fused_grads = _run(fused)
-    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    # fp32 summation order: the adapters' update is summed inside the matmul, and now a larger one
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def _saved_for_backward(model) -> int:
@@ -146,10 +148,12 @@ def _saved_for_backward(model) -> int:
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch, compiled):
-    """Peak memory: the fused model keeps for the backward what PEFT's path keeps plus the block-diagonal
-    LoRA-B matrices (rank x out per group; ~80 MB on a 7B, here relatively large), nothing more. Earlier
-    versions kept whole group outputs alive through one saved part (v_proj's columns, or x A^T as a view of
-    the stacked matmul's output): 0.7-4.6 GiB more on an H200 W2 step."""
+    """Peak memory: eager, the fused model keeps for the backward exactly what PEFT's path keeps plus o's and
+    down's block-diagonal LoRA-B matrices (rank x out; q/k/v and gate/up hold B in their stacked weight).
+    Compiled, the partitioner may also keep its own copy of a q/k/v or gate/up input where PEFT's recomputes it
+    (one per layer here; on an H200 the peak was unchanged). Earlier versions kept whole group outputs alive
+    through one saved part (v_proj's columns, or x A^T as a view of the stacked matmul's output): 0.7-4.6 GiB
+    more on an H200 W2 step; this test fails on the parts as views, eager and compiled."""
     from helpers import matmul_counting_compile
     from zerotune.model import compile_layers
 
@@ -161,8 +165,11 @@ def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch,
         compile_layers(reference)
         compile_layers(fused)
     groups = [m._zerotune_group for m in fused.modules() if getattr(m, "_zerotune_index", None) == 0]
-    block_diagonal = sum(4 * g.frozen_rows * (len(g.stacked) - g.frozen_rows) for g in groups)  # fp32
-    assert _saved_for_backward(fused) <= _saved_for_backward(reference) + block_diagonal
+    assert sorted(g.columns for g in groups) == [False] * 4 + [True] * 4
+    allowed = sum(4 * g.frozen_rows * g.rank for g in groups if not g.columns)  # fp32
+    if compiled:
+        allowed += sum(4 * IDS.numel() * g.in_features for g in groups if g.columns)
+    assert _saved_for_backward(fused) <= _saved_for_backward(reference) + allowed
 
 
 def test_inductor_compiled_stacked_layers_follow_pefts_values_across_updates():

@@ -109,16 +109,18 @@ class AdapterConfig:
               "for 4-bit bases (PEFT's path runs there).", "--fast-lora",
     )
     fused_projections: Literal["auto", "on", "off"] = option(
-        "auto", "Run sibling projections that read one input (q/k/v, gate/up) as one matmul, with the LoRA-A "
-                "matrices stacked under the frozen weights (o and down too): one matmul yields the frozen output "
-                "and x A^T, one the input's gradient through both (zerotune/fused_projections.py). Same adapter "
-                "files, same values as PEFT's path (tested to 1e-6 in fp32); it keeps for the backward what "
-                "PEFT's path keeps plus the small block-diagonal B matrices. "
+        "auto", "Run sibling projections that read one input (q/k/v, gate/up) as one matmul, with the LoRA "
+                "matrices stacked into the frozen weights (zerotune/fused_projections.py): for q/k/v and gate/up "
+                "the scaled B matrices as extra columns, so the adapters' update is summed inside the frozen "
+                "matmul; for o and down the A matrices as extra rows. One backward matmul gives the input's "
+                "gradient through the frozen weights and the adapters. Same adapter files, same values as PEFT's "
+                "path (tested to 1e-6 in fp32); eager it keeps for the backward what PEFT's path keeps plus o's "
+                "and down's small B matrices. "
                 "Covers LoRA on bf16/fp32 bases in one process, on layers without checkpointing; with LoRA dropout "
                 "only the frozen matmuls are fused (each adapter keeps its own mask); elsewhere PEFT's path runs "
-                "and the log says why. On an H200 +2.5-2.8% tokens/s on W1 and W2 before the stacking, and the "
-                "stacking +1.7% (W1) and +2.8% (W2) on top in its first version (benchmarks/results/"
-                "*-variants-stacked-lora-a.json). auto: on where "
+                "and the log says why. On an H200: fusing the siblings +2.5-2.8% tokens/s on W1 and W2, stacking "
+                "A +1.6-1.8% on top, B in columns +1.9% (W1) and +0.4% (W2) on top "
+                "(benchmarks/results/*-variants-*.json). auto: on where "
                 "covered with compiled layers on a CUDA GPU (where it was measured); on: wherever covered, eager "
                 "and CPU too. A bare --fused-projections means on.",
         "--fused-projections",

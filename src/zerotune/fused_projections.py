@@ -1,5 +1,5 @@
-"""Sibling projections that read the same input (q/k/v, gate/up) as one matmul each way, and LoRA-A under
-the frozen weight, in compiled layers.
+"""Sibling projections that read the same input (q/k/v, gate/up) as one matmul each way, with the LoRA
+matrices stacked into the frozen weight, in compiled layers.
 
 A Llama-style layer projects one input three times (q_proj, k_proj, v_proj) and another twice (gate_proj,
 up_proj). Under LoRA each projection is a large frozen matmul plus two small ones, and each small one reads or
@@ -7,17 +7,23 @@ writes a full [tokens, hidden] tensor: on a 7B LoRA step the small matmuls took 
 outputs also fill the GPU badly: with grouped-query attention k_proj and v_proj have a quarter of q_proj's
 columns.
 
-Fused, a group (q/k/v, gate/up, and o_proj and down_proj as groups of one) holds one stacked weight: the
-frozen weights' rows, then the LoRA-A matrices' rows. One matmul x @ stacked^T yields the frozen output and
-x A^T together; the LoRA-B matmul runs against a block-diagonal matrix of the scaled B matrices. Backward, one
-matmul gives the input's gradient through the frozen weights and the adapters at once (grad @ stacked), where
-the unfused path writes the adapters' part as a separate full-size tensor and adds it; A's own gradient is
-one more small matmul. The A rows are copies, refreshed from the parameters before every use: by the model's
-forward pre-hook (outside compiled layers, where the copy is an ordinary in-place kernel) and by eager calls.
-Stacking needs x and A to meet in the frozen weights' dtype (autocast to it, or all in it, as in fp32);
-otherwise, and with LoRA dropout, the group runs the frozen matmul against the concatenated weights and the
-adapters separately. With dropout each sibling's adapter runs on its own mask as in PEFT, drawn in the order
-PEFT's separate calls draw them (so an eager run gives PEFT's values, masks included).
+Fused, a group (q/k/v, gate/up, and o_proj and down_proj as groups of one) holds one stacked weight, the
+frozen weights plus copies of the adapter's matrices:
+- q/k/v and gate/up (output wider than input): [frozen weights | block-diagonal scaled LoRA-B], B in columns.
+  Forward, x A^T (a rank-wide matmul), then one matmul [x, x A^T] @ stacked^T sums the frozen output and the
+  adapters' update inside the matmul, so no full-size update tensor is written and read back. Backward, one
+  matmul grad @ stacked gives x's gradient through the frozen weights and x A^T's gradient together.
+- o_proj and down_proj: [frozen weights; LoRA-A], A in rows. One matmul x @ stacked^T yields the frozen output
+  and x A^T together, and the LoRA-B matmul runs against the scaled B; backward, one matmul gives the input's
+  gradient through the frozen weights and the adapters at once (grad @ stacked).
+Against PEFT's path this saves, per group, the full-size tensor of the adapters' input gradient and its add,
+and for q/k/v and gate/up also the forward's update tensor. A's and B's own gradients are small matmuls. The
+copies are refreshed from the parameters before every use: by the model's forward pre-hook (outside compiled
+layers, where the copy is an ordinary in-place kernel) and by eager calls. Stacking needs x and the adapters
+to meet in the frozen weights' dtype (autocast to it, or all in it, as in fp32); otherwise, and with LoRA
+dropout, the group runs the frozen matmul against the concatenated weights and the adapters separately. With
+dropout each sibling's adapter runs on its own mask as in PEFT, drawn in the order PEFT's separate calls draw
+them (so an eager run gives PEFT's values, masks included).
 
 How, without touching the model's code: the first sibling called computes the whole group's output, splits it
 into the siblings' columns (separate tensors, so that a part the backward keeps does not keep its siblings
@@ -25,9 +31,9 @@ alive) and keeps the parts, with the input they came from; each later sibling ca
 returns its part; the last one clears the memo, and so does every call of the module that holds them (a
 forward pre-hook), so no part outlives the call it was computed in. Under torch.compile this is ordinary
 Python state traced into one graph, so the layer's graph holds each fused matmul once and its backward too.
-The members' frozen weights become row views of the stacked tensor, held by each member as a non-persistent
-buffer, so nothing is stored twice and the state dict is unchanged; the adapters stay PEFT's own modules,
-saved as before.
+The members' frozen weights become views of the stacked tensor (its rows, or its leading columns), held by
+each member as a non-persistent buffer, so nothing is stored twice and the state dict is unchanged; the
+adapters stay PEFT's own modules, saved as before.
 
 Covered: PEFT LoRA Linear layers over plain ``nn.Linear`` bases of one dtype and device, one active adapter,
 no DoRA or other variant, no LoRA bias; base biases all present or all absent; decoder layers without
