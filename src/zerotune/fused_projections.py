@@ -39,6 +39,10 @@ Covered: PEFT LoRA Linear layers over plain ``nn.Linear`` bases of one dtype and
 no DoRA or other variant, no LoRA bias; base biases all present or all absent; decoder layers without
 gradient checkpointing (a compiled checkpoint cannot hold the memo's Python state). Anything else keeps
 PEFT's forward, as does a member whose state changes later (adapters disabled or merged).
+
+A fused model is for training: q/k/v's and gate/up's base weights are column views of the stacked tensor,
+which transformers' ``save_pretrained`` cannot serialise (even after ``merge_and_unload``). zerotune saves only
+the adapters from it, and ``zerotune merge`` loads the base model afresh.
 """
 
 from __future__ import annotations
