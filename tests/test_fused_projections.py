@@ -94,6 +94,39 @@ def test_moving_the_model_after_fusing_keeps_peft_values(stacked_calls):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_gate_and_up_are_views_of_one_output_and_the_backward_runs_no_addmm():
+    """No full-size copies that only cost memory traffic: gate/up's outputs are views of the group's one output
+    (a gated MLP keeps both for its backward anyway), while q/k/v's are separate tensors (attention keeps v
+    alone); and the backward sums x's gradient through A instead of running addmm, which into a new tensor
+    first copies its strided input there (on the GPU, inductor keeps a bf16 addmm as it is)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    fused = _model(layers=1)
+    install_fused_projections(fused)
+    layer = fused.base_model.model.model.layers[0]
+    outputs = {}
+    for name, module in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
+        if name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func)
+            return func(*args, **(kwargs or {}))
+
+    loss = fused(input_ids=IDS, labels=IDS).loss
+    storage = {name: out.untyped_storage().data_ptr() for name, out in outputs.items()}
+    assert storage["gate_proj"] == storage["up_proj"]
+    assert len({storage[name] for name in ("q_proj", "k_proj", "v_proj")}) == 3
+    with Ops() as ops:
+        loss.backward()
+    assert torch.ops.aten.mm.default in ops.seen and torch.ops.aten.addmm.default not in ops.seen
+
+
 def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 8
     matmuls instead of 21 (7 projections x base, A, B; fused: per group two, for q/k/v and gate/up x A^T and

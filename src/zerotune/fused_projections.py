@@ -26,10 +26,11 @@ dropout each sibling's adapter runs on its own mask as in PEFT, drawn in the ord
 them (so an eager run gives PEFT's values, masks included).
 
 How, without touching the model's code: the first sibling called computes the whole group's output, splits it
-into the siblings' columns (separate tensors, so that a part the backward keeps does not keep its siblings
-alive) and keeps the parts, with the input they came from; each later sibling called with that same input
-returns its part; the last one clears the memo, and so does every call of the module that holds them (a
-forward pre-hook), so no part outlives the call it was computed in. Under torch.compile this is ordinary
+into the siblings' columns (q/k/v's as separate tensors, so that the part attention keeps, v, does not keep its
+siblings alive; gate/up's as views of one tensor, since a gated MLP keeps both anyway) and keeps the parts,
+with the input they came from; each later sibling called with that same input returns its part; the last one
+clears the memo, and so does every call of the module that holds them (a forward pre-hook), so no part outlives
+the call it was computed in. Under torch.compile this is ordinary
 Python state traced into one graph, so the layer's graph holds each fused matmul once and its backward too.
 The members' frozen weights become views of the stacked tensor (its rows, or its leading columns), held by
 each member as a non-persistent buffer, so nothing is stored twice and the state dict is unchanged; the
@@ -53,6 +54,8 @@ import types
 import torch
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+# groups whose parts are returned as views of one output: a gated MLP, act(gate) * up, keeps both for its backward
+VIEWS = {("gate_proj", "up_proj")}
 B_IN_COLUMNS = True  # groups wider than their input hold LoRA-B in columns (else LoRA-A in rows, as the others)
 
 
@@ -84,9 +87,10 @@ class _Group:
     (input, parts) from the call that computed them, and the stacked weight, which holds copies of the
     adapter's matrices next to the frozen weights (refreshed from them before each use). Where the group's
     output is wider than its input (q/k/v, gate/up), the scaled LoRA-B matrices sit block-diagonally in
-    columns after the frozen weights' (``columns``); otherwise the LoRA-A matrices sit in rows under them."""
+    columns after the frozen weights' (``columns``); otherwise the LoRA-A matrices sit in rows under them.
+    ``copies``: the group's output is returned as separate tensors, one per sibling (else as views, VIEWS)."""
 
-    def __init__(self, members: tuple, adapter: str):
+    def __init__(self, members: tuple, adapter: str, names: tuple):
         self.members = members
         self.memo = None
         self.adapter = adapter
@@ -99,6 +103,7 @@ class _Group:
         self.blocks = [(sum(rows[:i]), sum(rows[:i + 1]), sum(ranks[:i]), sum(ranks[:i + 1]))
                        for i in range(len(members))]
         self.rank = sum(ranks)
+        self.copies = names not in VIEWS  # the parts returned as separate tensors (else as views of one)
 
     @property
     def stacked(self) -> torch.Tensor:
@@ -162,7 +167,9 @@ class _WideLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             both = grad_y @ stacked
             grad_xa = both[:, features:]
-            grad_x = torch.addmm(both[:, :features], grad_xa, a).to(ctx.x_dtype).reshape(shape)
+            # a sum, not addmm: addmm into a new tensor first copies its strided input there (a full-size copy
+            # kernel per group on the GPU); compiled, the sum is read by the norm's backward instead
+            grad_x = (both[:, :features] + grad_xa @ a).to(ctx.x_dtype).reshape(shape)
         else:  # the first layer's input: only x A^T needs a gradient
             grad_xa = grad_y @ stacked[:, features:]
         grad_a = grad_xa.t() @ x_c
@@ -234,7 +241,7 @@ def _group_parts(self, group: _Group, name: str, x: torch.Tensor) -> tuple:
                                     *[m.lora_B[name].weight for m in members])
             if self._zerotune_fused_bias is not None:
                 out = out + self._zerotune_fused_bias
-            return _separate(out, sizes)
+            return _separate(out, sizes, group.copies)
         out = _StackedLinear.apply(x, group.stacked, group.frozen_rows, *[m.lora_A[name].weight for m in members])
         # x A^T copied out ([tokens, rank] columns): the LoRA-B matmul's backward keeps it, and as a view it
         # would keep the whole output alive (4.6 GiB on an H200 W2 step)
@@ -250,16 +257,18 @@ def _group_parts(self, group: _Group, name: str, x: torch.Tensor) -> tuple:
                          .to(result.dtype) for m, base in zip(members, result.split(sizes, -1)))
         xa = torch.nn.functional.linear(lora_x, torch.cat([m.lora_A[name].weight for m in members]))
     weight_b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m in members])
-    return _separate((result + torch.nn.functional.linear(xa, weight_b)).to(result.dtype), sizes)
+    return _separate((result + torch.nn.functional.linear(xa, weight_b)).to(result.dtype), sizes, group.copies)
 
 
-def _separate(output: torch.Tensor, sizes: list[int]) -> tuple:
-    """The siblings' columns, each its own tensor: as views of one tensor, a part the backward keeps (v_proj's
-    output, which attention saves) would keep its siblings' columns alive too (q and k: 0.7-1 GiB on a 7B
-    step). Compiled, the sum is written straight into the separate parts."""
+def _separate(output: torch.Tensor, sizes: list[int], copies: bool) -> tuple:
+    """The siblings' columns. With ``copies``, each its own tensor: as views of one tensor, a part the backward
+    keeps (v_proj's output, which attention saves) would keep its siblings' columns alive too (q and k:
+    0.7-1 GiB on a 7B step). Compiled, the sum is written straight into the separate parts. Without (gate/up,
+    whose parts a gated MLP's backward keeps both), views: the copies would only cost a full-size write."""
     if len(sizes) == 1:
         return (output,)
-    return tuple(part.contiguous() for part in output.split(sizes, -1))
+    parts = output.split(sizes, -1)
+    return tuple(part.contiguous() for part in parts) if copies else parts
 
 
 def install_fused_projections(model: torch.nn.Module) -> int:
@@ -275,7 +284,7 @@ def install_fused_projections(model: torch.nn.Module) -> int:
                 members = tuple(getattr(parent, name, None) for name in names)
                 if None in members or any(hasattr(m, "_zerotune_group") for m in members) or not _fusable(members):
                     continue
-                group = _fuse(members, _adapter(members[0]))
+                group = _fuse(members, _adapter(members[0]), names)
                 parent.register_forward_pre_hook(functools.partial(_forget, group))
                 groups.append(group)
     if groups:
@@ -306,8 +315,8 @@ def _refresh(groups) -> None:
             group.stacked[row:row_end, columns].copy_(weight_b * member.scaling[group.adapter])
 
 
-def _fuse(members: tuple, adapter: str) -> _Group:
-    group, start = _Group(members, adapter), 0
+def _fuse(members: tuple, adapter: str, names: tuple) -> _Group:
+    group, start = _Group(members, adapter, names), 0
     dtype = members[0].base_layer.weight.dtype
     with torch.no_grad():
         frozen = [m.base_layer.weight for m in members]
