@@ -1,7 +1,8 @@
 """The large matmuls of one decoder layer's LoRA step, each timed alone, in the shapes zerotune's fused
 projections give them (LoRA matrices stacked into the frozen weight: N or K grows by the rank) and in the plain
-frozen shapes, with the rank-wide matmuls that the stacking replaces. Shows what stacking costs or saves per
-matmul (tile and wave quantization of the odd sizes), outside the power and clock limits of a whole step.
+frozen shapes, with the rank-wide matmuls that the stacking replaces, and with the stacked dimension padded
+to a multiple of 64 or 128. Shows what stacking costs or saves per matmul (tile and wave quantization of the
+odd sizes), outside the power and clock limits of a whole step.
 
 Usage: python benchmarks/gemm_shapes.py --out DIR [--arch llama-3-8b] [--tokens 2048] [--rank 16]
 """
@@ -69,6 +70,12 @@ def main() -> None:
             "grad_b": timed_ms(lambda: grad @ b, args.repeats),
             "grad_xa_a": timed_ms(lambda: xa @ a, args.repeats),
         }
+        for multiple in (64, 128):  # the stacked dimension padded with zeros to a multiple of the tile depth
+            kp, np_ = (ks, -(-ns // multiple) * multiple) if rows else (-(-ks // multiple) * multiple, ns)
+            xp, sp, gp = torch.randn(t, kp, **bf16), torch.randn(np_, kp, **bf16), torch.randn(t, np_, **bf16)
+            timings[f"forward_stacked_pad{multiple}"] = timed_ms(lambda: torch.nn.functional.linear(xp, sp),
+                                                                 args.repeats)
+            timings[f"backward_stacked_pad{multiple}"] = timed_ms(lambda: gp @ sp, args.repeats)
         flops = 2 * t * k * n
         row = {k_: round(v, 4) for k_, v in timings.items()}
         row.update(shape_plain=[t, k, n], shape_stacked=[t, ks, ns],
