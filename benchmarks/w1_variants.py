@@ -21,7 +21,7 @@ import torch
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
-            unstacked=False, sdpa=None, rows_only=False, copied_parts=False)
+            unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -77,6 +77,9 @@ VARIANTS = {
     # gate/up's outputs copied out as separate tensors, as q/k/v's are (before they became views of one output)
     "compiled-graphed+fused-copied-parts+compiled-loss": dict(graphed=True, mask=False, fused=True,
                                                               compiled_loss=True, copied_parts=True),
+    # the stacked weights not padded to a multiple of 64 (fused_projections.PAD_TO)
+    "compiled-graphed+fused-unpadded+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                          unpadded=True),
     # SDPA's cuDNN attention kernels first (flash otherwise), from the compile on
     "compiled-graphed+fused+compiled-loss+cudnn-attn": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                             sdpa="cudnn"),
@@ -148,6 +151,8 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
             fused_projections.B_IN_COLUMNS = False
         if options["copied_parts"]:
             fused_projections.VIEWS = set()
+        if options["unpadded"]:
+            fused_projections.PAD_TO = 1
         fused_projections.install_fused_projections(model)
     if compiled and options["outer_ckpt"]:
         for layer in model.base_model.model.model.layers:
@@ -252,7 +257,8 @@ def main() -> None:
     probe = hf_masking.find_packed_sequence_indices
     import zerotune.fused_projections as fused_projections
 
-    fused_saved = {k: getattr(fused_projections, k) for k in ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS")}
+    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO")
+    fused_saved = {k: getattr(fused_projections, k) for k in switches}
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, args.steps, args.arch)

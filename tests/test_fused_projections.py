@@ -94,6 +94,26 @@ def test_moving_the_model_after_fusing_keeps_peft_values(stacked_calls):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_stacked_weights_are_padded_with_zeros_that_stay_zero():
+    """The stacked dimension is padded to a multiple of PAD_TO (odd sizes ran slower on the GPU); the padding
+    holds zeros through refreshes after the adapters change, and the values stay PEFT's (the other tests)."""
+    import zerotune.fused_projections as fp
+
+    fused = _model(layers=1)
+    install_fused_projections(fused)
+    groups = [m._zerotune_group for m in fused.modules() if getattr(m, "_zerotune_index", None) == 0]
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if "lora_" in name:
+                p.add_(1.0)
+    _run(fused)
+    for group in groups:
+        extent = group.stacked.shape[1] if group.columns else group.stacked.shape[0]
+        assert extent % fp.PAD_TO == 0 and group.padding > 0  # 64 features or rows + ranks of 16 here
+        padding = group.stacked[:, extent - group.padding:] if group.columns else group.stacked[extent - group.padding:]
+        assert padding.abs().max() == 0
+
+
 def test_gate_and_up_are_views_of_one_output_and_the_backward_runs_no_addmm():
     """No full-size copies that only cost memory traffic: gate/up's outputs are views of the group's one output
     (a gated MLP keeps both for its backward anyway), while q/k/v's are separate tensors (attention keeps v

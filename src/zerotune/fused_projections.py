@@ -57,6 +57,9 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",),
 # groups whose parts are returned as views of one output: a gated MLP, act(gate) * up, keeps both for its backward
 VIEWS = {("gate_proj", "up_proj")}
 B_IN_COLUMNS = True  # groups wider than their input hold LoRA-B in columns (else LoRA-A in rows, as the others)
+# the stacked dimension (frozen rows + rank, or input features + rank) padded with zeros to a multiple of this:
+# cuBLAS ran the odd sizes slower (down_proj's 4,112 rows: -6 to -25% on an H200; benchmarks/gemm_shapes.py)
+PAD_TO = 64
 
 
 def _adapter(module) -> str | None:
@@ -88,6 +91,7 @@ class _Group:
     adapter's matrices next to the frozen weights (refreshed from them before each use). Where the group's
     output is wider than its input (q/k/v, gate/up), the scaled LoRA-B matrices sit block-diagonally in
     columns after the frozen weights' (``columns``); otherwise the LoRA-A matrices sit in rows under them.
+    ``padding`` zero columns (or rows) follow them (PAD_TO).
     ``copies``: the group's output is returned as separate tensors, one per sibling (else as views, VIEWS)."""
 
     def __init__(self, members: tuple, adapter: str, names: tuple):
@@ -103,6 +107,7 @@ class _Group:
         self.blocks = [(sum(rows[:i]), sum(rows[:i + 1]), sum(ranks[:i]), sum(ranks[:i + 1]))
                        for i in range(len(members))]
         self.rank = sum(ranks)
+        self.padding = -((self.in_features if self.columns else self.frozen_rows) + self.rank) % PAD_TO
         self.copies = names not in VIEWS  # the parts returned as separate tensors (else as views of one)
 
     @property
@@ -123,16 +128,16 @@ class _StackedLinear(torch.autograd.Function):
         ctx.save_for_backward(x_c, stacked)
         ctx.frozen_rows, ctx.x_dtype = frozen_rows, x.dtype
         ctx.a_shapes = [(w.shape[0], w.dtype) for w in weights_a]
-        return torch.nn.functional.linear(x_c, stacked)
+        return torch.nn.functional.linear(x_c, stacked)  # [frozen output, x A^T, zero padding]
 
     @staticmethod
     def backward(ctx, grad_y):
         x_c, stacked = ctx.saved_tensors
         grad_y = grad_y.to(stacked.dtype)
         grad_x = (grad_y @ stacked).to(ctx.x_dtype)
-        grad_xa = grad_y[..., ctx.frozen_rows:].reshape(-1, stacked.shape[0] - ctx.frozen_rows)
-        grad_a = grad_xa.t() @ x_c.reshape(-1, x_c.shape[-1])
         rows = [r for r, _ in ctx.a_shapes]
+        grad_xa = grad_y[..., ctx.frozen_rows:ctx.frozen_rows + sum(rows)].reshape(-1, sum(rows))
+        grad_a = grad_xa.t() @ x_c.reshape(-1, x_c.shape[-1])
         grads_a = [g.to(dtype) for g, (_, dtype) in zip(grad_a.split(rows), ctx.a_shapes)]
         return (grad_x, None, None, *grads_a)
 
@@ -154,24 +159,25 @@ class _WideLinear(torch.autograd.Function):
         ctx.save_for_backward(x_c, xa, stacked, *weights[:len(blocks)])
         ctx.blocks, ctx.scalings, ctx.x_dtype = blocks, scalings, x.dtype
         ctx.dtypes = [w.dtype for w in weights]
-        return torch.nn.functional.linear(torch.cat([x_c, xa], -1), stacked)
+        padding = xa.new_zeros(*xa.shape[:-1], stacked.shape[1] - x_c.shape[-1] - xa.shape[-1])
+        return torch.nn.functional.linear(torch.cat([x_c, xa, padding], -1), stacked)
 
     @staticmethod
     def backward(ctx, grad_y):
         x_c, xa, stacked, *weights_a = ctx.saved_tensors
         a = _cat_a(weights_a, stacked.dtype)
-        features, shape = x_c.shape[-1], x_c.shape
+        features, shape, rank = x_c.shape[-1], x_c.shape, a.shape[0]
         grad_y = grad_y.to(stacked.dtype).reshape(-1, stacked.shape[0])
         x_c, xa = x_c.reshape(-1, features), xa.reshape(-1, a.shape[0])
         grad_x = None
         if ctx.needs_input_grad[0]:
             both = grad_y @ stacked
-            grad_xa = both[:, features:]
+            grad_xa = both[:, features:features + rank]
             # a sum, not addmm: addmm into a new tensor first copies its strided input there (a full-size copy
             # kernel per group on the GPU); compiled, the sum is read by the norm's backward instead
             grad_x = (both[:, :features] + grad_xa @ a).to(ctx.x_dtype).reshape(shape)
         else:  # the first layer's input: only x A^T needs a gradient
-            grad_xa = grad_y @ stacked[:, features:]
+            grad_xa = grad_y @ stacked[:, features:features + rank]
         grad_a = grad_xa.t() @ x_c
         grad_b = grad_y.t() @ xa
         grads_a, grads_b = [], []
@@ -194,8 +200,9 @@ def _stacked_adapters(group: _Group) -> tuple[list, list] | None:
     weights_a = [m.lora_A[name].weight for m in group.members]
     weights_b = [m.lora_B[name].weight for m in group.members]
     shapes = [(row_end - row, col_end - col) for row, row_end, col, col_end in group.blocks]
-    stacked = ((group.frozen_rows, group.in_features + group.rank) if group.columns
-               else (group.frozen_rows + group.rank, group.in_features))
+    extra = group.rank + group.padding
+    stacked = ((group.frozen_rows, group.in_features + extra) if group.columns
+               else (group.frozen_rows + extra, group.in_features))
     fits = [tuple(w.shape) for w in weights_b] == shapes and tuple(group.stacked.shape) == stacked
     return (weights_a, weights_b) if fits else None
 
@@ -245,7 +252,8 @@ def _group_parts(self, group: _Group, name: str, x: torch.Tensor) -> tuple:
         out = _StackedLinear.apply(x, group.stacked, group.frozen_rows, *[m.lora_A[name].weight for m in members])
         # x A^T copied out ([tokens, rank] columns): the LoRA-B matmul's backward keeps it, and as a view it
         # would keep the whole output alive (4.6 GiB on an H200 W2 step)
-        result, xa = out[..., :group.frozen_rows], out[..., group.frozen_rows:].contiguous()
+        end = group.frozen_rows + group.rank
+        result, xa = out[..., :group.frozen_rows], out[..., group.frozen_rows:end].contiguous()
         if self._zerotune_fused_bias is not None:
             result = result + self._zerotune_fused_bias
     else:
@@ -308,7 +316,7 @@ def _refresh(groups) -> None:
         if weights is None:
             continue
         if not group.columns:
-            group.stacked[group.frozen_rows:].copy_(torch.cat(weights[0]))
+            group.stacked[group.frozen_rows:group.frozen_rows + group.rank].copy_(torch.cat(weights[0]))
             continue
         for (row, row_end, col, col_end), member, weight_b in zip(group.blocks, group.members, weights[1]):
             columns = slice(group.in_features + col, group.in_features + col_end)
@@ -322,9 +330,11 @@ def _fuse(members: tuple, adapter: str, names: tuple) -> _Group:
         frozen = [m.base_layer.weight for m in members]
         if group.columns:
             weight_b = torch.block_diag(*[m.lora_B[adapter].weight * m.scaling[adapter] for m in members])
-            stacked = torch.cat([torch.cat(frozen), weight_b.to(dtype)], dim=1)
+            zeros = frozen[0].new_zeros(group.frozen_rows, group.padding)
+            stacked = torch.cat([torch.cat(frozen), weight_b.to(dtype), zeros], dim=1)
         else:
-            stacked = torch.cat(frozen + [m.lora_A[adapter].weight.to(dtype) for m in members])
+            zeros = frozen[0].new_zeros(group.padding, group.in_features)
+            stacked = torch.cat(frozen + [m.lora_A[adapter].weight.to(dtype) for m in members] + [zeros])
         has_bias = members[0].base_layer.bias is not None
         bias = torch.cat([m.base_layer.bias for m in members]) if has_bias else None
     members[0].register_buffer("_zerotune_stacked", stacked, persistent=False)
