@@ -88,10 +88,13 @@ VARIANTS = {
     # inductor tuning its own Triton kernels' block sizes by measuring them (longer compiles)
     "compiled-graphed+fused+compiled-loss+cdt": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                      inductor=dict(coordinate_descent_tuning=True)),
+    # pointwise kernels tiled over rows and columns (the SwiGLU backward ran instruction-bound as a 1-D kernel)
+    "compiled-graphed+fused+compiled-loss+nd-tiling": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                           inductor={"triton.prefer_nd_tiling": True}),
 }
 
 
-INDUCTOR_DEFAULTS = {"coordinate_descent_tuning": False}
+INDUCTOR_DEFAULTS = {"coordinate_descent_tuning": False, "triton.prefer_nd_tiling": False}
 
 
 def group_of(name: str) -> str:
