@@ -21,7 +21,7 @@ import torch
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
-            unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False)
+            unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False, layer_options=None)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -88,13 +88,14 @@ VARIANTS = {
     # inductor tuning its own Triton kernels' block sizes by measuring them (longer compiles)
     "compiled-graphed+fused+compiled-loss+cdt": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                      inductor=dict(coordinate_descent_tuning=True)),
-    # pointwise kernels tiled over rows and columns (the SwiGLU backward ran instruction-bound as a 1-D kernel)
-    "compiled-graphed+fused+compiled-loss+nd-tiling": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
-                                                           inductor={"triton.prefer_nd_tiling": True}),
+    # pointwise kernels indexed in one dimension, as before model.LAYER_COMPILE_OPTIONS tiled them over rows and
+    # columns (the SwiGLU backward ran instruction-bound as a 1-D kernel)
+    "compiled-graphed+fused+compiled-loss+1d-tiling": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                           layer_options={}),
 }
 
 
-INDUCTOR_DEFAULTS = {"coordinate_descent_tuning": False, "triton.prefer_nd_tiling": False}
+INDUCTOR_DEFAULTS = {"coordinate_descent_tuning": False}
 
 
 def group_of(name: str) -> str:
@@ -161,7 +162,15 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
         for layer in model.base_model.model.model.layers:
             layer.compile(mode=options["mode"])
     elif compiled:
-        compile_layers(model, options["mode"])
+        import zerotune.model as zerotune_model
+
+        saved_options = zerotune_model.LAYER_COMPILE_OPTIONS
+        if options["layer_options"] is not None:
+            zerotune_model.LAYER_COMPILE_OPTIONS = options["layer_options"]
+        try:
+            compile_layers(model, options["mode"])
+        finally:
+            zerotune_model.LAYER_COMPILE_OPTIONS = saved_options
     model.train()
     graphed = options["graphed"]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True,

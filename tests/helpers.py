@@ -98,5 +98,6 @@ def matmul_counting_compile(counts: list):
 
     def compile(self, *args, **kwargs):
         kwargs.pop("mode", None)
+        kwargs.pop("options", None)  # inductor's (model.LAYER_COMPILE_OPTIONS); this backend runs the graph as traced
         return original(self, *args, backend=backend, **kwargs)
     return compile

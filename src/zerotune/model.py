@@ -156,14 +156,25 @@ def checkpoint_every_nth_layer(model: torch.nn.Module, every: int) -> int:
     return sum(1 for layer in layers if layer.gradient_checkpointing)
 
 
+# Inductor options for the compiled layers: pointwise kernels tiled over rows and columns. Indexed in one
+# dimension, SwiGLU's backward kernel (gate and up as column views of one output) ran instruction-bound on an
+# H200 (ncu: 90% of the SMs' throughput, 49% of DRAM's); in the power-bound W2 step the tiled kernels gave +2.7%
+# (benchmarks/results/2026-11-29-h200-w2-variants-nd-tiling.json). Not with a ``mode`` (torch.compile takes one
+# or the other).
+LAYER_COMPILE_OPTIONS = {"triton.prefer_nd_tiling": True}
+
+
 def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     """Regional compilation: torch.compile each decoder layer (one graph reused by every layer, so compile
-    time stays that of one layer). A checkpointed layer is checkpointed inside its compiled call
-    (checkpoint_in_forward). Returns how many layers were compiled."""
+    time stays that of one layer), with LAYER_COMPILE_OPTIONS unless a ``mode`` is given. A checkpointed layer
+    is checkpointed inside its compiled call (checkpoint_in_forward). Returns how many layers were compiled."""
     layers = decoder_layers(model)
     for layer in layers:
         checkpoint_in_forward(layer)
-        layer.compile(mode=mode)
+        if mode:
+            layer.compile(mode=mode)
+        else:
+            layer.compile(options=dict(LAYER_COMPILE_OPTIONS))
     return len(layers)
 
 
