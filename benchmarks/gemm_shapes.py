@@ -17,18 +17,6 @@ from pathlib import Path
 import torch
 
 
-def timed_ms(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def cases(arch: dict, rank: int) -> list[tuple[str, int, int, int, int]]:
     """(name, K, N, members, extra) per group: the frozen matmul reads K features and writes N; stacking
     adds ``members * rank`` to K (LoRA-B in columns: q/k/v, gate/up) or to N (LoRA-A in rows: o, down)."""
@@ -46,6 +34,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
+    from sdpa_backends import time_ms
     from zerotune.bench import ARCHITECTURES, provenance
 
     result = provenance("python benchmarks/gemm_shapes.py " + " ".join(sys.argv[1:]))
@@ -61,21 +50,21 @@ def main() -> None:
         a, xa = torch.randn(extra, k, **bf16), torch.randn(t, extra, **bf16)
         b = torch.randn(n, extra, **bf16)
         timings = {
-            "forward_plain": timed_ms(lambda: torch.nn.functional.linear(x, w), args.repeats),
-            "forward_stacked": timed_ms(lambda: torch.nn.functional.linear(xs, s), args.repeats),
-            "backward_plain": timed_ms(lambda: grad @ w, args.repeats),
-            "backward_stacked": timed_ms(lambda: grads @ s, args.repeats),
+            "forward_plain": time_ms(lambda: torch.nn.functional.linear(x, w), args.repeats),
+            "forward_stacked": time_ms(lambda: torch.nn.functional.linear(xs, s), args.repeats),
+            "backward_plain": time_ms(lambda: grad @ w, args.repeats),
+            "backward_stacked": time_ms(lambda: grads @ s, args.repeats),
             # what the stacking replaces or adds: x A^T, grad B (rank-wide outputs), grad_xa A (a full-size one)
-            "x_at": timed_ms(lambda: torch.nn.functional.linear(x, a), args.repeats),
-            "grad_b": timed_ms(lambda: grad @ b, args.repeats),
-            "grad_xa_a": timed_ms(lambda: xa @ a, args.repeats),
+            "x_at": time_ms(lambda: torch.nn.functional.linear(x, a), args.repeats),
+            "grad_b": time_ms(lambda: grad @ b, args.repeats),
+            "grad_xa_a": time_ms(lambda: xa @ a, args.repeats),
         }
         for multiple in (64, 128):  # the stacked dimension padded with zeros to a multiple of the tile depth
             kp, np_ = (ks, -(-ns // multiple) * multiple) if rows else (-(-ks // multiple) * multiple, ns)
             xp, sp, gp = torch.randn(t, kp, **bf16), torch.randn(np_, kp, **bf16), torch.randn(t, np_, **bf16)
-            timings[f"forward_stacked_pad{multiple}"] = timed_ms(lambda: torch.nn.functional.linear(xp, sp),
+            timings[f"forward_stacked_pad{multiple}"] = time_ms(lambda: torch.nn.functional.linear(xp, sp),
                                                                  args.repeats)
-            timings[f"backward_stacked_pad{multiple}"] = timed_ms(lambda: gp @ sp, args.repeats)
+            timings[f"backward_stacked_pad{multiple}"] = time_ms(lambda: gp @ sp, args.repeats)
         flops = 2 * t * k * n
         row = {k_: round(v, 4) for k_, v in timings.items()}
         row.update(shape_plain=[t, k, n], shape_stacked=[t, ks, ns],

@@ -30,8 +30,8 @@ into the siblings' columns (q/k/v's as separate tensors, so that the part attent
 siblings alive; gate/up's as views of one tensor, since a gated MLP keeps both anyway) and keeps the parts,
 with the input they came from; each later sibling called with that same input returns its part; the last one
 clears the memo, and so does every call of the module that holds them (a forward pre-hook), so no part outlives
-the call it was computed in. Under torch.compile this is ordinary
-Python state traced into one graph, so the layer's graph holds each fused matmul once and its backward too.
+the call it was computed in. Under torch.compile this is ordinary Python state traced into one graph, so the
+layer's graph holds each fused matmul once and its backward too.
 The members' frozen weights become views of the stacked tensor (its rows, or its leading columns), held by
 each member as a non-persistent buffer, so nothing is stored twice and the state dict is unchanged; the
 adapters stay PEFT's own modules, saved as before.
