@@ -115,7 +115,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     from zerotune.config import AdapterConfig
     from zerotune.fast_lora import install_fast_lora
     from zerotune.loss import install_chunked_loss
-    from zerotune.model import compile_layers
+    from zerotune.model import compile_layer, compile_layers
     from zerotune.train import token_loss_sum
 
     options = {**BASE, **VARIANTS[name]}
@@ -158,19 +158,15 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
         if options["unpadded"]:
             fused_projections.PAD_TO = 1
         fused_projections.install_fused_projections(model)
-    if compiled and options["outer_ckpt"]:
-        for layer in model.base_model.model.model.layers:
-            layer.compile(mode=options["mode"])
-    elif compiled:
+    if options["layer_options"] is not None:  # put back by main() after the variant
         import zerotune.model as zerotune_model
 
-        saved_options = zerotune_model.LAYER_COMPILE_OPTIONS
-        if options["layer_options"] is not None:
-            zerotune_model.LAYER_COMPILE_OPTIONS = options["layer_options"]
-        try:
-            compile_layers(model, options["mode"])
-        finally:
-            zerotune_model.LAYER_COMPILE_OPTIONS = saved_options
+        zerotune_model.LAYER_COMPILE_OPTIONS = options["layer_options"]
+    if compiled and options["outer_ckpt"]:
+        for layer in model.base_model.model.model.layers:
+            compile_layer(layer, options["mode"])
+    elif compiled:
+        compile_layers(model, options["mode"])
     model.train()
     graphed = options["graphed"]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True,
@@ -269,8 +265,11 @@ def main() -> None:
     probe = hf_masking.find_packed_sequence_indices
     import zerotune.fused_projections as fused_projections
 
+    import zerotune.model as zerotune_model
+
     switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO")
     fused_saved = {k: getattr(fused_projections, k) for k in switches}
+    layer_options = zerotune_model.LAYER_COMPILE_OPTIONS
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, args.steps, args.arch)
@@ -282,6 +281,7 @@ def main() -> None:
             hf_masking.find_packed_sequence_indices = probe
             for key, value in fused_saved.items():
                 setattr(fused_projections, key, value)
+            zerotune_model.LAYER_COMPILE_OPTIONS = layer_options
             gc.collect()
             torch.cuda.empty_cache()
         row = result["variants"][name]

@@ -171,11 +171,16 @@ def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     layers = decoder_layers(model)
     for layer in layers:
         checkpoint_in_forward(layer)
-        if mode:
-            layer.compile(mode=mode)
-        else:
-            layer.compile(options=dict(LAYER_COMPILE_OPTIONS))
+        compile_layer(layer, mode)
     return len(layers)
+
+
+def compile_layer(layer: torch.nn.Module, mode: str | None = None) -> None:
+    """torch.compile one layer: with ``mode`` if given, else with LAYER_COMPILE_OPTIONS."""
+    if mode:
+        layer.compile(mode=mode)
+    else:
+        layer.compile(options=dict(LAYER_COMPILE_OPTIONS))
 
 
 def checkpoint_in_forward(layer: torch.nn.Module) -> bool:
