@@ -1,6 +1,7 @@
 """SwiGLU's backward pointwise kernel (gate/up gradients from silu(gate) * up), compiled by inductor as in the
-fused layer (gate and up as views of one [tokens, 2 x intermediate] output), timed alone against a plain copy of
-the same bytes. In the W2 step this kernel is the largest after the matmuls and attention (4.5-4.7 ms per step);
+fused layer (gate and up as views of one [tokens, 2 x intermediate] output), indexed in one dimension and tiled
+over rows and columns, and zerotune.swiglu's Triton kernel at a few tile shapes, each timed alone against a plain
+copy of the same bytes. In the W2 step this kernel is the largest after the matmuls and attention (4.5-4.7 ms per step);
 run under Nsight Compute it shows whether memory or instructions bound it:
 
     ncu --clock-control none -k regex:triton -c 1 --metrics gpu__time_duration.sum,\
@@ -34,9 +35,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=14336, help="14,336: Llama-3-8B; 11,008: Llama-2-7B")
+    parser.add_argument("--tiles", default="4x1024x8,2x1024x4,8x512x8,1x2048x8,8x1024x8,16x256x4",
+                        help="zerotune.swiglu kernel tiles to time: ROWSxCOLUMNSxWARPS, comma-separated")
     args = parser.parse_args()
     import triton
 
+    from zerotune import swiglu
     from zerotune.bench import provenance
 
     result = provenance("python benchmarks/swiglu_backward.py " + " ".join(sys.argv[1:]))
@@ -46,12 +50,24 @@ def main() -> None:
     kernel = torch.compile(swiglu_backward)
     kernel(out, grad)  # compiled first, so that a profiler's first kernel is the backward itself
     moved = (out.numel() + grad.numel() + out.numel()) * out.element_size()  # read out and grad, write [gg | gu]
-    ms = triton.testing.do_bench(lambda: kernel(out, grad), rep=200)
+
+    def timed(fn) -> dict:
+        ms = triton.testing.do_bench(fn, rep=200)
+        return {"ms": ms, "tb_per_s": moved / ms / 1e9}
+
+    result.update(tokens=args.tokens, intermediate=args.intermediate, inductor_1d=timed(lambda: kernel(out, grad)))
+    tiled = torch.compile(swiglu_backward, options={"triton.prefer_nd_tiling": True})
+    result["inductor_nd_tiled"] = timed(lambda: tiled(out, grad))
+    expected = swiglu.swiglu_backward_reference(out, grad)
+    result["zerotune_kernel"] = {}
+    for tile in args.tiles.split(","):
+        swiglu.BLOCK_ROWS, swiglu.BLOCK_COLUMNS, swiglu.NUM_WARPS = map(int, tile.split("x"))
+        got = swiglu.swiglu_backward(out, grad)
+        result["zerotune_kernel"][tile] = {**timed(lambda: swiglu.swiglu_backward(out, grad)),
+                                           "max_abs_diff_from_torch_ops": (got.float() - expected.float()).abs().max().item()}
     copy = torch.empty_like(out)
     copy_ms = triton.testing.do_bench(lambda: copy.copy_(out), rep=200)
-    result.update(tokens=args.tokens, intermediate=args.intermediate, backward_ms=ms,
-                  backward_tb_per_s=moved / ms / 1e9, copy_ms=copy_ms,
-                  copy_tb_per_s=2 * out.numel() * out.element_size() / copy_ms / 1e9)
+    result.update(copy_ms=copy_ms, copy_tb_per_s=2 * out.numel() * out.element_size() / copy_ms / 1e9)
     print(json.dumps(result, indent=1))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "swiglu-backward.json").write_text(json.dumps(result, indent=1))

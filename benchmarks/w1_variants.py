@@ -21,7 +21,8 @@ import torch
 BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
-            unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False, layer_options=None)
+            unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False, layer_options=None,
+            inductor_swiglu=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -80,6 +81,10 @@ VARIANTS = {
     # the stacked weights not padded to a multiple of 64 (fused_projections.PAD_TO)
     "compiled-graphed+fused-unpadded+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                           unpadded=True),
+    # SwiGLU and its backward as inductor compiles them from the MLP's own forward (gate and up as views of one
+    # output), as before zerotune.swiglu's backward kernel
+    "compiled-graphed+fused-inductor-swiglu+compiled-loss": dict(graphed=True, mask=False, fused=True,
+                                                                 compiled_loss=True, inductor_swiglu=True),
     # SDPA's cuDNN attention kernels first (flash otherwise), from the compile on
     "compiled-graphed+fused+compiled-loss+cudnn-attn": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                             sdpa="cudnn"),
@@ -157,6 +162,8 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
             fused_projections.VIEWS = set()
         if options["unpadded"]:
             fused_projections.PAD_TO = 1
+        if options["inductor_swiglu"]:
+            fused_projections.SWIGLU_MLPS = set()
         fused_projections.install_fused_projections(model)
     if options["layer_options"] is not None:  # put back by main() after the variant
         import zerotune.model as zerotune_model
@@ -267,7 +274,7 @@ def main() -> None:
 
     import zerotune.model as zerotune_model
 
-    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO")
+    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO", "SWIGLU_MLPS")
     fused_saved = {k: getattr(fused_projections, k) for k in switches}
     layer_options = zerotune_model.LAYER_COMPILE_OPTIONS
     for name in args.variants.split(","):

@@ -10,6 +10,7 @@ import torch
 from helpers import random_adapters
 from zerotune import adapters
 from zerotune.config import AdapterConfig
+import zerotune.fused_projections as fp
 from zerotune.fused_projections import install_fused_projections
 from zerotune.tiny import build_model
 
@@ -28,7 +29,6 @@ def _model(architecture="llama", dropout=0.0, layers=2, checkpointing=False):
 @pytest.fixture
 def stacked_calls(monkeypatch):
     """The stacked weight's dtype for every stacked matmul the fused model runs."""
-    import zerotune.fused_projections as fp
 
     calls = []
     for function in (fp._StackedLinear, fp._WideLinear):  # LoRA-A in rows; LoRA-B in columns
@@ -97,7 +97,6 @@ def test_moving_the_model_after_fusing_keeps_peft_values(stacked_calls):
 def test_stacked_weights_are_padded_with_zeros_that_stay_zero():
     """The stacked dimension is padded to a multiple of PAD_TO (odd sizes ran slower on the GPU); the padding
     holds zeros through refreshes after the adapters change, and the values stay PEFT's (the other tests)."""
-    import zerotune.fused_projections as fp
 
     fused = _model(layers=1)
     install_fused_projections(fused)
@@ -114,20 +113,14 @@ def test_stacked_weights_are_padded_with_zeros_that_stay_zero():
         assert padding.abs().max() == 0
 
 
-def test_gate_and_up_are_views_of_one_output_and_the_backward_runs_no_addmm():
-    """No full-size copies that only cost memory traffic: gate/up's outputs are views of the group's one output
-    (a gated MLP keeps both for its backward anyway), while q/k/v's are separate tensors (attention keeps v
-    alone); and the backward sums x's gradient through A instead of running addmm, which into a new tensor
-    first copies its strided input there (on the GPU, inductor keeps a bf16 addmm as it is)."""
+def test_parts_are_copied_only_where_kept_apart_and_the_backward_runs_no_addmm(monkeypatch):
+    """No full-size copies that only cost memory traffic: q/k/v's outputs are separate tensors (attention keeps
+    v alone); a Llama MLP runs gate/up's output whole through zerotune.swiglu (its backward one op writing
+    [gate | up]'s gradient) and never calls gate_proj and up_proj apart; an MLP of another class gets gate and
+    up as views of the group's one output (a gated MLP keeps both for its backward anyway); and the backward
+    sums x's gradient through A instead of running addmm, which into a new tensor first copies its strided
+    input there (on the GPU, inductor keeps a bf16 addmm as it is)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    fused = _model(layers=1)
-    install_fused_projections(fused)
-    layer = fused.base_model.model.model.layers[0]
-    outputs = {}
-    for name, module in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
-        if name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -138,13 +131,26 @@ def test_gate_and_up_are_views_of_one_output_and_the_backward_runs_no_addmm():
             self.seen.add(func)
             return func(*args, **(kwargs or {}))
 
-    loss = fused(input_ids=IDS, labels=IDS).loss
-    storage = {name: out.untyped_storage().data_ptr() for name, out in outputs.items()}
-    assert storage["gate_proj"] == storage["up_proj"]
-    assert len({storage[name] for name in ("q_proj", "k_proj", "v_proj")}) == 3
-    with Ops() as ops:
-        loss.backward()
-    assert torch.ops.aten.mm.default in ops.seen and torch.ops.aten.addmm.default not in ops.seen
+    for swiglu_mlps in (fp.SWIGLU_MLPS, set()):
+        monkeypatch.setattr(fp, "SWIGLU_MLPS", swiglu_mlps)
+        fused = _model(layers=1)
+        install_fused_projections(fused)
+        layer = fused.base_model.model.model.layers[0]
+        outputs = {}
+        for name, module in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
+            if name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
+        loss = fused(input_ids=IDS, labels=IDS).loss
+        storage = {name: out.untyped_storage().data_ptr() for name, out in outputs.items()}
+        assert len({storage[name] for name in ("q_proj", "k_proj", "v_proj")}) == 3
+        if swiglu_mlps:
+            assert "gate_proj" not in storage and "up_proj" not in storage
+        else:
+            assert storage["gate_proj"] == storage["up_proj"]
+        with Ops() as ops:
+            loss.backward()
+        assert torch.ops.aten.mm.default in ops.seen and torch.ops.aten.addmm.default not in ops.seen
+        assert (torch.ops.zerotune.swiglu_backward.default in ops.seen) == bool(swiglu_mlps)
 
 
 def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):

@@ -53,10 +53,15 @@ import types
 
 import torch
 
+from zerotune.swiglu import silu_mul
+
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
 # groups whose parts are returned as views of one output: a gated MLP, act(gate) * up, keeps both for its backward
 VIEWS = {("gate_proj", "up_proj")}
 B_IN_COLUMNS = True  # groups wider than their input hold LoRA-B in columns (else LoRA-A in rows, as the others)
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): with SiLU and gate/up stacked,
+# zerotune.swiglu runs the activation, its backward one kernel writing gate/up's gradient whole
+SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 # the stacked dimension (frozen rows + rank, or input features + rank) padded with zeros to a multiple of this:
 # cuBLAS ran the odd sizes slower (down_proj's 4,112 rows: -6 to -25% on an H200; benchmarks/gemm_shapes.py)
 PAD_TO = 64
@@ -240,15 +245,10 @@ def _group_parts(self, group: _Group, name: str, x: torch.Tensor) -> tuple:
     """Every member's output for input x, in member order."""
     members, sizes = group.members, [m.base_layer.out_features for m in group.members]
     if _stacking_applies(group, name, x):
+        if group.columns:
+            return _separate(_wide_output(self, group, name, x), sizes, group.copies)
         if not torch.compiler.is_compiling():  # compiled, the model's pre-hook has refreshed them (_refresh)
             _refresh([group])
-        if group.columns:
-            out = _WideLinear.apply(x, group.stacked, group.blocks, [m.scaling[name] for m in members],
-                                    *[m.lora_A[name].weight for m in members],
-                                    *[m.lora_B[name].weight for m in members])
-            if self._zerotune_fused_bias is not None:
-                out = out + self._zerotune_fused_bias
-            return _separate(out, sizes, group.copies)
         out = _StackedLinear.apply(x, group.stacked, group.frozen_rows, *[m.lora_A[name].weight for m in members])
         # x A^T copied out ([tokens, rank] columns): the LoRA-B matmul's backward keeps it, and as a view it
         # would keep the whole output alive (4.6 GiB on an H200 W2 step)
@@ -266,6 +266,27 @@ def _group_parts(self, group: _Group, name: str, x: torch.Tensor) -> tuple:
         xa = torch.nn.functional.linear(lora_x, torch.cat([m.lora_A[name].weight for m in members]))
     weight_b = torch.block_diag(*[m.lora_B[name].weight * m.scaling[name] for m in members])
     return _separate((result + torch.nn.functional.linear(xa, weight_b)).to(result.dtype), sizes, group.copies)
+
+
+def _wide_output(self, group: _Group, name: str, x: torch.Tensor) -> torch.Tensor:
+    """A column group's whole output for x ([q | k | v] or [gate | up]), through the stacked weight."""
+    if not torch.compiler.is_compiling():  # compiled, the model's pre-hook has refreshed them (_refresh)
+        _refresh([group])
+    members = group.members
+    out = _WideLinear.apply(x, group.stacked, group.blocks, [m.scaling[name] for m in members],
+                            *[m.lora_A[name].weight for m in members], *[m.lora_B[name].weight for m in members])
+    return out if self._zerotune_fused_bias is None else out + self._zerotune_fused_bias
+
+
+def _swiglu_mlp_forward(self, x):
+    """down(silu(gate(x)) * up(x)) with gate/up's output kept whole and SwiGLU's backward as one kernel
+    (zerotune.swiglu), where gate/up run stacked; otherwise the module's own forward."""
+    gate_proj = self.gate_proj
+    group, name = gate_proj._zerotune_group, _adapter(gate_proj)
+    if (name is None or any(_adapter(m) != name for m in group.members) or not group.columns
+            or not _stacking_applies(group, name, x)):
+        return self._zerotune_mlp_forward(x)
+    return self.down_proj(silu_mul(_wide_output(gate_proj, group, name, x)))
 
 
 def _separate(output: torch.Tensor, sizes: list[int], copies: bool) -> tuple:
@@ -295,6 +316,10 @@ def install_fused_projections(model: torch.nn.Module) -> int:
                 group = _fuse(members, _adapter(members[0]), names)
                 parent.register_forward_pre_hook(functools.partial(_forget, group))
                 groups.append(group)
+                if (names == ("gate_proj", "up_proj") and type(parent).__name__ in SWIGLU_MLPS
+                        and type(parent.act_fn).__name__ in ("SiLU", "SiLUActivation")):
+                    parent._zerotune_mlp_forward = parent.forward
+                    parent.forward = types.MethodType(_swiglu_mlp_forward, parent)
     if groups:
         model.register_forward_pre_hook(lambda module, args: _refresh(groups))
     return len(groups)
