@@ -292,4 +292,4 @@ def test_swiglu_backward_kernel_equals_the_torch_formula():
         torch.testing.assert_close(got.float(), leaf.grad, **(tolerance or dict(rtol=2e-2, atol=2e-2)))
         held = gate_up.clone().requires_grad_()
         silu_mul(held).backward(grad)
-        torch.testing.assert_close(held.grad, got, rtol=0, atol=0)
+        torch.testing.assert_close(held.grad, got, **tolerance)  # contiguous: Triton's other specialisation
