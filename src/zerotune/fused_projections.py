@@ -9,9 +9,9 @@ columns.
 
 Fused, a group (q/k/v, gate/up, and o_proj and down_proj as groups of one) holds one stacked weight, the
 frozen weights plus copies of the adapter's matrices:
-- q/k/v and gate/up (output wider than input): [frozen weights | block-diagonal scaled LoRA-B], B in columns.
-  Forward, x A^T (a rank-wide matmul), then one matmul [x, x A^T] @ stacked^T sums the frozen output and the
-  adapters' update inside the matmul, so no full-size update tensor is written and read back. Backward, one
+- q/k/v and gate/up (output wider than input): [frozen weights | block-diagonal LoRA-B], B in columns.
+  Forward, x A^T (a rank-wide matmul), then one matmul [x, scaling x A^T] @ stacked^T sums the frozen output
+  and the adapters' update inside the matmul, so no full-size update tensor is written and read back. Backward, one
   matmul grad @ stacked gives x's gradient through the frozen weights and x A^T's gradient together.
 - o_proj and down_proj: [frozen weights; LoRA-A], A in rows. One matmul x @ stacked^T yields the frozen output
   and x A^T together, and the LoRA-B matmul runs against the scaled B; backward, one matmul gives the input's
@@ -94,7 +94,7 @@ class _Group:
     model calling them in another order stays correct, computing the group more than once), the memo:
     (input, parts) from the call that computed them, and the stacked weight, which holds copies of the
     adapter's matrices next to the frozen weights (refreshed from them before each use). Where the group's
-    output is wider than its input (q/k/v, gate/up), the scaled LoRA-B matrices sit block-diagonally in
+    output is wider than its input (q/k/v, gate/up), the LoRA-B matrices sit block-diagonally in
     columns after the frozen weights' (``columns``); otherwise the LoRA-A matrices sit in rows under them.
     ``padding`` zero columns (or rows) follow them (PAD_TO).
     ``copies``: the group's output is returned as separate tensors, one per sibling (else as views, VIEWS)."""
@@ -148,11 +148,12 @@ class _StackedLinear(torch.autograd.Function):
 
 
 class _WideLinear(torch.autograd.Function):
-    """[x, x A^T] @ stacked^T, where stacked = [frozen weights | block-diagonal scaled LoRA-B matrices]: the
+    """[x, scaling x A^T] @ stacked^T, where stacked = [frozen weights | block-diagonal LoRA-B matrices]: the
     adapters' update is summed inside the frozen matmul, so no full-size update tensor is written and read
-    back, forward or backward. Backward, one matmul gives the gradients of x (through the frozen weights) and
-    of x A^T together (grad_y @ stacked); then x's gradient through A (a rank-wide matmul added to it), A's
-    and B's. ``weights`` are the A parameters, then the B ones, whose values the stacked columns hold."""
+    back, forward or backward. The scaling multiplies the rank-wide x A^T, not B, so that refreshing the stacked
+    B is a plain copy of the parameters. Backward, one matmul gives the gradients of x (through the frozen
+    weights) and of x A^T together (grad_y @ stacked); then x's gradient through A (a rank-wide matmul added to
+    it), A's and B's. ``weights`` are the A parameters, then the B ones, whose values the stacked columns hold."""
 
     @staticmethod
     def forward(ctx, x, stacked, blocks, scalings, *weights):
@@ -165,7 +166,7 @@ class _WideLinear(torch.autograd.Function):
         ctx.blocks, ctx.scalings, ctx.x_dtype = blocks, scalings, x.dtype
         ctx.dtypes = [w.dtype for w in weights]
         padding = xa.new_zeros(*xa.shape[:-1], stacked.shape[1] - x_c.shape[-1] - xa.shape[-1])
-        return torch.nn.functional.linear(torch.cat([x_c, xa, padding], -1), stacked)
+        return torch.nn.functional.linear(torch.cat([x_c, *_scaled(xa, blocks, scalings), padding], -1), stacked)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -177,12 +178,12 @@ class _WideLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             both = grad_y @ stacked
-            grad_xa = both[:, features:features + rank]
+            grad_xa = torch.cat(_scaled(both[:, features:features + rank], ctx.blocks, ctx.scalings), -1)
             # a sum, not addmm: addmm into a new tensor first copies its strided input there (a full-size copy
             # kernel per group on the GPU); compiled, the sum is read by the norm's backward instead
             grad_x = (both[:, :features] + grad_xa @ a).to(ctx.x_dtype).reshape(shape)
         else:  # the first layer's input: only x A^T needs a gradient
-            grad_xa = grad_y @ stacked[:, features:features + rank]
+            grad_xa = torch.cat(_scaled(grad_y @ stacked[:, features:features + rank], ctx.blocks, ctx.scalings), -1)
         grad_a = grad_xa.t() @ x_c
         grad_b = grad_y.t() @ xa
         grads_a, grads_b = [], []
@@ -190,6 +191,11 @@ class _WideLinear(torch.autograd.Function):
             grads_a.append(grad_a[col:col_end])
             grads_b.append(grad_b[row:row_end, col:col_end] * scale)
         return (grad_x, None, None, None, *[g.to(dtype) for g, dtype in zip(grads_a + grads_b, ctx.dtypes)])
+
+
+def _scaled(columns: torch.Tensor, blocks, scalings) -> list[torch.Tensor]:
+    """Each member's rank columns of ``columns`` times its scaling (compiled, fused into their consumer)."""
+    return [columns[..., col:col_end] * scale for (_, _, col, col_end), scale in zip(blocks, scalings)]
 
 
 def _cat_a(weights_a, dtype) -> torch.Tensor:
@@ -340,12 +346,12 @@ def _refresh(groups) -> None:
         weights = _stacked_adapters(group)
         if weights is None:
             continue
-        if not group.columns:
-            group.stacked[group.frozen_rows:group.frozen_rows + group.rank].copy_(torch.cat(weights[0]))
-            continue
-        for (row, row_end, col, col_end), member, weight_b in zip(group.blocks, group.members, weights[1]):
-            columns = slice(group.in_features + col, group.in_features + col_end)
-            group.stacked[row:row_end, columns].copy_(weight_b * member.scaling[group.adapter])
+        # one copy kernel per matrix (inside the captured step: each extra kernel costs ~2 us)
+        for (row, row_end, col, col_end), weight_a, weight_b in zip(group.blocks, *weights):
+            if group.columns:
+                group.stacked[row:row_end, group.in_features + col:group.in_features + col_end].copy_(weight_b)
+            else:
+                group.stacked[group.frozen_rows + col:group.frozen_rows + col_end].copy_(weight_a)
 
 
 def _fuse(members: tuple, adapter: str, names: tuple) -> _Group:
@@ -354,7 +360,7 @@ def _fuse(members: tuple, adapter: str, names: tuple) -> _Group:
     with torch.no_grad():
         frozen = [m.base_layer.weight for m in members]
         if group.columns:
-            weight_b = torch.block_diag(*[m.lora_B[adapter].weight * m.scaling[adapter] for m in members])
+            weight_b = torch.block_diag(*[m.lora_B[adapter].weight for m in members])
             zeros = frozen[0].new_zeros(group.frozen_rows, group.padding)
             stacked = torch.cat([torch.cat(frozen), weight_b.to(dtype), zeros], dim=1)
         else:
