@@ -162,9 +162,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
             fused_projections.VIEWS = set()
         if options["unpadded"]:
             fused_projections.PAD_TO = 1
-        if options["inductor_swiglu"]:
-            fused_projections.SWIGLU_MLPS = set()
-        fused_projections.install_fused_projections(model)
+        fused_projections.install_fused_projections(model, swiglu=not options["inductor_swiglu"])
     if options["layer_options"] is not None:  # put back by main() after the variant
         import zerotune.model as zerotune_model
 
@@ -274,7 +272,7 @@ def main() -> None:
 
     import zerotune.model as zerotune_model
 
-    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO", "SWIGLU_MLPS")
+    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO")
     fused_saved = {k: getattr(fused_projections, k) for k in switches}
     layer_options = zerotune_model.LAYER_COMPILE_OPTIONS
     for name in args.variants.split(","):

@@ -113,13 +113,13 @@ def test_stacked_weights_are_padded_with_zeros_that_stay_zero():
         assert padding.abs().max() == 0
 
 
-def test_parts_are_copied_only_where_kept_apart_and_the_backward_runs_no_addmm(monkeypatch):
+def test_parts_are_copied_only_where_kept_apart_and_the_backward_runs_no_addmm():
     """No full-size copies that only cost memory traffic: q/k/v's outputs are separate tensors (attention keeps
     v alone); a Llama MLP runs gate/up's output whole through zerotune.swiglu (its backward one op writing
-    [gate | up]'s gradient) and never calls gate_proj and up_proj apart; an MLP of another class gets gate and
-    up as views of the group's one output (a gated MLP keeps both for its backward anyway); and the backward
-    sums x's gradient through A instead of running addmm, which into a new tensor first copies its strided
-    input there (on the GPU, inductor keeps a bf16 addmm as it is)."""
+    [gate | up]'s gradient) and never calls gate_proj and up_proj apart; with swiglu=False (--no-swiglu-kernel,
+    and MLP classes outside SWIGLU_MLPS) gate and up are views of the group's one output (a gated MLP keeps
+    both for its backward anyway); and the backward sums x's gradient through A instead of running addmm, which
+    into a new tensor first copies its strided input there (on the GPU, inductor keeps a bf16 addmm as it is)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -131,10 +131,9 @@ def test_parts_are_copied_only_where_kept_apart_and_the_backward_runs_no_addmm(m
             self.seen.add(func)
             return func(*args, **(kwargs or {}))
 
-    for swiglu_mlps in (fp.SWIGLU_MLPS, set()):
-        monkeypatch.setattr(fp, "SWIGLU_MLPS", swiglu_mlps)
+    for swiglu in (True, False):
         fused = _model(layers=1)
-        install_fused_projections(fused)
+        install_fused_projections(fused, swiglu=swiglu)
         layer = fused.base_model.model.model.layers[0]
         outputs = {}
         for name, module in [*layer.self_attn.named_children(), *layer.mlp.named_children()]:
@@ -143,14 +142,14 @@ def test_parts_are_copied_only_where_kept_apart_and_the_backward_runs_no_addmm(m
         loss = fused(input_ids=IDS, labels=IDS).loss
         storage = {name: out.untyped_storage().data_ptr() for name, out in outputs.items()}
         assert len({storage[name] for name in ("q_proj", "k_proj", "v_proj")}) == 3
-        if swiglu_mlps:
+        if swiglu:
             assert "gate_proj" not in storage and "up_proj" not in storage
         else:
             assert storage["gate_proj"] == storage["up_proj"]
         with Ops() as ops:
             loss.backward()
         assert torch.ops.aten.mm.default in ops.seen and torch.ops.aten.addmm.default not in ops.seen
-        assert (torch.ops.zerotune.swiglu_backward.default in ops.seen) == bool(swiglu_mlps)
+        assert (torch.ops.zerotune.swiglu_backward.default in ops.seen) == swiglu
 
 
 def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
@@ -327,15 +326,26 @@ def test_uncovered_layers_keep_pefts_path(tiny_llama):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_training_with_fused_projections_equals_peft_and_saves_the_same_adapter(config_for, tmp_path, capsys,
-                                                                               dropout):
+                                                                               dropout, monkeypatch):
+    """Also: without dropout the MLPs run zerotune.swiglu, and --no-swiglu-kernel (adapter.swiglu_kernel) gives
+    the same losses through the MLP's own forward."""
     from helpers import adapter_weights, train
 
+    swiglu_calls = []
+    monkeypatch.setattr(fp, "silu_mul", lambda x, real=fp.silu_mul: swiglu_calls.append(x.shape) or real(x))
     settings = {"train.max_steps": 3, "adapter.dropout": dropout}
     plain = train(config_for(**settings, **{"output.dir": str(tmp_path / "plain")}))
     assert "adapter.fused_projections" not in capsys.readouterr().out  # auto: on CUDA with compiled layers only
     fused = train(config_for(**settings, **{"output.dir": str(tmp_path / "fused"), "adapter.fused_projections": "on"}))
     assert "adapter.fused_projections: 8 groups of projections fused" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
+    assert bool(swiglu_calls) == (dropout == 0)  # with dropout the MLP's own forward (gate/up unstacked)
+    if dropout == 0:
+        swiglu_calls.clear()
+        own = train(config_for(**settings, **{"output.dir": str(tmp_path / "own"), "adapter.fused_projections": "on",
+                                              "adapter.swiglu_kernel": False}))
+        assert not swiglu_calls
+        torch.testing.assert_close(torch.tensor(own.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
     ours, reference = adapter_weights(tmp_path / "fused"), adapter_weights(tmp_path / "plain")
     assert ours.keys() == reference.keys()
     for key in reference:

@@ -306,8 +306,9 @@ def _separate(output: torch.Tensor, sizes: list[int], copies: bool) -> tuple:
     return tuple(part.contiguous() for part in parts) if copies else parts
 
 
-def install_fused_projections(model: torch.nn.Module) -> int:
-    """Fuse every covered group of ``model`` (see the module's text). Returns how many groups."""
+def install_fused_projections(model: torch.nn.Module, swiglu: bool = True) -> int:
+    """Fuse every covered group of ``model`` (see the module's text). Returns how many groups. ``swiglu``: MLPs
+    of SWIGLU_MLPS with a SiLU run gate/up's output whole through zerotune.swiglu (else their own forward)."""
     from zerotune.model import decoder_layers
 
     groups = []
@@ -322,7 +323,7 @@ def install_fused_projections(model: torch.nn.Module) -> int:
                 group = _fuse(members, _adapter(members[0]), names)
                 parent.register_forward_pre_hook(functools.partial(_forget, group))
                 groups.append(group)
-                if (names == ("gate_proj", "up_proj") and type(parent).__name__ in SWIGLU_MLPS
+                if (swiglu and names == ("gate_proj", "up_proj") and type(parent).__name__ in SWIGLU_MLPS
                         and type(parent.act_fn).__name__ in ("SiLU", "SiLUActivation")):
                     parent._zerotune_mlp_forward = parent.forward
                     parent.forward = types.MethodType(_swiglu_mlp_forward, parent)

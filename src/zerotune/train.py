@@ -253,7 +253,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     if fusing and config.adapter.method == "lora" and strategy.name == "single":
         from zerotune.fused_projections import install_fused_projections
 
-        groups = install_fused_projections(model)
+        groups = install_fused_projections(model, swiglu=config.adapter.swiglu_kernel)
         tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down)"
                      + ("" if groups else " (none covered: needs layers without gradient checkpointing)"))
     elif config.adapter.fused_projections == "on":
