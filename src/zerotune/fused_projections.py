@@ -11,8 +11,9 @@ Fused, a group (q/k/v, gate/up, and o_proj and down_proj as groups of one) holds
 frozen weights plus copies of the adapter's matrices:
 - q/k/v and gate/up (output wider than input): [frozen weights | block-diagonal LoRA-B], B in columns.
   Forward, x A^T (a rank-wide matmul), then one matmul [x, scaling x A^T] @ stacked^T sums the frozen output
-  and the adapters' update inside the matmul, so no full-size update tensor is written and read back. Backward, one
-  matmul grad @ stacked gives x's gradient through the frozen weights and x A^T's gradient together.
+  and the adapters' update inside the matmul, so no full-size update tensor is written and read back.
+  Backward, one matmul grad @ stacked gives x's gradient through the frozen weights and x A^T's gradient
+  together.
 - o_proj and down_proj: [frozen weights; LoRA-A], A in rows. One matmul x @ stacked^T yields the frozen output
   and x A^T together, and the LoRA-B matmul runs against the scaled B; backward, one matmul gives the input's
   gradient through the frozen weights and the adapters at once (grad @ stacked).
@@ -32,6 +33,9 @@ with the input they came from; each later sibling called with that same input re
 clears the memo, and so does every call of the module that holds them (a forward pre-hook), so no part outlives
 the call it was computed in. Under torch.compile this is ordinary Python state traced into one graph, so the
 layer's graph holds each fused matmul once and its backward too.
+Beyond the projections, one module's forward is replaced: a Llama-style MLP (SWIGLU_MLPS, SiLU) whose gate/up
+run stacked keeps gate/up's output whole and runs silu(gate) * up through zerotune.swiglu, whose backward is one
+kernel writing [gate | up]'s gradient (its own forward runs whenever the stacked path does not apply).
 The members' frozen weights become views of the stacked tensor (its rows, or its leading columns), held by
 each member as a non-persistent buffer, so nothing is stored twice and the state dict is unchanged; the
 adapters stay PEFT's own modules, saved as before.
