@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zerotune.bench import ARCHITECTURES, lora_mfu, matmul_weights, run_bench
+from zerotune.bench import ARCHITECTURES, lora_mfu, matmul_weights, run_bench, summary
 from zerotune.cli import main
 
 REQUIRED = {"workload", "gpu", "commit", "command", "ours", "baseline", "ratio"}
@@ -29,6 +29,7 @@ def test_bench_writes_a_result_where_both_sides_start_from_the_same_loss(workloa
         slack = 1 + 1e-5 / min(seconds)  # the stored times are rounded to 10 microseconds (tiny steps take ~9 ms)
         assert written[side]["tokens_per_second"] * min(seconds) / max(seconds) <= median * slack
         assert median <= written[side]["tokens_per_second"] * max(seconds) / min(seconds) * slack
+        assert written[side]["step_spread"] == pytest.approx(max(seconds) / min(seconds), rel=1e-3)
     assert written["median_step_ratio"] == pytest.approx(written["ours"]["median_step_tokens_per_second"]
                                                          / written["baseline"]["median_step_tokens_per_second"])
     assert written["ratio"] == pytest.approx(written["ours"]["tokens_per_second"]
@@ -64,3 +65,16 @@ def test_bench_refuses_unknown_workloads_and_gpu_workloads_on_cpu(capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert main(["bench", "w1", "--out-dir", "/nonexistent"]) == 2
     assert "--tiny" in capsys.readouterr().err
+
+
+def test_summary_flags_a_baseline_whose_steps_wandered():
+    """A baseline slowed by a noisy machine flatters the ratio: the printed summary says so past 1.05x between
+    its slowest and fastest timed step (not for W3, whose steps differ by their lengths)."""
+    def result(spread, metric="tokens/s"):
+        side = {"tokens_per_second": 1000.0, "peak_gib": 1.0, "step_spread": spread}
+        return {"workload": "w2", "gpu": "H200", "metric": metric, "ratio": 2.0, "median_step_ratio": 2.0,
+                "baseline": side, "ours": dict(side, step_spread=1.3)}
+
+    assert "note:" not in summary(result(1.04))
+    assert "HF+PEFT's slowest timed step took 1.30x its fastest" in summary(result(1.3))
+    assert "note:" not in summary(result(1.3, metric="effective (non-pad) tokens/s"))
