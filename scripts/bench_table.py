@@ -33,11 +33,13 @@ def shown_command(command: str) -> str:
 
 
 def step_spread(side: dict) -> str:
-    """The slowest timed step over the fastest: a baseline whose steps wander (a noisy host: 1.25-1.41 on some
-    H200 machines, where steady W1/W2 runs show 1.01-1.04) makes the ratio overstate ours. W3's steps differ by
-    design (their lengths vary). '-' for files without step times."""
+    """The baseline's 90th-percentile step time over its 10th (zerotune.bench.spread): a baseline whose steps
+    wander (a noisy host: 1.15-1.25 on some H200 machines, where steady W1/W2 runs show 1.00-1.04) makes the
+    ratio overstate ours. W3's steps differ by design (their lengths vary). '-' for files without step times."""
+    from zerotune.bench import spread
+
     steps = side.get("step_seconds")
-    return f"{max(steps) / min(steps):.2f}" if steps else "-"
+    return f"{spread(steps):.2f}" if steps else "-"
 
 
 def table() -> str:
