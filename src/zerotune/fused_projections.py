@@ -236,10 +236,16 @@ def _stacking_applies(group: _Group, name: str, x: torch.Tensor) -> bool:
     return x.dtype == dtype and all(w.dtype == dtype for w in weights[0] + weights[1])
 
 
+def _group_adapter(group: _Group) -> str | None:
+    """The one adapter every member of the group runs now, if they agree (else the group runs PEFT's path)."""
+    names = {_adapter(m) for m in group.members}
+    return names.pop() if len(names) == 1 else None
+
+
 def _fused_forward(self, x, *args, **kwargs):
     group = self._zerotune_group
-    name = _adapter(self)
-    if args or kwargs or name is None or any(_adapter(m) != name for m in group.members):
+    name = _group_adapter(group)
+    if args or kwargs or name is None:
         group.memo = None
         return self._zerotune_peft_forward(x, *args, **kwargs)
     index = self._zerotune_index
@@ -292,9 +298,9 @@ def _swiglu_mlp_forward(self, x):
     """down(silu(gate(x)) * up(x)) with gate/up's output kept whole and SwiGLU's backward as one kernel
     (zerotune.swiglu), where gate/up run stacked; otherwise the module's own forward."""
     gate_proj = self.gate_proj
-    group, name = gate_proj._zerotune_group, _adapter(gate_proj)
-    if (name is None or any(_adapter(m) != name for m in group.members) or not group.columns
-            or not _stacking_applies(group, name, x)):
+    group = gate_proj._zerotune_group
+    name = _group_adapter(group)
+    if name is None or not group.columns or not _stacking_applies(group, name, x):
         return self._zerotune_mlp_forward(x)
     return self.down_proj(silu_mul(_wide_output(gate_proj, group, name, x)))
 
