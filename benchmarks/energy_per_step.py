@@ -1,0 +1,259 @@
+"""Whether a `zerotune bench` step is bound by the GPU's power cap, and how far its energy is above the floor
+of the matrix work it must do, one GPU. Samples NVML (board power, SM clock, the energy counter) every few
+milliseconds while it runs, in order:
+
+1. ``reference``: one large bf16 matmul (8192^3) repeated: the GPU's TFLOP/s and picojoules per FLOP at its cap.
+2. ``gemm_floor``: the large matmuls of one LoRA step of the workload's architecture (every layer's frozen
+   projections forward and backward, the output head both ways; random data, distinct weights per layer), in
+   the plain frozen shapes and in the stacked, padded shapes zerotune's fused projections run; then the same
+   with every layer's causal attention forward and backward (SDPA, cuDNN first). Milliseconds, watts and
+   joules per step-equivalent: the tensor-core work that no fusion removes.
+3. ``bench``: `zerotune bench WORKLOAD` itself (the HF+PEFT baseline, then ours), each side's steady timed
+   steps: milliseconds, watts, SM clock and joules per step. Its usual result JSON is written too.
+
+If our step draws the cap and its joules are close to the floor's, only less matrix work (fewer FLOPs, lower
+precision) makes it faster; removing memory-bound kernels then mostly lets the power controller lower the
+clock.
+
+Usage: python benchmarks/energy_per_step.py --out DIR [--workload w2] [--steps 24] [--warmup-steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+class PowerSampler:
+    """NVML readings of GPU 0 every ``period`` seconds in a thread: (host time, energy mJ, watts, SM MHz)."""
+
+    def __init__(self, period: float = 0.005):
+        import pynvml
+
+        self.nvml = pynvml
+        pynvml.nvmlInit()
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.period = period
+        self.samples: list[tuple[float, float, float, float]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def power_limit_w(self) -> float:
+        return self.nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1e3
+
+    def _run(self) -> None:
+        nvml, handle = self.nvml, self.handle
+        while not self.stopped.is_set():
+            self.samples.append((time.perf_counter(), float(nvml.nvmlDeviceGetTotalEnergyConsumption(handle)),
+                                 nvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+                                 float(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))))
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def window(self, start: float, end: float) -> dict:
+        """Mean watts and SM clock of the samples in [start, end], and the energy counter's joules over it."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {"samples": len(inside)}
+        joules = (inside[-1][1] - inside[0][1]) / 1e3
+        seconds = inside[-1][0] - inside[0][0]
+        return {"samples": len(inside), "seconds": round(seconds, 3), "mean_watts": round(joules / seconds, 1),
+                "sampled_watts_median": round(statistics.median(s[2] for s in inside), 1),
+                "sm_mhz_median": statistics.median(s[3] for s in inside),
+                "sm_mhz_min_max": [min(s[3] for s in inside), max(s[3] for s in inside)]}
+
+
+def timed(sampler: PowerSampler, fn, seconds: float, flops: float) -> dict:
+    """Repeat ``fn`` (one step-equivalent) for about ``seconds`` after a warm-up: ms per call, watts, joules."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    repeats = max(3, int(seconds / (time.perf_counter() - begin)))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    ms = (end - start) / repeats * 1e3
+    power = sampler.window(start + 0.3 * (end - start), end)  # past the first power-controller settling
+    row = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1), **power}
+    if "mean_watts" in power:
+        row["joules"] = round(power["mean_watts"] * ms / 1e3, 2)
+        row["picojoules_per_flop"] = round(power["mean_watts"] * ms / 1e3 / flops * 1e12, 3)
+    return row
+
+
+def step_matmuls(arch: dict, tokens: int, rank: int, stacked: bool, pad_to: int) -> tuple[list, float]:
+    """One step's large matmuls as (a, b, out) triples for torch.mm, and their FLOPs: per layer and group, the
+    forward y = x W^T and the backward's input gradient g W, in the plain or the stacked padded shapes; then
+    the output head forward and backward. Weights are distinct per layer; activations are shared buffers."""
+    from gemm_shapes import cases
+
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    calls, flops = [], 0.0
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def buffer(role, *shape):  # inputs are never written, so the data stays random and finite
+        if (role, shape) not in buffers:
+            buffers[role, shape] = torch.randn(*shape, **bf16)
+        return buffers[role, shape]
+
+    def pad(size):
+        return -(-size // pad_to) * pad_to
+
+    for _ in range(arch["num_hidden_layers"]):
+        for _, k, n, members, rows in cases(arch, rank):
+            if stacked:
+                k, n = (k, pad(n + members * rank)) if rows else (pad(k + members * rank), n)
+            weight = torch.randn(n, k, **bf16) * 0.02
+            calls.append((buffer("in", tokens, k), weight.t(), buffer("out", tokens, n)))
+            calls.append((buffer("in", tokens, n), weight, buffer("out", tokens, k)))
+            flops += 2 * 2 * tokens * k * n
+    head = torch.randn(arch["vocab_size"], arch["hidden_size"], **bf16) * 0.02
+    calls += [(buffer("in", tokens, arch["hidden_size"]), head.t(), buffer("out", tokens, arch["vocab_size"])),
+              (buffer("in", tokens, arch["vocab_size"]), head, buffer("out", tokens, arch["hidden_size"]))]
+    flops += 2 * 2 * tokens * arch["hidden_size"] * arch["vocab_size"]
+    return calls, flops
+
+
+def attention_inputs(arch: dict, tokens: int):
+    heads, kv_heads = arch["num_attention_heads"], arch["num_key_value_heads"]
+    dim = arch["hidden_size"] // heads
+    make = lambda n: torch.randn(1, n, tokens, dim, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v, grad = make(heads).requires_grad_(), make(kv_heads).requires_grad_(), make(kv_heads).requires_grad_(), \
+        make(heads)
+    causal_flops = 3.5 * 2 * 2 * tokens * tokens * dim * heads / 2  # QK^T and PV, forward + 2.5x backward, causal
+    return (q, k, v, grad), causal_flops
+
+
+def gemm_floor(sampler: PowerSampler, arch: dict, tokens: int, seconds: float) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from zerotune.fused_projections import PAD_TO
+
+    rows = {}
+    (q, k, v, grad), attention_flops = attention_inputs(arch, tokens)
+    layers = arch["num_hidden_layers"]
+
+    def attention():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            for _ in range(layers):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+                torch.autograd.grad(out, (q, k, v), grad)
+
+    for name, stacked in (("plain", False), ("stacked", True)):
+        calls, flops = step_matmuls(arch, tokens, 16, stacked, PAD_TO)
+
+        def matmuls():
+            for a, b, out in calls:
+                torch.mm(a, b, out=out)
+
+        rows[f"matmuls_{name}"] = timed(sampler, matmuls, seconds, flops)
+        if stacked:
+            rows["matmuls_stacked_and_attention"] = timed(sampler, lambda: (matmuls(), attention()), seconds,
+                                                          flops + layers * attention_flops)
+        rows[f"matmuls_{name}"]["flops"] = flops
+        print(name, rows[f"matmuls_{name}"], flush=True)
+        del calls
+        torch.cuda.empty_cache()
+    rows["attention"] = timed(sampler, attention, seconds, layers * attention_flops)
+    return rows
+
+
+def bench_with_power(sampler: PowerSampler, workload: str, steps: int, warmup: int, out: str) -> dict:
+    """`zerotune bench` with each side's steady window marked: the baseline's from the end of its worker back
+    over its timed steps' seconds, ours from our step calls' host times (the GPU runs one step behind)."""
+    from zerotune import bench
+    from zerotune.step_graphs import StepGraphs
+
+    marks: dict[str, list[float]] = {"ours_calls": []}
+    real_baseline, real_call = bench.run_baseline, StepGraphs.__call__
+
+    def run_baseline(*args, **kwargs):
+        result = real_baseline(*args, **kwargs)
+        marks["baseline_end"] = [time.perf_counter()]
+        return result
+
+    def call(self, *args, **kwargs):
+        marks["ours_calls"].append(time.perf_counter())
+        return real_call(self, *args, **kwargs)
+
+    bench.run_baseline, StepGraphs.__call__ = run_baseline, call
+    try:
+        command = f"zerotune bench {workload} --steps {steps} --warmup-steps {warmup} (inside energy_per_step.py)"
+        result = bench.run_bench(workload, steps=steps, warmup=warmup, out_dir=out, command=command)
+    finally:
+        bench.run_baseline, StepGraphs.__call__ = real_baseline, real_call
+    sides = {}
+    base_steps = result["baseline"]["step_seconds"]
+    end = marks["baseline_end"][0]
+    sides["baseline"] = {"ms_per_step_mean": round(statistics.mean(base_steps) * 1e3, 2),
+                         **sampler.window(end - sum(base_steps), end)}
+    calls = marks["ours_calls"]
+    ours_steps = result["ours"]["step_seconds"]
+    # the host's call k+1 enqueues while the GPU runs step k: the window between the first timed call and the
+    # last one holds the GPU's timed steps but the last
+    if len(calls) >= warmup + 2:
+        sides["ours"] = {"ms_per_step_mean": round(statistics.mean(ours_steps) * 1e3, 2),
+                         **sampler.window(calls[warmup + 1], calls[-1])}
+    for side in sides.values():
+        if "mean_watts" in side:
+            side["joules_per_step"] = round(side["mean_watts"] * side["ms_per_step_mean"] / 1e3, 2)
+    return {"result_file": result.get("path"), "ratio": result["ratio"],
+            "median_step_ratio": result["median_step_ratio"],
+            "baseline_step_spread": result["baseline"]["step_spread"], **sides}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--workload", default="w2")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup-steps", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=4.0, help="how long each floor measurement repeats")
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args()
+    from zerotune import bench
+
+    arch = bench.ARCHITECTURES[bench.WORKLOADS[args.workload].architecture]
+    tokens = bench.WORKLOADS[args.workload].seq_len * bench.WORKLOADS[args.workload].micro_batch
+    result = bench.provenance("python benchmarks/energy_per_step.py " + " ".join(sys.argv[1:]))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    with PowerSampler() as sampler:
+        result["power_limit_watts"] = sampler.power_limit_w()
+        a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        c = torch.empty_like(a)
+        result["reference"] = timed(sampler, lambda: [torch.mm(a, b, out=c) for _ in range(20)], args.seconds,
+                                    20 * 2 * 8192**3)
+        print("reference", result["reference"], flush=True)
+        del a, b, c
+        result["gemm_floor"] = gemm_floor(sampler, arch, tokens, args.seconds)
+        torch.cuda.empty_cache()
+        if not args.skip_bench:
+            result["bench"] = bench_with_power(sampler, args.workload, args.steps, args.warmup_steps, args.out)
+    path = Path(args.out) / f"energy-per-step-{args.workload}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k in ("gemm_floor", "bench")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
