@@ -6,8 +6,10 @@ milliseconds while it runs, in order:
 2. ``gemm_floor``: the large matmuls of one LoRA step of the workload's architecture (every layer's frozen
    projections forward and backward, the output head both ways; random data, distinct weights per layer), in
    the plain frozen shapes and in the stacked, padded shapes zerotune's fused projections run; then the same
-   with every layer's causal attention forward and backward (SDPA, cuDNN first). Milliseconds, watts and
-   joules per step-equivalent: the tensor-core work that no fusion removes.
+   with every layer's causal attention forward and backward (SDPA, cuDNN first); under gradient checkpointing
+   (W1-ckpt) with the forwards the compiled backward recomputes. Milliseconds, watts and joules per
+   step-equivalent: the tensor-core work that no fusion removes. (The stacked shapes are what zerotune runs
+   without checkpointing; with it, the plain ones.)
 3. ``bench``: `zerotune bench WORKLOAD` itself (the HF+PEFT baseline, then ours), each side's steady timed
    steps: milliseconds, watts, SM clock and joules per step. Its usual result JSON is written too.
 
@@ -101,10 +103,13 @@ def timed(sampler: PowerSampler, fn, seconds: float, flops: float) -> dict:
     return row
 
 
-def step_matmuls(arch: dict, tokens: int, rank: int, stacked: bool, pad_to: int) -> tuple[list, float]:
+def step_matmuls(arch: dict, tokens: int, rank: int, stacked: bool, pad_to: int,
+                 recompute: bool = False) -> tuple[list, float]:
     """One step's large matmuls as (a, b, out) triples for torch.mm, and their FLOPs: per layer and group, the
     forward y = x W^T and the backward's input gradient g W, in the plain or the stacked padded shapes; then
-    the output head forward and backward. Weights are distinct per layer; activations are shared buffers."""
+    the output head forward and backward. With ``recompute`` (gradient checkpointing inside the compiled
+    layer) every group's forward but down_proj's runs twice, as the compiled backward recomputes it. Weights
+    are distinct per layer; activations are shared buffers."""
     from gemm_shapes import cases
 
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -120,13 +125,14 @@ def step_matmuls(arch: dict, tokens: int, rank: int, stacked: bool, pad_to: int)
         return -(-size // pad_to) * pad_to
 
     for _ in range(arch["num_hidden_layers"]):
-        for _, k, n, members, rows in cases(arch, rank):
+        for name, k, n, members, rows in cases(arch, rank):
             if stacked:
                 k, n = (k, pad(n + members * rank)) if rows else (pad(k + members * rank), n)
             weight = torch.randn(n, k, **bf16) * 0.02
-            calls.append((buffer("in", tokens, k), weight.t(), buffer("out", tokens, n)))
+            forwards = 2 if recompute and name != "down" else 1
+            calls += [(buffer("in", tokens, k), weight.t(), buffer("out", tokens, n))] * forwards
             calls.append((buffer("in", tokens, n), weight, buffer("out", tokens, k)))
-            flops += 2 * 2 * tokens * k * n
+            flops += (1 + forwards) * 2 * tokens * k * n
     head = torch.randn(arch["vocab_size"], arch["hidden_size"], **bf16) * 0.02
     calls += [(buffer("in", tokens, arch["hidden_size"]), head.t(), buffer("out", tokens, arch["vocab_size"])),
               (buffer("in", tokens, arch["vocab_size"]), head, buffer("out", tokens, arch["hidden_size"]))]
@@ -134,33 +140,38 @@ def step_matmuls(arch: dict, tokens: int, rank: int, stacked: bool, pad_to: int)
     return calls, flops
 
 
-def attention_inputs(arch: dict, tokens: int):
+def attention_inputs(arch: dict, batch: int, seq: int, recompute: bool):
     heads, kv_heads = arch["num_attention_heads"], arch["num_key_value_heads"]
     dim = arch["hidden_size"] // heads
-    make = lambda n: torch.randn(1, n, tokens, dim, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    make = lambda n: torch.randn(batch, n, seq, dim, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v, grad = make(heads).requires_grad_(), make(kv_heads).requires_grad_(), make(kv_heads).requires_grad_(), \
         make(heads)
-    causal_flops = 3.5 * 2 * 2 * tokens * tokens * dim * heads / 2  # QK^T and PV, forward + 2.5x backward, causal
+    # QK^T and PV, causal: forward 1, backward 2.5 (and a recomputed forward under checkpointing)
+    causal_flops = (4.5 if recompute else 3.5) * 2 * 2 * batch * seq * seq * dim * heads / 2
     return (q, k, v, grad), causal_flops
 
 
-def gemm_floor(sampler: PowerSampler, arch: dict, tokens: int, seconds: float) -> dict:
+def gemm_floor(sampler: PowerSampler, arch: dict, batch: int, seq: int, recompute: bool, seconds: float) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from zerotune.fused_projections import PAD_TO
 
     rows = {}
-    (q, k, v, grad), attention_flops = attention_inputs(arch, tokens)
+    (q, k, v, grad), attention_flops = attention_inputs(arch, batch, seq, recompute)
     layers = arch["num_hidden_layers"]
+    gqa = k.shape[1] != q.shape[1]
 
     def attention():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
             for _ in range(layers):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+                if recompute:
+                    with torch.no_grad():
+                        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
                 torch.autograd.grad(out, (q, k, v), grad)
 
     for name, stacked in (("plain", False), ("stacked", True)):
-        calls, flops = step_matmuls(arch, tokens, 16, stacked, PAD_TO)
+        calls, flops = step_matmuls(arch, batch * seq, 16, stacked, PAD_TO, recompute)
 
         def matmuls():
             for a, b, out in calls:
@@ -233,8 +244,8 @@ def main() -> None:
     args = parser.parse_args()
     from zerotune import bench
 
-    arch = bench.ARCHITECTURES[bench.WORKLOADS[args.workload].architecture]
-    tokens = bench.WORKLOADS[args.workload].seq_len * bench.WORKLOADS[args.workload].micro_batch
+    workload = bench.WORKLOADS[args.workload]
+    arch = bench.ARCHITECTURES[workload.architecture]
     result = bench.provenance("python benchmarks/energy_per_step.py " + " ".join(sys.argv[1:]))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -246,7 +257,8 @@ def main() -> None:
                                     20 * 2 * 8192**3)
         print("reference", result["reference"], flush=True)
         del a, b, c
-        result["gemm_floor"] = gemm_floor(sampler, arch, tokens, args.seconds)
+        result["gemm_floor"] = gemm_floor(sampler, arch, workload.micro_batch, workload.seq_len,
+                                          workload.checkpointing, args.seconds)
         torch.cuda.empty_cache()
         if not args.skip_bench:
             result["bench"] = bench_with_power(sampler, args.workload, args.steps, args.warmup_steps, args.out)
