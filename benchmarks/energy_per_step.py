@@ -26,58 +26,13 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-class PowerSampler:
-    """NVML readings of GPU 0 every ``period`` seconds in a thread: (host time, energy mJ, watts, SM MHz)."""
-
-    def __init__(self, period: float = 0.005):
-        import pynvml
-
-        self.nvml = pynvml
-        pynvml.nvmlInit()
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        self.period = period
-        self.samples: list[tuple[float, float, float, float]] = []
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def power_limit_w(self) -> float:
-        return self.nvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1e3
-
-    def _run(self) -> None:
-        nvml, handle = self.nvml, self.handle
-        while not self.stopped.is_set():
-            self.samples.append((time.perf_counter(), float(nvml.nvmlDeviceGetTotalEnergyConsumption(handle)),
-                                 nvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
-                                 float(nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))))
-            time.sleep(self.period)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopped.set()
-        self.thread.join()
-
-    def window(self, start: float, end: float) -> dict:
-        """Mean watts and SM clock of the samples in [start, end], and the energy counter's joules over it."""
-        inside = [s for s in self.samples if start <= s[0] <= end]
-        if len(inside) < 2:
-            return {"samples": len(inside)}
-        joules = (inside[-1][1] - inside[0][1]) / 1e3
-        seconds = inside[-1][0] - inside[0][0]
-        return {"samples": len(inside), "seconds": round(seconds, 3), "mean_watts": round(joules / seconds, 1),
-                "sampled_watts_median": round(statistics.median(s[2] for s in inside), 1),
-                "sm_mhz_median": statistics.median(s[3] for s in inside),
-                "sm_mhz_min_max": [min(s[3] for s in inside), max(s[3] for s in inside)]}
+from zerotune.power import PowerSampler
 
 
 def timed(sampler: PowerSampler, fn, seconds: float, flops: float) -> dict:
@@ -85,21 +40,21 @@ def timed(sampler: PowerSampler, fn, seconds: float, flops: float) -> dict:
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    begin = time.perf_counter()
+    begin = time.time()
     fn()
     torch.cuda.synchronize()
-    repeats = max(3, int(seconds / (time.perf_counter() - begin)))
-    start = time.perf_counter()
+    repeats = max(3, int(seconds / (time.time() - begin)))
+    start = time.time()
     for _ in range(repeats):
         fn()
     torch.cuda.synchronize()
-    end = time.perf_counter()
-    ms = (end - start) / repeats * 1e3
-    power = sampler.window(start + 0.3 * (end - start), end)  # past the first power-controller settling
-    row = {"ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1), **power}
-    if "mean_watts" in power:
-        row["joules"] = round(power["mean_watts"] * ms / 1e3, 2)
-        row["picojoules_per_flop"] = round(power["mean_watts"] * ms / 1e3 / flops * 1e12, 3)
+    end = time.time()
+    seconds_per_call = (end - start) / repeats
+    # past the first 30%, where the power controller settles
+    power = sampler.window(start + 0.3 * (end - start), end, seconds_per_call) or {}
+    row = {"ms": round(seconds_per_call * 1e3, 2), "tflops": round(flops / seconds_per_call / 1e12, 1), **power}
+    if "joules_per_step" in power:
+        row["picojoules_per_flop"] = round(power["joules_per_step"] / flops * 1e12, 3)
     return row
 
 
@@ -189,48 +144,17 @@ def gemm_floor(sampler: PowerSampler, arch: dict, batch: int, seq: int, recomput
     return rows
 
 
-def bench_with_power(sampler: PowerSampler, workload: str, steps: int, warmup: int, out: str) -> dict:
-    """`zerotune bench` with each side's steady window marked: the baseline's from the end of its worker back
-    over its timed steps' seconds, ours from our step calls' host times (the GPU runs one step behind)."""
+def bench_with_power(workload: str, steps: int, warmup: int, out: str) -> dict:
+    """`zerotune bench` itself; it records each side's watts, SM clock and joules per step over its timed steps."""
     from zerotune import bench
-    from zerotune.step_graphs import StepGraphs
 
-    marks: dict[str, list[float]] = {"ours_calls": []}
-    real_baseline, real_call = bench.run_baseline, StepGraphs.__call__
-
-    def run_baseline(*args, **kwargs):
-        result = real_baseline(*args, **kwargs)
-        marks["baseline_end"] = [time.perf_counter()]
-        return result
-
-    def call(self, *args, **kwargs):
-        marks["ours_calls"].append(time.perf_counter())
-        return real_call(self, *args, **kwargs)
-
-    bench.run_baseline, StepGraphs.__call__ = run_baseline, call
-    try:
-        command = f"zerotune bench {workload} --steps {steps} --warmup-steps {warmup} (inside energy_per_step.py)"
-        result = bench.run_bench(workload, steps=steps, warmup=warmup, out_dir=out, command=command)
-    finally:
-        bench.run_baseline, StepGraphs.__call__ = real_baseline, real_call
-    sides = {}
-    base_steps = result["baseline"]["step_seconds"]
-    end = marks["baseline_end"][0]
-    sides["baseline"] = {"ms_per_step_mean": round(statistics.mean(base_steps) * 1e3, 2),
-                         **sampler.window(end - sum(base_steps), end)}
-    calls = marks["ours_calls"]
-    ours_steps = result["ours"]["step_seconds"]
-    # the host's call k+1 enqueues while the GPU runs step k: the window between the first timed call and the
-    # last one holds the GPU's timed steps but the last
-    if len(calls) >= warmup + 2:
-        sides["ours"] = {"ms_per_step_mean": round(statistics.mean(ours_steps) * 1e3, 2),
-                         **sampler.window(calls[warmup + 1], calls[-1])}
-    for side in sides.values():
-        if "mean_watts" in side:
-            side["joules_per_step"] = round(side["mean_watts"] * side["ms_per_step_mean"] / 1e3, 2)
-    return {"result_file": result.get("path"), "ratio": result["ratio"],
+    command = f"zerotune bench {workload} --steps {steps} --warmup-steps {warmup} (inside energy_per_step.py)"
+    result = bench.run_bench(workload, steps=steps, warmup=warmup, out_dir=out, command=command)
+    return {"result_file": Path(result["path"]).name, "ratio": result["ratio"],
             "median_step_ratio": result["median_step_ratio"],
-            "baseline_step_spread": result["baseline"]["step_spread"], **sides}
+            "baseline_step_spread": result["baseline"]["step_spread"],
+            **{side: {"ms_per_step_mean": round(statistics.mean(result[side]["step_seconds"]) * 1e3, 2),
+                      **(result[side].get("power") or {})} for side in ("baseline", "ours")}}
 
 
 def main() -> None:
@@ -249,8 +173,10 @@ def main() -> None:
     result = bench.provenance("python benchmarks/energy_per_step.py " + " ".join(sys.argv[1:]))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    with PowerSampler() as sampler:
-        result["power_limit_watts"] = sampler.power_limit_w()
+    with PowerSampler(period=0.005) as sampler:
+        if not sampler.available:
+            sys.exit("NVML (pynvml, an NVIDIA driver) is needed to read the GPU's power")
+        result["power_limit_watts"] = sampler.limit_watts
         a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         c = torch.empty_like(a)
         result["reference"] = timed(sampler, lambda: [torch.mm(a, b, out=c) for _ in range(20)], args.seconds,
@@ -261,7 +187,7 @@ def main() -> None:
                                           workload.checkpointing, args.seconds)
         torch.cuda.empty_cache()
         if not args.skip_bench:
-            result["bench"] = bench_with_power(sampler, args.workload, args.steps, args.warmup_steps, args.out)
+            result["bench"] = bench_with_power(args.workload, args.steps, args.warmup_steps, args.out)
     path = Path(args.out) / f"energy-per-step-{args.workload}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k in ("gemm_floor", "bench")}, indent=1))

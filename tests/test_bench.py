@@ -8,6 +8,7 @@ import pytest
 
 from zerotune.bench import ARCHITECTURES, lora_mfu, matmul_weights, run_bench, spread, summary
 from zerotune.cli import main
+from zerotune.power import PowerSampler, summarise
 
 REQUIRED = {"workload", "gpu", "commit", "command", "ours", "baseline", "ratio"}
 
@@ -37,6 +38,8 @@ def test_bench_writes_a_result_where_both_sides_start_from_the_same_loss(workloa
     # same random weights and the same first batch (LoRA B starts at zero): the same step-1 loss
     assert written["ours"]["losses"][0] == pytest.approx(written["baseline"]["losses"][0], rel=1e-5)
     assert written["gpus"] == (2 if workload == "w4" else 1)
+    # no NVML on a CPU machine: no power readings, and the sides' wall-clock windows are not kept
+    assert not {"power", "timed_window"} & (written["ours"].keys() | written["baseline"].keys())
 
 
 def test_bench_w3_compares_packed_rows_with_padded_batches(tmp_path, capsys):
@@ -85,3 +88,34 @@ def test_spread_ignores_one_slow_step_and_sees_a_wandering_stretch():
     wandering = [0.240] * 10 + [0.300] * 10
     assert spread(steady) == pytest.approx(1.0) and spread(wandering) == pytest.approx(1.25)
     assert spread([0.1]) == 1.0 and spread([0.1, 0.2]) == pytest.approx(0.19 / 0.11)  # deciles interpolated
+
+
+def test_power_window_reads_watts_from_the_energy_counter_inside_the_window():
+    """Mean watts come from the energy counter's rise over the window (not the instantaneous readings), the clock
+    is the window's median, and joules per step are the mean watts times the mean step time."""
+    sampler = PowerSampler.__new__(PowerSampler)
+    sampler.limit_watts = 700.0
+    # 2 s at 300 W (an idle stretch), then 1 s at 690 W; samples every 0.1 s: (time, mJ, instant W, SM MHz)
+    sampler.samples = [(t / 10, 300e3 * t / 10, 250.0, 1980.0) for t in range(21)]
+    sampler.samples += [(2 + t / 10, 600e3 + 690e3 * t / 10, 999.0, 1500.0 + t) for t in range(1, 11)]
+    busy = sampler.window(2.05, 3.0, seconds_per_step=0.12)
+    assert busy["mean_watts"] == pytest.approx(690.0) and busy["joules_per_step"] == pytest.approx(82.8)
+    assert busy["sm_mhz_median"] == pytest.approx(1505.5) and busy["sm_mhz_range"] == [1501.0, 1510.0]
+    assert busy["power_limit_watts"] == 700.0
+    assert sampler.window(0.0, 3.0)["mean_watts"] == pytest.approx(1290e3 / 3 / 1e3)
+    assert sampler.window(5.0, 6.0) is None and summarise(sampler.samples[:1], 700.0) is None
+
+
+def test_summary_says_when_our_steps_ran_at_the_power_cap():
+    def result(watts):
+        side = {"tokens_per_second": 1000.0, "peak_gib": 1.0, "step_spread": 1.0}
+        power = {"mean_watts": watts, "sm_mhz_median": 1620.0, "power_limit_watts": 700.0, "joules_per_step": 85.0}
+        return {"workload": "w2", "gpu": "H200", "metric": "tokens/s", "ratio": 2.0, "median_step_ratio": 2.0,
+                "baseline": dict(side, power=dict(power, mean_watts=647.0)), "ours": dict(side, power=power)}
+
+    capped = summary(result(690.0))
+    assert "watts" in capped and "  647 " in capped and "drew 690 W of GPU 0's 700 W cap (SM clock 1,620 MHz)" in capped
+    assert "power-bound" not in summary(result(600.0))
+    plain = summary({**result(690.0), "ours": {"tokens_per_second": 1.0, "peak_gib": 1.0},
+                     "baseline": {"tokens_per_second": 1.0, "peak_gib": 1.0}})
+    assert "watts" not in plain and "note" not in plain

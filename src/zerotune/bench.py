@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from zerotune.power import PowerSampler
+
 ARCHITECTURES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
@@ -246,7 +248,8 @@ def baseline_worker(rank: int, world_size: int, spec: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
-        steps.append({"seconds": time.perf_counter() - started, "tokens": int(batch["attention_mask"].sum()),
+        steps.append({"seconds": time.perf_counter() - started, "end": time.time(),
+                      "tokens": int(batch["attention_mask"].sum()),
                       "slots": batch["input_ids"].numel(), "loss": loss.item()})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     Path(spec["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps({"steps": steps, "peak_gib": peak}))
@@ -290,11 +293,13 @@ def run_baseline(workload: Workload, spec: dict) -> dict:
     slots = sum(sum(s["slots"] for s in r["steps"][timed]) for r in ranks)
     per_step = [(sum(r["steps"][i]["tokens"] for r in ranks), slowest["steps"][i]["seconds"])
                 for i in range(len(steps))][timed]
+    first = steps[timed][0]
     return {"tokens_per_second": tokens / seconds, "tokens_per_second_per_gpu": tokens / seconds / workload.gpus,
             **step_spread(per_step),
             "peak_gib": max(peaks) if peaks else None, "real_token_fraction": tokens / slots,
             "losses": [sum(r["steps"][i]["loss"] for r in ranks) / len(ranks) for i in range(len(steps))],
-            "timed_steps": len(steps[timed])}
+            "timed_steps": len(steps[timed]),
+            "timed_window": [first["end"] - first["seconds"], steps[-1]["end"]]}
 
 
 def step_spread(per_step: list[tuple[float, float]]) -> dict:
@@ -323,6 +328,8 @@ def spread(seconds: list[float]) -> float:
 # the HF side's steps wandered by 15-25% within a run, and its ratio then flattered ours (README: "HF step
 # spread").
 STEADY_SPREAD = 1.05
+# a side drawing this share of the board's power cap on average runs at the cap (the driver lowers the SM clock)
+POWER_BOUND_SHARE = 0.97
 
 
 # ------------------------------------------------------------------------------------------ ours
@@ -343,7 +350,10 @@ def run_ours(config, warmup: int, gpus: int) -> dict:
             **step_spread(per_step),
             "peak_gib": max(peaks) if peaks else None,
             "real_token_fraction": sum(e["real_token_fraction"] for e in timed) / len(timed),
-            "losses": [e["loss"] for e in steps], "timed_steps": len(timed)}
+            "losses": [e["loss"] for e in steps], "timed_steps": len(timed),
+            # each step's event is logged when the host reads the step back (one step late, while the next
+            # runs): from the first timed step's start to the last one's end, give or take a step's host work
+            "timed_window": [timed[0]["time"] - timed[0]["step_seconds"], timed[-1]["time"]]}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -380,20 +390,25 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
             "method": workload.method, "out": str(work / "baseline.json")}
     gpu = gpu_name()
     print(f"[bench] {workload.description}\n[bench] {gpu}; {steps} steps, first {warmup} not timed", flush=True)
-    print("[bench] baseline: HF+PEFT eager ...", flush=True)
-    baseline = run_baseline(workload, spec)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    print("[bench] zerotune ...", flush=True)
-    config = run_config(workload, model_dir, data, work / "ours", steps, tiny, seed, ours_overrides or {})
-    ours = run_ours(config, warmup, workload.gpus)
+    with PowerSampler(period=0.02) as sampler:  # GPU 0's watts and clock (nothing on CPU or without NVML)
+        print("[bench] baseline: HF+PEFT eager ...", flush=True)
+        baseline = run_baseline(workload, spec)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        print("[bench] zerotune ...", flush=True)
+        config = run_config(workload, model_dir, data, work / "ours", steps, tiny, seed, ours_overrides or {})
+        ours = run_ours(config, warmup, workload.gpus)
 
     for side in (baseline, ours):
         mfu = None if workload.short_examples else lora_mfu(side["tokens_per_second_per_gpu"], arch,
                                                            workload.seq_len, gpu)
         side["lora_mfu"] = mfu
+        power = sampler.window(*side.pop("timed_window"), seconds_per_step=sum(side["step_seconds"])
+                               / len(side["step_seconds"]))
+        if power:
+            side["power"] = power
     result = {
         "workload": name + ("-tiny" if tiny else ""), "description": workload.description, "gpus": workload.gpus,
         **provenance(command or f"zerotune bench {name}" + (" --tiny" if tiny else "")),
@@ -422,15 +437,24 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
 
 
 def summary(result: dict) -> str:
+    powered = any("power" in result[side] for side in ("baseline", "ours"))
+
     def row(label, side):
         mfu = f"{side['lora_mfu']:.1%}" if side.get("lora_mfu") else "-"
         peak = f"{side['peak_gib']:.1f}" if side.get("peak_gib") else "-"
-        return f"  {label:<10} {side['tokens_per_second']:>12,.0f} {mfu:>9} {peak:>9}"
+        line = f"  {label:<10} {side['tokens_per_second']:>12,.0f} {mfu:>9} {peak:>9}"
+        if powered:
+            power = side.get("power") or {}
+            watts, mhz, joules = (f"{power[k]:,.0f}" if power.get(k) else "-"
+                                  for k in ("mean_watts", "sm_mhz_median", "joules_per_step"))
+            line += f" {watts:>7} {mhz:>7} {joules:>8}"
+        return line
 
     memory = f", peak memory x{result['peak_memory_ratio']:.2f}" if result.get("peak_memory_ratio") else ""
+    header = f"  {'':<10} {'tokens/s':>12} {'LoRA-MFU':>9} {'peak GiB':>9}"
     lines = [
         f"[bench] {result['workload']} on {result['gpu']} ({result['metric']})",
-        f"  {'':<10} {'tokens/s':>12} {'LoRA-MFU':>9} {'peak GiB':>9}",
+        header + (f" {'watts':>7} {'SM MHz':>7} {'J/step':>8}" if powered else ""),
         row("HF+PEFT", result["baseline"]), row("zerotune", result["ours"]),
         f"  ratio {result['ratio']:.2f}x (at the median step {result['median_step_ratio']:.2f}x){memory}"
         f"  -> {result.get('path', '')}",
@@ -440,4 +464,10 @@ def summary(result: dict) -> str:
         lines.append(f"  note: HF+PEFT's steps wandered (90th-percentile step {wandered:.2f}x the 10th; steady runs: "
                      f"up to {STEADY_SPREAD - 0.01:.2f}x): a noisy machine slows the baseline and flatters the ratio; "
                      "run it again, or on another machine")
+    power = result["ours"].get("power") or {}
+    if power.get("power_limit_watts") and power["mean_watts"] >= POWER_BOUND_SHARE * power["power_limit_watts"]:
+        lines.append(f"  note: zerotune's steps drew {power['mean_watts']:,.0f} W of GPU 0's "
+                     f"{power['power_limit_watts']:,.0f} W cap (SM clock {power['sm_mhz_median']:,.0f} MHz): the "
+                     "step is power-bound here, so it lasts its energy over the cap; faster kernels gain little, "
+                     "fewer joules per step do")
     return "\n".join(lines)

@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time a workload: stock HF+PEFT and zerotune, same run, same data",
         description="Run a named workload twice in one run, the stock HF+PEFT eager baseline and zerotune's own "
                     "training loop, on the same random-weight architecture, data and settings. Prints tokens/s, "
-                    "LoRA-MFU, peak memory and the ratio; writes OUT_DIR/<date>-<gpu>-<workload>.json.",
+                    "LoRA-MFU, peak memory and the ratio, and on NVIDIA GPUs each side's mean power, SM clock and "
+                    "joules per step (NVML, GPU 0), with a note when zerotune's steps ran at the power cap; writes "
+                    "OUT_DIR/<date>-<gpu>-<workload>.json.",
         epilog="workloads: " + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
     bench.add_argument("workload", choices=list(WORKLOADS), help="which workload (listed below)")
     bench.add_argument("overrides", nargs="*", metavar="section.key=value",
