@@ -133,8 +133,8 @@ def gemm_floor(sampler: PowerSampler, arch: dict, batch: int, seq: int, recomput
                 torch.mm(a, b, out=out)
 
         rows[f"matmuls_{name}"] = timed(sampler, matmuls, seconds, flops)
-        if stacked:
-            rows["matmuls_stacked_and_attention"] = timed(sampler, lambda: (matmuls(), attention()), seconds,
+        if stacked != recompute:  # the shapes zerotune runs: stacked, except under checkpointing (no fusion there)
+            rows[f"matmuls_{name}_and_attention"] = timed(sampler, lambda: (matmuls(), attention()), seconds,
                                                           flops + layers * attention_flops)
         rows[f"matmuls_{name}"]["flops"] = flops
         print(name, rows[f"matmuls_{name}"], flush=True)
