@@ -60,6 +60,9 @@ VARIANTS = {
     # adapter.fused_projections: q/k/v and gate/up as one matmul each way (layers without checkpointing)
     "compiled-graphed+fused": dict(graphed=True, mask=False, fused=True),
     "compiled+fused": dict(fused=True),
+    # under checkpointing gate/up (through the replaced MLP forward), o and down fused; q/k/v keep PEFT's path
+    "ckpt-mb4-compiled-graphed+fused+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False, fused=True,
+                                                          compiled_loss=True),
     # the chunked loss's softmax and gradient through torch.compile (loss.compiled_chunk_math), as train does
     # under --compile: no fp32 copy of each chunk's logits
     "compiled-graphed+fused+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True),

@@ -313,8 +313,42 @@ def test_stacked_matmul_under_bf16_autocast_and_where_it_does_not_apply(stacked_
     assert stacked_calls == []
 
 
+def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
+    """Under gradient checkpointing q/k/v keep PEFT's forward (their siblings hand parts over through the memo,
+    Python state a compiled checkpoint cannot hold); gate/up (computed whole by the replaced MLP forward), o and
+    down are fused and keep no state between calls. Eager and compiled (inductor on CPU, the checkpoint inside
+    the compiled layer) the logits and every gradient equal checkpointed PEFT's; compiled, the layers' one graph
+    holds 15 forward matmuls (q/k/v's 9, then two per fused group) instead of 21, and 41 backward ones (with
+    the recomputed forward) instead of 54, with no graph break; the memo is never written. Without the replaced MLP forward (--no-swiglu-kernel) gate/up keep PEFT's forward too."""
+    from helpers import matmul_counting_compile
+    from zerotune.model import compile_layers
+
+    reference, fused = _model(checkpointing=True), _model(checkpointing=True)
+    assert install_fused_projections(fused) == 2 * 3
+    assert install_fused_projections(_model(checkpointing=True), swiglu=False) == 2 * 2  # o and down
+    groups = [m._zerotune_group for m in fused.modules() if getattr(m, "_zerotune_index", None) == 0]
+    assert sorted(len(g.members) for g in groups) == [1, 1, 1, 1, 2, 2] and not any(g.keeps_memo for g in groups)
+    writes = []
+    monkeypatch.setattr(fp._Group, "__setattr__",
+                        lambda self, key, value: writes.append(key) if key == "memo" else object.__setattr__(self, key, value))
+    logits, grads = _run(reference)
+    for compiled in (False, True):
+        if compiled:
+            counts = []
+            monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
+            torch._dynamo.reset()
+            compile_layers(fused)
+        for p in fused.parameters():
+            p.grad = None
+        fused_logits, fused_grads = _run(fused)
+        torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert counts == [("fw", 15), ("bw", 41)]  # checkpointed PEFT: 21 and 54 (the backward recomputes)
+    assert writes == []
+
+
 def test_uncovered_layers_keep_pefts_path(tiny_llama):
-    assert install_fused_projections(_model(checkpointing=True)) == 0  # a compiled checkpoint cannot hold the memo
     if importlib.util.find_spec("bitsandbytes"):
         from zerotune.config import ModelConfig
         from zerotune.model import load_model

@@ -41,9 +41,11 @@ each member as a non-persistent buffer, so nothing is stored twice and the state
 adapters stay PEFT's own modules, saved as before.
 
 Covered: PEFT LoRA Linear layers over plain ``nn.Linear`` bases of one dtype and device, one active adapter,
-no DoRA or other variant, no LoRA bias; base biases all present or all absent; decoder layers without
-gradient checkpointing (a compiled checkpoint cannot hold the memo's Python state). Anything else keeps
-PEFT's forward, as does a member whose state changes later (adapters disabled or merged).
+no DoRA or other variant, no LoRA bias; base biases all present or all absent. In a layer with gradient
+checkpointing only the groups that need no memo are fused (a compiled checkpoint cannot hold the memo's Python
+state): o_proj and down_proj, and gate/up where the MLP's forward is replaced (it computes the group's output
+in one call); q/k/v keep PEFT's forward there. Anything else keeps PEFT's forward, as does a member whose state
+changes later (adapters disabled or merged).
 
 A fused model is for training: q/k/v's and gate/up's base weights are column views of the stacked tensor,
 which transformers' ``save_pretrained`` cannot serialise (even after ``merge_and_unload``). zerotune saves only
@@ -101,11 +103,14 @@ class _Group:
     output is wider than its input (q/k/v, gate/up), the LoRA-B matrices sit block-diagonally in
     columns after the frozen weights' (``columns``); otherwise the LoRA-A matrices sit in rows under them.
     ``padding`` zero columns (or rows) follow them (PAD_TO).
-    ``copies``: the group's output is returned as separate tensors, one per sibling (else as views, VIEWS)."""
+    ``copies``: the group's output is returned as separate tensors, one per sibling (else as views, VIEWS).
+    ``keeps_memo``: off in checkpointed layers, where a group of one computes its output in its own call and a
+    larger group (gate/up, called by the MLP's own forward when the stacked path does not apply) runs PEFT's."""
 
-    def __init__(self, members: tuple, adapter: str, names: tuple):
+    def __init__(self, members: tuple, adapter: str, names: tuple, memo: bool = True):
         self.members = members
         self.memo = None
+        self.keeps_memo = memo  # False in a checkpointed layer: each call computes its own output, no state kept
         self.adapter = adapter
         self.frozen_rows = sum(m.base_layer.out_features for m in members)
         self.in_features = members[0].base_layer.in_features
@@ -248,6 +253,10 @@ def _fused_forward(self, x, *args, **kwargs):
     if args or kwargs or name is None:
         group.memo = None
         return self._zerotune_peft_forward(x, *args, **kwargs)
+    if not group.keeps_memo:  # a checkpointed layer: no Python state may outlive the call
+        if len(group.members) > 1:
+            return self._zerotune_peft_forward(x)
+        return _group_parts(self, group, name, x)[0]
     index = self._zerotune_index
     memo = group.memo
     if memo is None or memo[0] is not x:
@@ -323,18 +332,21 @@ def install_fused_projections(model: torch.nn.Module, swiglu: bool = True) -> in
 
     groups = []
     for layer in decoder_layers(model):
-        if getattr(layer, "gradient_checkpointing", False):
-            continue
+        checkpointed = getattr(layer, "gradient_checkpointing", False)
         for parent in list(layer.modules()):
             for names in GROUPS:
                 members = tuple(getattr(parent, name, None) for name in names)
                 if None in members or any(hasattr(m, "_zerotune_group") for m in members) or not _fusable(members):
                     continue
-                group = _fuse(members, _adapter(members[0]), names)
-                parent.register_forward_pre_hook(functools.partial(_forget, group))
+                replaced_mlp = (swiglu and names == ("gate_proj", "up_proj") and type(parent).__name__ in SWIGLU_MLPS
+                                and type(parent.act_fn).__name__ in ("SiLU", "SiLUActivation"))
+                if checkpointed and len(names) > 1 and not replaced_mlp:
+                    continue  # its siblings would hand parts over through the memo
+                group = _fuse(members, _adapter(members[0]), names, memo=not checkpointed)
+                if not checkpointed:
+                    parent.register_forward_pre_hook(functools.partial(_forget, group))
                 groups.append(group)
-                if (swiglu and names == ("gate_proj", "up_proj") and type(parent).__name__ in SWIGLU_MLPS
-                        and type(parent.act_fn).__name__ in ("SiLU", "SiLUActivation")):
+                if replaced_mlp:
                     parent._zerotune_mlp_forward = parent.forward
                     parent.forward = types.MethodType(_swiglu_mlp_forward, parent)
     if groups:
@@ -365,8 +377,8 @@ def _refresh(groups) -> None:
                 group.stacked[group.frozen_rows + col:group.frozen_rows + col_end].copy_(weight_a)
 
 
-def _fuse(members: tuple, adapter: str, names: tuple) -> _Group:
-    group, start = _Group(members, adapter, names), 0
+def _fuse(members: tuple, adapter: str, names: tuple, memo: bool = True) -> _Group:
+    group, start = _Group(members, adapter, names, memo), 0
     dtype = members[0].base_layer.weight.dtype
     with torch.no_grad():
         frozen = [m.base_layer.weight for m in members]
