@@ -76,6 +76,31 @@ def random_adapters(model, scale: float = 0.1):
     return model.train()
 
 
+def op_counting_compile(graphs: list):
+    """As matmul_counting_compile, appending ("fw" | "bw", {op: count}) for aten.mm and zerotune's custom ops."""
+    import collections
+
+    import torch
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def counter(kind):
+        def compiler(graph, example_inputs):
+            names = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+            graphs.append((kind, dict(collections.Counter(n.split(".")[1] for n in names
+                                                          if n == "aten.mm.default" or n.startswith("zerotune.")))))
+            return graph.forward
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    original = torch.nn.Module.compile
+
+    def compile(self, *args, **kwargs):
+        return original(self, backend=backend)
+    return compile
+
+
 def matmul_counting_compile(counts: list):
     """A stand-in for ``Module.compile`` whose backend appends ("fw" | "bw", matmul count) for each graph
     AOTAutograd compiles, partitioned as inductor does (min-cut, with its common-subexpression elimination),

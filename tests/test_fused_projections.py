@@ -316,11 +316,13 @@ def test_stacked_matmul_under_bf16_autocast_and_where_it_does_not_apply(stacked_
 def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
     """Under gradient checkpointing q/k/v keep PEFT's forward (their siblings hand parts over through the memo,
     Python state a compiled checkpoint cannot hold); gate/up (computed whole by the replaced MLP forward), o and
-    down are fused and keep no state between calls. Eager and compiled (inductor on CPU, the checkpoint inside
-    the compiled layer) the logits and every gradient equal checkpointed PEFT's; compiled, the layers' one graph
-    holds 15 forward matmuls (q/k/v's 9, then two per fused group) instead of 21, and 41 backward ones (with
-    the recomputed forward) instead of 54, with no graph break; the memo is never written. Without the replaced MLP forward (--no-swiglu-kernel) gate/up keep PEFT's forward too."""
-    from helpers import matmul_counting_compile
+    down are fused, keep no state between calls, and run as custom ops (a compiled checkpoint on torch 2.11
+    kept everything an autograd.Function saved). Eager and compiled (the checkpoint inside the compiled layer)
+    the logits and every gradient equal checkpointed PEFT's. Compiled, the backward recomputes only what
+    PEFT's recomputes: q/k/v, gate/up, SwiGLU and o (the norm after it reads its output) but not down's frozen
+    matmul, whose x A^T comes from its own rank-wide matmul; no graph break, the memo never written. Without
+    the replaced MLP forward (--no-swiglu-kernel) gate/up keep PEFT's forward too."""
+    from helpers import op_counting_compile
     from zerotune.model import compile_layers
 
     reference, fused = _model(checkpointing=True), _model(checkpointing=True)
@@ -329,13 +331,13 @@ def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
     groups = [m._zerotune_group for m in fused.modules() if getattr(m, "_zerotune_index", None) == 0]
     assert sorted(len(g.members) for g in groups) == [1, 1, 1, 1, 2, 2] and not any(g.keeps_memo for g in groups)
     writes = []
-    monkeypatch.setattr(fp._Group, "__setattr__",
-                        lambda self, key, value: writes.append(key) if key == "memo" else object.__setattr__(self, key, value))
+    monkeypatch.setattr(fp._Group, "__setattr__", lambda self, key, value: writes.append(key) if key == "memo"
+                        else object.__setattr__(self, key, value))
     logits, grads = _run(reference)
+    graphs = []
     for compiled in (False, True):
         if compiled:
-            counts = []
-            monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
+            monkeypatch.setattr(torch.nn.Module, "compile", op_counting_compile(graphs))
             torch._dynamo.reset()
             compile_layers(fused)
         for p in fused.parameters():
@@ -344,8 +346,14 @@ def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
         torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
-    assert counts == [("fw", 15), ("bw", 41)]  # checkpointed PEFT: 21 and 54 (the backward recomputes)
     assert writes == []
+    # one graph for both layers: forward, q/k/v's 9 PEFT matmuls and o's and down's x A^T, then the custom ops
+    (kind, forward), (_, backward) = graphs
+    assert kind == "fw" and forward == {"mm": 11, "lora_linear": 2, "wide_linear": 1, "silu_mul": 1}
+    # backward: q/k/v's 9 recomputed and 15 gradient matmuls, o's and down's x A^T recomputed, four gradient
+    # matmuls per fused group; recomputed ops: o's lora_linear (not down's), gate/up's wide_linear, SwiGLU
+    assert backward == {"mm": 9 + 15 + 2 + 3 * 4, "lora_linear": 1, "wide_linear": 1, "silu_mul": 1,
+                        "swiglu_backward": 1}
 
 
 def test_uncovered_layers_keep_pefts_path(tiny_llama):
@@ -366,7 +374,7 @@ def test_training_with_fused_projections_equals_peft_and_saves_the_same_adapter(
     from helpers import adapter_weights, train
 
     swiglu_calls = []
-    monkeypatch.setattr(fp, "silu_mul", lambda x, real=fp.silu_mul: swiglu_calls.append(x.shape) or real(x))
+    monkeypatch.setattr(fp, "silu_mul", lambda x, real=fp.silu_mul, **kw: swiglu_calls.append(x.shape) or real(x, **kw))
     settings = {"train.max_steps": 3, "adapter.dropout": dropout}
     plain = train(config_for(**settings, **{"output.dir": str(tmp_path / "plain")}))
     assert "adapter.fused_projections" not in capsys.readouterr().out  # auto: on CUDA with compiled layers only
