@@ -22,7 +22,7 @@ BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
             unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False, layer_options=None,
-            inductor_swiglu=False, plain_swiglu=False)
+            inductor_swiglu=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -64,10 +64,6 @@ VARIANTS = {
     # PEFT's path
     "ckpt-mb4-compiled-graphed+fused+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False, fused=True,
                                                           compiled_loss=True),
-    # the same with SwiGLU in torch ops that inductor compiles (not the custom op zerotune::silu_mul)
-    "ckpt-mb4-compiled-graphed+fused-plain-swiglu+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False,
-                                                                       fused=True, compiled_loss=True,
-                                                                       plain_swiglu=True),
     # the chunked loss's softmax and gradient through torch.compile (loss.compiled_chunk_math), as train does
     # under --compile: no fp32 copy of each chunk's logits
     "compiled-graphed+fused+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True),
@@ -170,11 +166,6 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
             fused_projections.VIEWS = set()
         if options["unpadded"]:
             fused_projections.PAD_TO = 1
-        if options["plain_swiglu"]:
-            def plain(gate_up, checkpointed=False):
-                gate, up = gate_up.chunk(2, -1)
-                return torch.nn.functional.silu(gate) * up
-            fused_projections.silu_mul = plain
         fused_projections.install_fused_projections(model, swiglu=not options["inductor_swiglu"])
     if options["layer_options"] is not None:  # put back by main() after the variant
         import zerotune.model as zerotune_model
@@ -285,7 +276,7 @@ def main() -> None:
 
     import zerotune.model as zerotune_model
 
-    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO", "silu_mul")
+    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO")
     fused_saved = {k: getattr(fused_projections, k) for k in switches}
     layer_options = zerotune_model.LAYER_COMPILE_OPTIONS
     for name in args.variants.split(","):

@@ -220,7 +220,7 @@ def _wide_grads(grad_y, x_c, xa, stacked, weights_a, blocks, scalings, dtypes, x
     return grad_x, [g.to(dtype) for g, dtype in zip(grads_a + grads_b, dtypes)]
 
 
-# In checkpointed layers the groups run as custom ops, not autograd.Functions: torch 2.11's compiler gives the
+# In checkpointed layers the groups run as custom ops, not autograd.Functions (and SwiGLU as torch ops): torch 2.11's compiler gives the
 # ops inside an autograd.Function no recompute tags, so a compiled checkpoint kept their inputs and outputs alive
 # (an H200 W1-ckpt step: 36.3 GiB peak, not 17.7; pytorch/pytorch#177396, fixed later). A custom op is one node
 # of the layer's graph, tagged like the rest; its backward is traced as usual. What the backward reads must be
@@ -424,7 +424,11 @@ def _swiglu_mlp_forward(self, x):
     name = _group_adapter(group)
     if name is None or not group.columns or not _stacking_applies(group, name, x):
         return self._zerotune_mlp_forward(x)
-    return self.down_proj(silu_mul(_wide_output(gate_proj, group, name, x), checkpointed=not group.keeps_memo))
+    gate_up = _wide_output(gate_proj, group, name, x)
+    if not group.keeps_memo:  # checkpointed: SwiGLU in torch ops, which the compiler recomputes and fuses
+        gate, up = gate_up.chunk(2, -1)  # (zerotune.swiglu's autograd.Function would be kept on torch 2.11)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+    return self.down_proj(silu_mul(gate_up))
 
 
 def _separate(output: torch.Tensor, sizes: list[int], copies: bool) -> tuple:

@@ -23,12 +23,9 @@ except ImportError:  # CPU builds of torch come without Triton: the torch-ops fo
     triton = None
 
 
-def silu_mul(gate_up: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [gate | up] on its last dimension. ``checkpointed``: inside a layer that
-    a compiled checkpoint recomputes, through the custom op ``zerotune::silu_mul`` (same values): torch 2.11's
-    compiler gives the ops inside an autograd.Function no recompute tags, so a checkpoint kept gate_up alive
-    (pytorch/pytorch#177396); a custom op is one node of the layer's graph, tagged and recomputed like the rest."""
-    return silu_mul_op(gate_up) if checkpointed else _SiluMul.apply(gate_up)
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] on its last dimension."""
+    return _SiluMul.apply(gate_up)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -42,30 +39,6 @@ class _SiluMul(torch.autograd.Function):
     def backward(ctx, grad):
         (gate_up,) = ctx.saved_tensors
         return swiglu_backward(gate_up, grad)
-
-
-@torch.library.custom_op("zerotune::silu_mul", mutates_args=())
-def silu_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up as one opaque op (its forward two torch kernels), its backward ``swiglu_backward``."""
-    gate, up = gate_up.chunk(2, -1)
-    return torch.nn.functional.silu(gate) * up
-
-
-@silu_mul_op.register_fake
-def _(gate_up):
-    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-
-
-def _silu_mul_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _silu_mul_backward(ctx, grad):
-    (gate_up,) = ctx.saved_tensors
-    return swiglu_backward(gate_up, grad)
-
-
-silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
 
 
 @torch.library.custom_op("zerotune::swiglu_backward", mutates_args=())
