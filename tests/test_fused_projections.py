@@ -355,6 +355,18 @@ def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
     assert backward == {"mm": 9 + 15 + 2 + 3 * 4, "lora_linear": 1, "wide_linear": 1}
 
 
+def test_training_under_checkpointing_with_fused_projections_equals_peft(config_for, tmp_path, capsys):
+    """The training loop with gradient checkpointing: fused (gate/up, o, down per layer) and PEFT's path give the
+    same losses."""
+    from helpers import train
+
+    settings = {"train.max_steps": 3, "adapter.dropout": 0.0, "model.gradient_checkpointing": True}
+    plain = train(config_for(**settings, **{"output.dir": str(tmp_path / "plain")}))
+    fused = train(config_for(**settings, **{"output.dir": str(tmp_path / "fused"), "adapter.fused_projections": "on"}))
+    assert "adapter.fused_projections: 6 groups of projections fused" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
+
+
 def test_uncovered_layers_keep_pefts_path(tiny_llama):
     if importlib.util.find_spec("bitsandbytes"):
         from zerotune.config import ModelConfig

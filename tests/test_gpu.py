@@ -258,19 +258,21 @@ def test_dropout_gradients_under_a_compiled_checkpoint_on_cuda(tiny_llama):
     assert abs(along - difference) / abs(difference) < 5e-3
 
 
-def test_fused_projections_in_graphed_steps_equal_pefts_op_by_op(tiny_llama, alpaca_file, tmp_path, capsys):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_projections_in_graphed_steps_equal_pefts_op_by_op(tiny_llama, alpaca_file, tmp_path, capsys,
+                                                                  checkpointing):
     """adapter.fused_projections inside replayed step graphs (bf16, compiled layers): the same per-step losses
-    as PEFT's path op by op, to 1e-4."""
+    as PEFT's path op by op, to 1e-4; also under gradient checkpointing (gate/up, o and down as custom ops)."""
     from conftest import make_config
     from helpers import train
 
     common = {"train.max_steps": 8, "train.batch_size": 2, "data.packing": True, "data.max_seq_len": 128,
-              "model.dtype": "bf16"}
+              "model.dtype": "bf16", "model.gradient_checkpointing": checkpointing}
     plain = train(make_config(tiny_llama, alpaca_file, tmp_path / "plain", **common, **{"train.cuda_graph": "off"}))
     fused = train(make_config(tiny_llama, alpaca_file, tmp_path / "fused", **common,
                               **{"train.cuda_graph": "on", "adapter.fused_projections": "on"}))
     out = capsys.readouterr().out
-    assert "groups of projections fused (q/k/v, gate/up, o, down)" in out and "train.cuda_graph: captured the step" in out
+    assert "groups of projections fused (q/k/v, gate/up, o, down" in out and "train.cuda_graph: captured the step" in out
     torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-4, atol=0)
 
 

@@ -254,8 +254,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         from zerotune.fused_projections import install_fused_projections
 
         groups = install_fused_projections(model, swiglu=config.adapter.swiglu_kernel)
-        tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down)"
-                     + ("" if groups else " (none covered: needs layers without gradient checkpointing)"))
+        tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down; "
+                     "under gradient checkpointing gate/up, o and down)")
     elif config.adapter.fused_projections == "on":
         tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process (this run: "
                      f"{config.adapter.method}, {strategy.name})")
