@@ -80,25 +80,11 @@ def op_counting_compile(graphs: list):
     """As matmul_counting_compile, appending ("fw" | "bw", {op: count}) for aten.mm and zerotune's custom ops."""
     import collections
 
-    import torch
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    def counter(kind):
-        def compiler(graph, example_inputs):
-            names = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-            graphs.append((kind, dict(collections.Counter(n.split(".")[1] for n in names
-                                                          if n == "aten.mm.default" or n.startswith("zerotune.")))))
-            return graph.forward
-        return compiler
-
-    backend = aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw"),
-                           partition_fn=min_cut_rematerialization_partition)
-    original = torch.nn.Module.compile
-
-    def compile(self, *args, **kwargs):
-        return original(self, backend=backend)
-    return compile
+    def count(graph):
+        names = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+        return dict(collections.Counter(n.split(".")[1] for n in names
+                                        if n == "aten.mm.default" or n.startswith("zerotune.")))
+    return _counting_compile(graphs, count)
 
 
 def matmul_counting_compile(counts: list):
@@ -106,14 +92,19 @@ def matmul_counting_compile(counts: list):
     AOTAutograd compiles, partitioned as inductor does (min-cut, with its common-subexpression elimination),
     and runs the graph as traced (fast on CPU). Install with monkeypatch.setattr(torch.nn.Module, "compile", ...)."""
     import torch
+
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    return _counting_compile(counts, lambda graph: sum(node.target in matmuls for node in graph.graph.nodes))
+
+
+def _counting_compile(results: list, count):
+    import torch
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-
     def counter(kind):
         def compiler(graph, example_inputs):
-            counts.append((kind, sum(node.target in matmuls for node in graph.graph.nodes)))
+            results.append((kind, count(graph)))
             return graph.forward
         return compiler
 
