@@ -317,8 +317,8 @@ def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
     """Under gradient checkpointing q/k/v keep PEFT's forward (their siblings hand parts over through the memo,
     Python state a compiled checkpoint cannot hold); gate/up (computed whole by the replaced MLP forward), o and
     down are fused, keep no state between calls, and run as custom ops (a compiled checkpoint on torch 2.11
-    kept everything an autograd.Function saved), SwiGLU as torch ops. Eager and compiled (the checkpoint inside the compiled layer)
-    the logits and every gradient equal checkpointed PEFT's. Compiled, the backward recomputes only what
+    kept everything an autograd.Function saved), SwiGLU as torch ops. Eager and compiled (the checkpoint inside
+    the compiled layer) the logits and every gradient equal checkpointed PEFT's. Compiled, the backward recomputes only what
     PEFT's recomputes: q/k/v, gate/up and o (the norm after it reads its output) but not down's frozen
     matmul, whose x A^T comes from its own rank-wide matmul; no graph break, the memo never written. Without
     the replaced MLP forward (--no-swiglu-kernel) gate/up keep PEFT's forward too."""

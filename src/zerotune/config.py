@@ -136,8 +136,10 @@ class AdapterConfig:
               "gate/up's output stays one tensor and SwiGLU's backward is one Triton kernel on CUDA GPUs "
               "(zerotune/swiglu.py; the same formula in torch ops elsewhere), which writes gate/up's gradient "
               "whole. On an H200 the kernel ran at 3.8 TB/s against 3.0 for inductor's, and W2 1.5-2.1% faster "
-              "(benchmarks/results/*-swiglu-*.json). --no-swiglu-kernel: inductor's kernel, compiled from the "
-              "MLP's own forward.", "--swiglu-kernel",
+              "(benchmarks/results/*-swiglu-*.json). In layers with gradient checkpointing gate/up still run "
+              "stacked but SwiGLU runs as torch ops (inductor's kernel, which the checkpoint recomputes). "
+              "--no-swiglu-kernel: inductor's kernel, compiled from the MLP's own forward (and, under "
+              "checkpointing, gate/up unfused).", "--swiglu-kernel",
     )
 
 

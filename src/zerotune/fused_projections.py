@@ -220,12 +220,13 @@ def _wide_grads(grad_y, x_c, xa, stacked, weights_a, blocks, scalings, dtypes, x
     return grad_x, [g.to(dtype) for g, dtype in zip(grads_a + grads_b, dtypes)]
 
 
-# In checkpointed layers the groups run as custom ops, not autograd.Functions (and SwiGLU as torch ops): torch 2.11's compiler gives the
-# ops inside an autograd.Function no recompute tags, so a compiled checkpoint kept their inputs and outputs alive
-# (an H200 W1-ckpt step: 36.3 GiB peak, not 17.7; pytorch/pytorch#177396, fixed later). A custom op is one node
-# of the layer's graph, tagged like the rest; its backward is traced as usual. What the backward reads must be
-# cheap to recompute: o's and down's x A^T comes from its own rank-wide matmul outside the op (the recompute
-# then skips the frozen matmul, whose output the backward does not read), and the op adds the LoRA-B update.
+# In checkpointed layers the groups run as custom ops, not autograd.Functions (and SwiGLU as torch ops): torch
+# 2.11's compiler gives the ops inside an autograd.Function no recompute tags, so a compiled checkpoint kept their
+# inputs and outputs alive (an H200 W1-ckpt step: 36.3 GiB peak, not 17.7; pytorch/pytorch#177396, fixed later).
+# A custom op is one node of the layer's graph, tagged like the rest; its backward is traced as usual. What the
+# backward reads must be cheap to recompute: o's and down's x A^T comes from its own rank-wide matmul outside the
+# op (the recompute then skips the frozen matmul, whose output the backward does not read), and the op adds the
+# LoRA-B update.
 @torch.library.custom_op("zerotune::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, xa: torch.Tensor, stacked: torch.Tensor, frozen_rows: int, scaling: float,
                 weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
