@@ -74,6 +74,22 @@ def test_engine_matches_single_process(engine, reference, tiny_llama, alpaca_fil
         assert leaf_modules(tmp_path / "run") == (None if module_fetch else LAYER_LEAVES)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_projections_under_ddp_match_single_process(checkpointing, reference, tiny_llama, alpaca_file,
+                                                          tmp_path, capfd):
+    """adapter.fused_projections=on under DDP: each rank fuses its copy (under checkpointing gate/up, o and down
+    only) and the run gives the unfused single process's losses and adapter."""
+    config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **{
+        "distributed.strategy": "ddp", "adapter.fused_projections": "on",
+        "model.gradient_checkpointing": checkpointing})
+    result = train(config)
+    layers = 2
+    assert f"adapter.fused_projections: {layers * (3 if checkpointing else 4)} groups" in capfd.readouterr().out
+    expected_losses, expected_adapter = reference
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
+    assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-4, atol=1e-6)
+
+
 def test_tutorial_deepspeed_json_runs_unchanged(tiny_llama, alpaca_file, tmp_path):
     """The tutorial's ZeRO-3 + CPU-offload JSON runs as-is ("auto" values, DeepSpeed's AdamW and WarmupLR).
     Two workers match one DeepSpeed process with the same JSON, and its first two steps (before the

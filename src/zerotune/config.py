@@ -119,16 +119,16 @@ class AdapterConfig:
                 "adapter files, same values as PEFT's "
                 "path (tested to 1e-6 in fp32); eager it keeps for the backward what PEFT's path keeps plus o's "
                 "and down's small B matrices. "
-                "Covers LoRA on bf16/fp32 bases in one process; in layers with gradient checkpointing gate/up, "
+                "Covers LoRA on bf16/fp32 bases in one process, and under DDP with on (tested on CPU workers, "
+                "not measured on GPUs); in layers with gradient checkpointing gate/up, "
                 "o and down only (as custom ops a compiled checkpoint recomputes; q/k/v keep PEFT's path: W1-ckpt "
                 "+1.9% tokens/s and 1.1 GiB less peak memory); with LoRA dropout "
                 "only the frozen matmuls are fused (each adapter keeps its own mask); elsewhere PEFT's path runs "
                 "and the log says why. On an H200: fusing the siblings +2.5-2.8% tokens/s on W1 and W2, stacking "
                 "A +1.6-1.8% on top, B in columns +1.9% (W1) and +0.4% (W2) on top, gate/up as views +0.6% and "
                 "the stacked weights padded to a multiple of 64 +0.8-1.1% on top "
-                "(benchmarks/results/*-variants-*.json). auto: on where "
-                "covered with compiled layers on a CUDA GPU (where it was measured); on: wherever covered, eager "
-                "and CPU too. A bare --fused-projections means on.",
+                "(benchmarks/results/*-variants-*.json). auto: on where covered with compiled layers on a CUDA "
+                "GPU in one process (where it was measured); on: wherever covered, eager and CPU too. A bare --fused-projections means on.",
         "--fused-projections",
     )
     swiglu_kernel: bool = option(

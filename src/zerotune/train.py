@@ -250,15 +250,17 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             install_fast_lora(model)
     fusing = config.adapter.fused_projections == "on" or (config.adapter.fused_projections == "auto" and compiled
                                                                and strategy.device.type == "cuda")
-    if fusing and config.adapter.method == "lora" and strategy.name == "single":
+    # under DDP when asked for (each rank fuses its own copy; not measured on GPUs: auto stays one process)
+    fused_strategies = ("single", "ddp") if config.adapter.fused_projections == "on" else ("single",)
+    if fusing and config.adapter.method == "lora" and strategy.name in fused_strategies:
         from zerotune.fused_projections import install_fused_projections
 
         groups = install_fused_projections(model, swiglu=config.adapter.swiglu_kernel)
         tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down; "
                      "under gradient checkpointing gate/up, o and down)")
     elif config.adapter.fused_projections == "on":
-        tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process (this run: "
-                     f"{config.adapter.method}, {strategy.name})")
+        tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under "
+                     f"DDP (this run: {config.adapter.method}, {strategy.name})")
     if graphs:
         if not install_plain_causal_hint(model):
             loaded = getattr(model.config, "_attn_implementation", "another")

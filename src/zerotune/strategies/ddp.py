@@ -15,7 +15,9 @@ class DDPStrategy(CollectivesMixin, Strategy):
 
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        # Buffers not broadcast before every forward: a causal LM's (rotary frequencies) are the same on every
+        # rank, and fused projections hold the frozen weights in buffers (adapter.fused_projections).
+        wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         self.optimizer = build_optimizer([p for p in wrapped.parameters() if p.requires_grad])
         self.scheduler = build_scheduler(self.optimizer)
         return wrapped
