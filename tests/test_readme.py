@@ -22,6 +22,17 @@ def test_config_reference_lists_every_key():
         assert f"`{key}`" in readme, key
 
 
+def test_config_reference_matches_the_schema(capsys):
+    """Every row of the README's config reference is the one scripts/config_reference.py prints now (the
+    help text included), so a changed default or help cannot leave the README stale."""
+    import runpy
+
+    runpy.run_path(str(ROOT / "scripts" / "config_reference.py"), run_name="__main__")
+    readme = (ROOT / "README.md").read_text().splitlines()
+    stale = [row[:80] for row in capsys.readouterr().out.splitlines() if row.startswith("| `") and row not in readme]
+    assert not stale, f"README's config reference is stale (python scripts/config_reference.py): {stale}"
+
+
 def test_bench_table_matches_the_results_files():
     import runpy
 
