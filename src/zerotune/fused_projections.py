@@ -147,18 +147,13 @@ class _StackedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x_c, stacked = ctx.saved_tensors
-        grad_x, grads_a = _stacked_grads(grad_y, x_c, stacked, ctx.frozen_rows, ctx.a_shapes, ctx.x_dtype)
+        grad_y = grad_y.to(stacked.dtype)
+        grad_x = (grad_y @ stacked).to(ctx.x_dtype)
+        rows = [r for r, _ in ctx.a_shapes]
+        grad_xa = grad_y[..., ctx.frozen_rows:ctx.frozen_rows + sum(rows)].reshape(-1, sum(rows))
+        grad_a = grad_xa.t() @ x_c.reshape(-1, x_c.shape[-1])
+        grads_a = [g.to(dtype) for g, (_, dtype) in zip(grad_a.split(rows), ctx.a_shapes)]
         return (grad_x, None, None, *grads_a)
-
-
-def _stacked_grads(grad_y, x_c, stacked, frozen_rows, a_shapes, x_dtype):
-    """x's gradient (through the frozen weights and A at once) and A's, for x @ stacked^T."""
-    grad_y = grad_y.to(stacked.dtype)
-    grad_x = (grad_y @ stacked).to(x_dtype)
-    rows = [r for r, _ in a_shapes]
-    grad_xa = grad_y[..., frozen_rows:frozen_rows + sum(rows)].reshape(-1, sum(rows))
-    grad_a = grad_xa.t() @ x_c.reshape(-1, x_c.shape[-1])
-    return grad_x, [g.to(dtype) for g, (_, dtype) in zip(grad_a.split(rows), a_shapes)]
 
 
 class _WideLinear(torch.autograd.Function):
