@@ -67,6 +67,14 @@ VARIANTS = {
     # the chunked loss's softmax and gradient through torch.compile (loss.compiled_chunk_math), as train does
     # under --compile: no fp32 copy of each chunk's logits
     "compiled-graphed+fused+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True),
+    # the chunked loss over more rows per chunk than loss.chunk_tokens_for's 512 (at a 128k vocabulary): fewer,
+    # larger head GEMMs (the input-gradient one split-K at 512 rows) for more logits in memory at once
+    "compiled-graphed+fused+compiled-loss-chunk1024": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                          loss_chunk=1024),
+    "compiled-graphed+fused+compiled-loss-chunk2048": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
+                                                          loss_chunk=2048),
+    "ckpt-mb4-compiled-graphed+fused+compiled-loss-chunk2048": dict(micro=4, ckpt=True, graphed=True, mask=False,
+                                                                    fused=True, compiled_loss=True, loss_chunk=2048),
     "ckpt-mb4-compiled-graphed+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False,
                                                     compiled_loss=True),
     # the default LoRA dropout (0.05): fused projections fuse the frozen matmuls only
