@@ -22,7 +22,7 @@ BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
             unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False, layer_options=None,
-            inductor_swiglu=False)
+            inductor_swiglu=False, qkv_unwrapped=False)
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
@@ -64,6 +64,10 @@ VARIANTS = {
     # PEFT's path
     "ckpt-mb4-compiled-graphed+fused+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False, fused=True,
                                                           compiled_loss=True),
+    # as before q/k/v were fused under checkpointing (through the wrapped attention forward): q/k/v on PEFT's path
+    "ckpt-mb4-compiled-graphed+fused-qkv-unwrapped+compiled-loss": dict(micro=4, ckpt=True, graphed=True, mask=False,
+                                                                        fused=True, compiled_loss=True,
+                                                                        qkv_unwrapped=True),
     # the chunked loss's softmax and gradient through torch.compile (loss.compiled_chunk_math), as train does
     # under --compile: no fp32 copy of each chunk's logits
     "compiled-graphed+fused+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True),
@@ -174,6 +178,8 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
             fused_projections.VIEWS = set()
         if options["unpadded"]:
             fused_projections.PAD_TO = 1
+        if options["qkv_unwrapped"]:
+            fused_projections.QKV_ATTENTIONS = set()
         fused_projections.install_fused_projections(model, swiglu=not options["inductor_swiglu"])
     if options["layer_options"] is not None:  # put back by main() after the variant
         import zerotune.model as zerotune_model
@@ -284,7 +290,7 @@ def main() -> None:
 
     import zerotune.model as zerotune_model
 
-    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO")
+    switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO", "QKV_ATTENTIONS")
     fused_saved = {k: getattr(fused_projections, k) for k in switches}
     layer_options = zerotune_model.LAYER_COMPILE_OPTIONS
     for name in args.variants.split(","):

@@ -313,23 +313,25 @@ def test_stacked_matmul_under_bf16_autocast_and_where_it_does_not_apply(stacked_
     assert stacked_calls == []
 
 
-def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
-    """Under gradient checkpointing q/k/v keep PEFT's forward (their siblings hand parts over through the memo,
-    Python state a compiled checkpoint cannot hold); gate/up (computed whole by the replaced MLP forward), o and
-    down are fused, keep no state between calls, and run as custom ops (a compiled checkpoint on torch 2.11
-    kept everything an autograd.Function saved), SwiGLU as torch ops. Eager and compiled (the checkpoint inside
-    the compiled layer) the logits and every gradient equal checkpointed PEFT's. Compiled, the backward recomputes only what
-    PEFT's recomputes: q/k/v, gate/up and o (the norm after it reads its output) but not down's frozen
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # qwen2: biased q/k/v
+def test_checkpointed_layers_fuse_every_group_without_a_memo(monkeypatch, architecture):
+    """Under gradient checkpointing no group keeps state between calls (a compiled checkpoint cannot hold the
+    memo's Python state): q/k/v are computed whole by the wrapped attention forward, gate/up by the replaced MLP
+    forward, o and down in their own calls; all run as custom ops (a compiled checkpoint on torch 2.11 kept
+    everything an autograd.Function saved), SwiGLU as torch ops. Eager and compiled (the checkpoint inside the
+    compiled layer) the logits and every gradient equal checkpointed PEFT's. Compiled, the backward recomputes
+    only what PEFT's recomputes: q/k/v, gate/up and o (the norm after it reads its output) but not down's frozen
     matmul, whose x A^T comes from its own rank-wide matmul; no graph break, the memo never written. Without
-    the replaced MLP forward (--no-swiglu-kernel) gate/up keep PEFT's forward too."""
+    the replaced MLP forward (--no-swiglu-kernel) gate/up keep PEFT's forward."""
     from helpers import op_counting_compile
     from zerotune.model import compile_layers
 
-    reference, fused = _model(checkpointing=True), _model(checkpointing=True)
-    assert install_fused_projections(fused) == 2 * 3
-    assert install_fused_projections(_model(checkpointing=True), swiglu=False) == 2 * 2  # o and down
+    reference, fused = _model(architecture, checkpointing=True), _model(architecture, checkpointing=True)
+    assert install_fused_projections(fused) == 2 * 4
+    unswiglued = _model(architecture, checkpointing=True)
+    assert install_fused_projections(unswiglued, swiglu=False) == 2 * 3  # q/k/v, o and down
     groups = [m._zerotune_group for m in fused.modules() if getattr(m, "_zerotune_index", None) == 0]
-    assert sorted(len(g.members) for g in groups) == [1, 1, 1, 1, 2, 2] and not any(g.keeps_memo for g in groups)
+    assert sorted(len(g.members) for g in groups) == [1, 1, 1, 1, 2, 2, 3, 3] and not any(g.keeps_memo for g in groups)
     writes = []
     monkeypatch.setattr(fp._Group, "__setattr__", lambda self, key, value: writes.append(key) if key == "memo"
                         else object.__setattr__(self, key, value))
@@ -349,21 +351,46 @@ def test_checkpointed_layers_fuse_the_groups_that_need_no_memo(monkeypatch):
     assert writes == []
     # one graph for both layers: forward, q/k/v's 9 PEFT matmuls and o's and down's x A^T, then the custom ops
     (kind, forward), (_, backward) = graphs
-    assert kind == "fw" and forward == {"mm": 11, "lora_linear": 2, "wide_linear": 1}
-    # backward: q/k/v's 9 recomputed and 15 gradient matmuls, o's and down's x A^T recomputed, four gradient
-    # matmuls per fused group; recomputed custom ops: o's lora_linear (not down's) and gate/up's wide_linear
-    assert backward == {"mm": 9 + 15 + 2 + 3 * 4, "lora_linear": 1, "wide_linear": 1}
+    # one graph for both layers: forward, o's and down's x A^T, then the custom ops (q/k/v's and gate/up's
+    # x A^T are inside wide_linear)
+    (kind, forward), (_, backward) = graphs
+    assert kind == "fw" and forward == {"mm": 2, "lora_linear": 2, "wide_linear": 2}
+    # backward: o's and down's x A^T recomputed, four gradient matmuls per group; recomputed custom ops: q/k/v's
+    # and gate/up's wide_linear and o's lora_linear (not down's)
+    assert backward == {"mm": 2 + 4 * 4, "lora_linear": 1, "wide_linear": 2}
+
+
+def test_wrapped_attention_forward_takes_its_input_either_way_and_follows_train_and_eval(monkeypatch):
+    """The checkpointed layer's wrapped attention forward (q/k/v stacked) given its input by position or by name,
+    in training and in eval mode (its view of the module follows model.eval()), gives PEFT's attention output."""
+    reference, fused = _model(checkpointing=True), _model(checkpointing=True)
+    install_fused_projections(fused)
+    stacked = []
+    monkeypatch.setattr(fp, "_wide_output", lambda *args, real=fp._wide_output: stacked.append(args[3].shape)
+                        or real(*args))
+    hidden = torch.randn(2, 16, 64)
+    cos_sin = reference.base_model.model.model.rotary_emb(hidden, torch.arange(16)[None].expand(2, -1))
+    for mode in ("train", "eval"):
+        getattr(reference, mode)(), getattr(fused, mode)()
+        attention, peft_attention = (m.base_model.model.model.layers[1].self_attn for m in (fused, reference))
+        assert attention._zerotune_qkv_view.training == (mode == "train")
+        expected = peft_attention(hidden, cos_sin, None)[0]
+        stacked.clear()
+        torch.testing.assert_close(attention(hidden, cos_sin, None)[0], expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attention(hidden_states=hidden, position_embeddings=cos_sin, attention_mask=None)[0],
+                                   expected, rtol=1e-6, atol=1e-6)
+        assert stacked == [hidden.shape] * 2
 
 
 def test_training_under_checkpointing_with_fused_projections_equals_peft(config_for, tmp_path, capsys):
-    """The training loop with gradient checkpointing: fused (gate/up, o, down per layer) and PEFT's path give the
-    same losses."""
+    """The training loop with gradient checkpointing: fused (q/k/v, gate/up, o, down per layer) and PEFT's path
+    give the same losses."""
     from helpers import train
 
     settings = {"train.max_steps": 3, "adapter.dropout": 0.0, "model.gradient_checkpointing": True}
     plain = train(config_for(**settings, **{"output.dir": str(tmp_path / "plain")}))
     fused = train(config_for(**settings, **{"output.dir": str(tmp_path / "fused"), "adapter.fused_projections": "on"}))
-    assert "adapter.fused_projections: 6 groups of projections fused" in capsys.readouterr().out
+    assert "adapter.fused_projections: 8 groups of projections fused" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-6, atol=0)
 
 

@@ -42,10 +42,11 @@ adapters stay PEFT's own modules, saved as before.
 
 Covered: PEFT LoRA Linear layers over plain ``nn.Linear`` bases of one dtype and device, one active adapter,
 no DoRA or other variant, no LoRA bias; base biases all present or all absent. In a layer with gradient
-checkpointing only the groups that need no memo are fused (a compiled checkpoint cannot hold the memo's Python
-state): o_proj and down_proj, and gate/up where the MLP's forward is replaced (it computes the group's output
-in one call); q/k/v keep PEFT's forward there. Anything else keeps PEFT's forward, as does a member whose state
-changes later (adapters disabled or merged).
+checkpointing no group keeps a memo (a compiled checkpoint cannot hold its Python state), so a group is fused
+there only where one call computes its whole output: o_proj and down_proj; gate/up where the MLP's forward is
+replaced; q/k/v where the attention's forward is wrapped (QKV_ATTENTIONS: the module's own forward runs on a
+shallow view of it whose q/k/v return their columns of the stacked output, _qkv_attention_forward). Anything
+else keeps PEFT's forward, as does a member whose state changes later (adapters disabled or merged).
 
 A fused model is for training: q/k/v's and gate/up's base weights are column views of the stacked tensor,
 which transformers' ``save_pretrained`` cannot serialise (even after ``merge_and_unload``). zerotune saves only
@@ -68,6 +69,9 @@ B_IN_COLUMNS = True  # groups wider than their input hold LoRA-B in columns (els
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): with SiLU and gate/up stacked,
 # zerotune.swiglu runs the activation, its backward one kernel writing gate/up's gradient whole
 SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+# attention classes whose forward reads its input only through q_proj, k_proj and v_proj (and its shape): in a
+# checkpointed layer their forward is wrapped so that q/k/v run as one stacked matmul (_qkv_attention_forward)
+QKV_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 # the stacked dimension (frozen rows + rank, or input features + rank) padded with zeros to a multiple of this:
 # cuBLAS ran the odd sizes slower (down_proj's 4,112 rows: -6 to -25% on an H200; benchmarks/gemm_shapes.py)
 PAD_TO = 64
@@ -427,6 +431,56 @@ def _swiglu_mlp_forward(self, x):
     return self.down_proj(silu_mul(gate_up))
 
 
+class _Columns(torch.nn.Module):
+    """Stands in for one of q/k/v in _qkv_attention_forward's view: its columns of the group's output."""
+
+    def __init__(self, start: int, end: int):
+        super().__init__()
+        self.start, self.end = start, end
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return qkv[..., self.start:self.end]
+
+
+@functools.cache
+def _view_class(cls: type) -> type:
+    """``cls`` whose ``training`` is the viewed module's, so a view follows model.train() and model.eval()."""
+    return type(f"{cls.__name__}QKVView", (cls,), {"training": property(lambda self: self._zerotune_viewed.training)})
+
+
+def _qkv_view(attention: torch.nn.Module, group: _Group) -> torch.nn.Module:
+    """A shallow copy of the attention module (its attributes, parameters and o_proj shared) whose q_proj, k_proj
+    and v_proj return their columns of q/k/v's stacked output. Not a submodule: nothing is stored twice."""
+    import copy
+
+    view = copy.copy(attention)
+    view.__class__ = _view_class(type(attention))
+    object.__setattr__(view, "_zerotune_viewed", attention)
+    view._modules = dict(attention._modules)
+    for name, (row, row_end, _, _) in zip(("q_proj", "k_proj", "v_proj"), group.blocks):
+        view._modules[name] = _Columns(row, row_end)
+    return view
+
+
+def _qkv_attention_forward(self, *args, **kwargs):
+    """The attention module's own forward, run on a view of it (_qkv_view) and given q/k/v's whole stacked output
+    for its input: its q_proj, k_proj and v_proj calls then take their columns. This computes q/k/v in one call
+    with no state kept, as a checkpointed layer needs. Where the stacked path does not apply, the module's own
+    forward runs with PEFT's projections."""
+    q_proj = self.q_proj
+    group = q_proj._zerotune_group
+    name = _group_adapter(group)
+    keyword = "hidden_states" in kwargs
+    hidden_states = kwargs["hidden_states"] if keyword else args[0]
+    if name is None or not _stacking_applies(group, name, hidden_states):
+        return self._zerotune_attention_forward(*args, **kwargs)
+    qkv = _wide_output(q_proj, group, name, hidden_states)
+    forward, view = self._zerotune_attention_forward.__func__, self._zerotune_qkv_view
+    if keyword:
+        return forward(view, *args, **{**kwargs, "hidden_states": qkv})
+    return forward(view, qkv, *args[1:], **kwargs)
+
+
 def _separate(output: torch.Tensor, sizes: list[int], copies: bool) -> tuple:
     """The siblings' columns. With ``copies``, each its own tensor: as views of one tensor, a part the backward
     keeps (v_proj's output, which attention saves) would keep its siblings' columns alive too (q and k:
@@ -453,7 +507,11 @@ def install_fused_projections(model: torch.nn.Module, swiglu: bool = True) -> in
                     continue
                 replaced_mlp = (swiglu and names == ("gate_proj", "up_proj") and type(parent).__name__ in SWIGLU_MLPS
                                 and type(parent.act_fn).__name__ in ("SiLU", "SiLUActivation"))
-                if checkpointed and len(names) > 1 and not replaced_mlp:
+                forward = parent.forward
+                replaced_attention = (checkpointed and names == ("q_proj", "k_proj", "v_proj")
+                                      and type(parent).__name__ in QKV_ATTENTIONS
+                                      and isinstance(forward, types.MethodType) and forward.__self__ is parent)
+                if checkpointed and len(names) > 1 and not (replaced_mlp or replaced_attention):
                     continue  # its siblings would hand parts over through the memo
                 group = _fuse(members, _adapter(members[0]), names, memo=not checkpointed)
                 if not checkpointed:
@@ -462,6 +520,10 @@ def install_fused_projections(model: torch.nn.Module, swiglu: bool = True) -> in
                 if replaced_mlp:
                     parent._zerotune_mlp_forward = parent.forward
                     parent.forward = types.MethodType(_swiglu_mlp_forward, parent)
+                if replaced_attention and group.columns:
+                    object.__setattr__(parent, "_zerotune_qkv_view", _qkv_view(parent, group))
+                    parent._zerotune_attention_forward = forward
+                    parent.forward = types.MethodType(_qkv_attention_forward, parent)
     if groups:
         model.register_forward_pre_hook(lambda module, args: _refresh(groups))
     return len(groups)

@@ -256,8 +256,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         from zerotune.fused_projections import install_fused_projections
 
         groups = install_fused_projections(model, swiglu=config.adapter.swiglu_kernel)
-        tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down; "
-                     "under gradient checkpointing gate/up, o and down)")
+        tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down)")
     elif config.adapter.fused_projections == "on":
         tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under "
                      f"DDP (this run: {config.adapter.method}, {strategy.name})")
