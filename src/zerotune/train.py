@@ -255,9 +255,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     if fusing and config.adapter.method == "lora" and strategy.name in fused_strategies:
         from zerotune.fused_projections import install_fused_projections
 
-        # q/k/v in checkpointed layers only when asked for: not yet measured on a GPU
-        groups = install_fused_projections(model, swiglu=config.adapter.swiglu_kernel,
-                                           checkpointed_qkv=config.adapter.fused_projections == "on")
+        groups = install_fused_projections(model, swiglu=config.adapter.swiglu_kernel)
         tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down)")
     elif config.adapter.fused_projections == "on":
         tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under "
