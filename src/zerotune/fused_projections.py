@@ -492,10 +492,9 @@ def _separate(output: torch.Tensor, sizes: list[int], copies: bool) -> tuple:
     return tuple(part.contiguous() for part in parts) if copies else parts
 
 
-def install_fused_projections(model: torch.nn.Module, swiglu: bool = True, checkpointed_qkv: bool = True) -> int:
+def install_fused_projections(model: torch.nn.Module, swiglu: bool = True) -> int:
     """Fuse every covered group of ``model`` (see the module's text). Returns how many groups. ``swiglu``: MLPs
-    of SWIGLU_MLPS with a SiLU run gate/up's output whole through zerotune.swiglu (else their own forward).
-    ``checkpointed_qkv``: in checkpointed layers, q/k/v through the wrapped attention forward (else PEFT's)."""
+    of SWIGLU_MLPS with a SiLU run gate/up's output whole through zerotune.swiglu (else their own forward)."""
     from zerotune.model import decoder_layers
 
     groups = []
@@ -509,7 +508,7 @@ def install_fused_projections(model: torch.nn.Module, swiglu: bool = True, check
                 replaced_mlp = (swiglu and names == ("gate_proj", "up_proj") and type(parent).__name__ in SWIGLU_MLPS
                                 and type(parent.act_fn).__name__ in ("SiLU", "SiLUActivation"))
                 forward = parent.forward
-                replaced_attention = (checkpointed and checkpointed_qkv and names == ("q_proj", "k_proj", "v_proj")
+                replaced_attention = (checkpointed and names == ("q_proj", "k_proj", "v_proj")
                                       and type(parent).__name__ in QKV_ATTENTIONS
                                       and isinstance(forward, types.MethodType) and forward.__self__ is parent)
                 if checkpointed and len(names) > 1 and not (replaced_mlp or replaced_attention):
