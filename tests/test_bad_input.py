@@ -144,6 +144,20 @@ def test_sharded_loading_needs_zero3(engine, tiny_llama, alpaca_file, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("engine", [["--strategy", "deepspeed"], ["--deepspeed", "ds.json"]])
+def test_compile_on_is_refused_under_zero3(engine, tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    """ZeRO-3's per-module hooks inside compiled layers recompile past torch.compile's limit: --compile on under
+    stage 3 (the default stage, or a JSON's "auto" stage) stops before any worker starts."""
+    pytest.importorskip("deepspeed")
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": "auto"}}')
+    engine = [str(tmp_path / e) if e == "ds.json" else e for e in engine]
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--use-cpu",
+                          "--compile", "on", *engine)
+    assert status == 2 and "model.compile: on does not work under DeepSpeed ZeRO-3" in err, err
+    assert "--zero-stage 2" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_deepspeed_json(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
     pytest.importorskip("deepspeed")
     status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--deepspeed",

@@ -72,14 +72,18 @@ def test_help_lists_every_flag(capsys):
 
 
 def test_compile_auto_rule_and_yaml_on_off(tmp_path):
-    """model.compile: auto compiles on CUDA except under DeepSpeed; YAML's bare on/off (read as booleans)
+    """model.compile: auto compiles on CUDA except under DeepSpeed ZeRO-3, where on is refused; YAML's bare on/off (read as booleans)
     and the flag's values all land on the same three settings."""
     from zerotune.config import compile_enabled
 
     auto = parse([]).model
     assert auto.compile == "auto"
     assert compile_enabled(auto, "cuda", "single") and compile_enabled(auto, "cuda", "fsdp")
-    assert not compile_enabled(auto, "cuda", "deepspeed") and not compile_enabled(auto, "cpu", "ddp")
+    assert compile_enabled(auto, "cuda", "deepspeed") and not compile_enabled(auto, "cuda", "deepspeed", zero3=True)
+    assert not compile_enabled(auto, "cpu", "ddp") and not compile_enabled(auto, "cpu", "deepspeed")
+    assert not compile_enabled(parse(["--compile", "off"]).model, "cuda", "deepspeed", zero3=True)
+    with pytest.raises(ConfigError, match="model.compile: on does not work under DeepSpeed ZeRO-3"):
+        compile_enabled(parse(["--compile", "on"]).model, "cuda", "deepspeed", zero3=True)
     assert compile_enabled(parse(["--compile", "on"]).model, "cpu", "single")
     assert not compile_enabled(parse(["--compile", "off"]).model, "cuda", "single")
     path = tmp_path / "run.yaml"

@@ -90,6 +90,20 @@ def test_fused_projections_under_ddp_match_single_process(checkpointing, referen
     assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2"])
+def test_compiled_layers_under_each_engine_match_the_eager_single_process(engine, reference, tiny_llama,
+                                                                           alpaca_file, tmp_path, capfd):
+    """model.compile on (auto on GPUs under these engines) with 2 workers: losses and adapter of the eager single
+    process, to the compiled-vs-eager tolerance of tests/test_compile.py (inductor may reorder reductions)."""
+    pytest.importorskip("deepspeed") if "zero" in engine else None
+    config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine], **{"model.compile": "on"})
+    result = train(config)
+    assert "compiling 2 decoder layers" in capfd.readouterr().out
+    expected_losses, expected_adapter = reference
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-4, atol=0)
+    assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-3, atol=1e-5)
+
+
 def test_tutorial_deepspeed_json_runs_unchanged(tiny_llama, alpaca_file, tmp_path):
     """The tutorial's ZeRO-3 + CPU-offload JSON runs as-is ("auto" values, DeepSpeed's AdamW and WarmupLR).
     Two workers match one DeepSpeed process with the same JSON, and its first two steps (before the

@@ -58,8 +58,9 @@ class ModelConfig:
                 "the chunked loss's per-chunk softmax and "
                 "gradient (no fp32 copy of the logits). About 2x the eager step on a 7B LoRA after a "
                 "~1 minute warm-up compile; numerics within 1e-4 of eager in our tests. auto: on for CUDA GPUs "
-                "(one process, DDP, FSDP2), off under DeepSpeed (not measured there) and on CPU (CPU compiles "
-                "take minutes and rarely pay back in a short run).", "--compile",
+                "(one process, DDP, FSDP2, DeepSpeed ZeRO-1/2), off on CPU (CPU compiles take minutes and rarely "
+                "pay back in a short run) and under ZeRO-3, where on is refused (DeepSpeed's parameter hooks "
+                "inside the compiled layers make them recompile past torch.compile's limit).", "--compile",
     )
     compiled_nf4: bool = option(
         True, "With --method qlora and compiled layers in one process: the 4-bit matmul is written in torch ops and "
@@ -451,10 +452,16 @@ def uses_deepspeed(config: RunConfig) -> bool:
     return d.strategy == "deepspeed" or (d.strategy == "auto" and bool(d.deepspeed_config) and not d.no_deepspeed)
 
 
-def compile_enabled(model: ModelConfig, device_type: str, strategy: str) -> bool:
-    """model.compile auto: on for CUDA GPUs under one process, DDP and FSDP2 (where it was measured);
-    off on CPU and under DeepSpeed (compiled layers inside ZeRO's hooks were never run)."""
-    return model.compile == "on" or (model.compile == "auto" and device_type == "cuda" and strategy != "deepspeed")
+def compile_enabled(model: ModelConfig, device_type: str, strategy: str, zero3: bool = False) -> bool:
+    """model.compile auto: on for CUDA GPUs under one process, DDP, FSDP2 and DeepSpeed ZeRO-1/2 (where it was
+    measured); off on CPU and under ZeRO-3. There DeepSpeed fetches each module's parameters in hooks that run
+    inside a compiled layer: torch.compile traces them and recompiles past its limit, so the run is right but
+    slower than eager, and ``on`` is refused (a ConfigError, before the model loads)."""
+    if zero3 and model.compile == "on":
+        raise ConfigError("model.compile: on does not work under DeepSpeed ZeRO-3 (its per-module parameter hooks "
+                          "run inside the compiled layers, which then recompile past torch.compile's limit); drop "
+                          "--compile, or use --zero-stage 2 or --strategy fsdp")
+    return model.compile == "on" or (model.compile == "auto" and device_type == "cuda" and not zero3)
 
 
 def validate(config: RunConfig) -> None:

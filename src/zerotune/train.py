@@ -223,7 +223,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             f"x workers {plan.world_size}; {total_steps} steps"
         )
 
-    compiled = compile_enabled(config.model, strategy.device.type, strategy.name)
+    compiled = compile_enabled(config.model, strategy.device.type, strategy.name, zero3=strategy.gathers_per_module)
     fixed_shapes = config.data.packing or all(len(e.input_ids) == config.data.max_seq_len for e in data.train)
     # Before the model loads: --cuda-graph on stops here when a need is missing (auto may pick flash-attn).
     graphs, graphs_reason = wanted(config.train.cuda_graph, device_type=strategy.device.type, strategy=strategy.name,

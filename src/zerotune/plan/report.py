@@ -35,7 +35,8 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
         checkpoint_every=config.model.checkpoint_every,
         packing=config.data.packing, chunked_loss=config.model.chunked_loss,
-        compile=compile_enabled(config.model, "cuda", strategy),  # the plan is for GPUs
+        compile=compile_enabled(config.model, "cuda", strategy,  # the plan is for GPUs
+                                zero3=strategy == "deepspeed" and stage == 3),
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
         weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading,
         zero3_fetch=zero3_fetch)
