@@ -50,3 +50,21 @@ def test_fp32_models_are_untouched(tiny_llama):
     context = compute_precision(ModelConfig(mixed_precision=True), model, torch.device("cpu"))
     with context():
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_no_autocast_around_deepspeed_which_keeps_its_own_precision(tiny_llama):
+    """DeepSpeed's engine turns an outer autocast off around its model (and warns on every run), so the loop
+    enters none there; other engines get compute_precision's autocast for the same bf16 model."""
+    from contextlib import nullcontext
+
+    from zerotune.config import config_from_dict
+    from zerotune.strategies.ddp import DDPStrategy
+    from zerotune.strategies.deepspeed import DeepSpeedStrategy
+    from zerotune.train import forward_precision
+
+    model = _bf16_lora(tiny_llama)
+    config = config_from_dict({"model": {"name": str(tiny_llama)}})
+    cpu = torch.device("cpu")
+    assert forward_precision(DeepSpeedStrategy(config, cpu), config, model) is nullcontext
+    with forward_precision(DDPStrategy(config, cpu), config, model)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -73,7 +73,8 @@ class ModelConfig:
         True, "With a bf16/fp16 model, run the forward under torch.autocast in that dtype: the fp32 LoRA weights "
               "(PEFT keeps adapters in fp32) then multiply on tensor cores, while their master copies, gradients "
               "and optimizer stay fp32. --no-mixed-precision: fp32 LoRA matmuls (about 25% of a 7B LoRA step "
-              "on an H200). No effect on fp32 models.", "--mixed-precision",
+              "on an H200). No effect on fp32 models, nor under DeepSpeed, whose bf16/fp16 section sets the "
+              "precision (its engine turns autocast off inside).", "--mixed-precision",
     )
     chunked_loss: bool = option(
         True, "Cross-entropy from the last hidden states in chunks, with its gradient computed on the fly: full "

@@ -148,6 +148,14 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], head=None,
     return loss_sum, tokens
 
 
+def forward_precision(strategy, config: RunConfig, model, graphs: bool = False):
+    """The context each forward runs in: none where the engine keeps its own precision (DeepSpeed turns an outer
+    autocast off around its model, and warns), else compute_precision's (autocast when the weights are 16-bit)."""
+    if strategy.own_precision:
+        return contextlib.nullcontext
+    return compute_precision(config.model, model, strategy.device, cache=not graphs)
+
+
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
@@ -268,7 +276,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
                                   f"{loaded}; drop --cuda-graph")
             graphs = False
             tracker.note(f"train.cuda_graph auto: off, the model loaded with {loaded} attention, not SDPA")
-    precision = compute_precision(config.model, model, strategy.device, cache=not graphs)
+    precision = forward_precision(strategy, config, model, graphs)
     if compiled:
         from zerotune.model import compile_layers
 

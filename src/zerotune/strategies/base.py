@@ -22,6 +22,8 @@ class Strategy(ABC):
     name: str = "base"
     checkpoint_format: str = "replicated"  # what save_state writes; a resume needs the same format
     reshardable: bool = True  # whether a checkpoint loads on a different number of workers
+    # whether the engine runs the forward in its own precision, with autocast off inside (the loop then enters none)
+    own_precision: bool = False
 
     def __init__(self, config: RunConfig, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config = config

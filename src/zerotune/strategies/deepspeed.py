@@ -80,6 +80,9 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
     name = "deepspeed"
     checkpoint_format = "deepspeed"
     reshardable = False  # ZeRO partitions are tied to the worker count (DeepSpeed's universal format aside)
+    # The engine computes in its bf16/fp16 section's dtype and turns an outer autocast off around the model (and
+    # warns that it did, on every run): autocast around it would change nothing.
+    own_precision = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
