@@ -31,13 +31,20 @@ ENGINE_FACTOR = {
     ("fsdp", "compiled"): 0.855,
     # DeepSpeed's bf16 engine holds LoRA weights in bf16. ZeRO-2 8,396, ZeRO-3 with DeepSpeed's per-module
     # hooks 3,048 and 3,318, against 7,587 (engines-verification, zero-variants); ZeRO-3 gathering a decoder
-    # layer at a time 6,992 (2026-11-28-h200x2-zero3-layer-fetch.json). Compiled DeepSpeed is not measured:
-    # the eager factor is used.
+    # layer at a time 6,992 (2026-11-28-h200x2-zero3-layer-fetch.json). Compiled layers under ZeRO-1/2 (one
+    # H200, 2026-12-03-h200-w1-ckpt-zero{1,2}-compile-*.json): the compiled path's factor times this one
+    # predicts 12,841 against 11,681-12,918 measured, so no separate factor.
     ("deepspeed", 1, None): 1.107,
     ("deepspeed", 2, None): 1.107,
     ("deepspeed", 3, "module"): 0.42,
     ("deepspeed", 3, "layer"): 0.92,
 }
+
+# DeepSpeed's step has a host-side floor (its hooks and optimizer bookkeeping per micro-batch, per decoder
+# layer): W1 (micro-batch 1) under ZeRO-2 with compiled layers ran at 12,789 tok/s, 0.160 s per micro-batch,
+# where its GPU work predicts 0.126 s, at 577 W of a 700 W cap (2026-12-03-h200-w1-zero2-compile-auto-at-1a9817c).
+# Host speed varies: another H200 host ran the same step 1.4x slower (...-w1-zero2-compile-off-at-b40d818-first-host).
+DEEPSPEED_HOST_SECONDS_PER_LAYER = 0.160 / 32
 
 # Full fine-tuning runs its large weight-gradient matmuls closer to peak than LoRA's path: one GPU, mb 1,
 # checkpointing, 6,956 tok/s eager and 8,493 compiled (2026-11-28-h200-full-finetune-{eager,compiled}.json).

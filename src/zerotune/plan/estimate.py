@@ -194,12 +194,18 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
     else:
         factor *= cal.ENGINE_FACTOR[("deepspeed", s.zero_stage, s.zero3_fetch if s.zero_stage == 3 else None)]
         if s.compile:
-            notes.append("DeepSpeed with compiled layers was measured on one GPU only (ZeRO-2: 1.38x its eager "
-                         "step with checkpointing); its eager efficiency is assumed")
+            notes.append("DeepSpeed with compiled layers was measured on one GPU only (ZeRO-1/2, 7B, micro-batch 4 "
+                         "with checkpointing: 1.38-1.43x its eager layers)")
     if s.method == "full":
         factor *= cal.FULL_FACTOR[path]
     efficiency = cal.E_MAX * s.tokens / (s.tokens + cal.T_HALF) * factor
     seconds = s.tokens * hardware_flops_per_token(s) / (s.gpu.bf16_tflops * 1e12 * efficiency)
+    if s.strategy == "deepspeed":
+        host = cal.DEEPSPEED_HOST_SECONDS_PER_LAYER * s.arch.layers
+        if host > seconds:
+            notes.append(f"host-bound: DeepSpeed's per-micro-batch host work (~{host:.2f} s, measured on one H200 "
+                         f"host) outlasts the GPU's {seconds:.2f} s; a larger micro-batch hides it")
+            seconds = host
     passes = 2 + s.recompute_fraction
     if s.method == "qlora":
         seconds += passes * s.arch.linear_params / (cal.DEQUANT_WEIGHTS_PER_S_PER_TBS * s.gpu.bandwidth_tbs)
