@@ -158,6 +158,24 @@ def test_compile_on_is_refused_under_zero3(engine, tiny_llama, alpaca_file, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_json_with_stage_auto_counts_as_the_configured_stage(tiny_llama, tmp_path):
+    """"stage": "auto" is filled from distributed.zero_stage (3 by default): --sharded-loading passes the ZeRO-3
+    check, and --zero-stage 2 makes it fail."""
+    pytest.importorskip("deepspeed")
+    from zerotune.config import config_from_dict
+    from zerotune.errors import ConfigError
+    from zerotune.preflight import check_workers
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": "auto"}}')
+    tree = {"model": {"name": str(tiny_llama)}, "distributed": {"deepspeed_config": str(ds), "use_cpu": True,
+                                                                "num_workers": 2, "sharded_loading": True}}
+    check_workers(config_from_dict(tree))
+    tree["distributed"]["zero_stage"] = 2
+    with pytest.raises(ConfigError, match="gives stage 2"):
+        check_workers(config_from_dict(tree))
+
+
 def test_missing_deepspeed_json(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
     pytest.importorskip("deepspeed")
     status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--deepspeed",
