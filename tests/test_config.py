@@ -72,8 +72,8 @@ def test_help_lists_every_flag(capsys):
 
 
 def test_compile_auto_rule_and_yaml_on_off(tmp_path):
-    """model.compile: auto compiles on CUDA except under DeepSpeed ZeRO-3, where on is refused; YAML's bare on/off (read as booleans)
-    and the flag's values all land on the same three settings."""
+    """model.compile: auto compiles on CUDA except under DeepSpeed ZeRO-3, where on is refused; YAML's bare
+    on/off (read as booleans) and the flag's values all land on the same three settings."""
     from zerotune.config import compile_enabled
 
     auto = parse([]).model

@@ -296,3 +296,19 @@ def test_70b_lora_sharded_is_predicted(name, strategy, fetch, compiled, speed):
                                strategy=strategy, sharded_loading=True, zero3_fetch=fetch))
     assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.05)
     assert speed[0] < result.tokens_per_second_per_gpu / per_gpu < speed[1]
+
+
+def test_a_json_stage_is_read_as_training_reads_it(tmp_path):
+    """"stage": "auto" is --zero-stage, as the engine fills it (the plan read it as 3); a JSON without a stage
+    plans as ZeRO-3 (the plan has no stage-0 engine)."""
+    from zerotune.plan.report import scenario_from_config
+
+    ds = tmp_path / "ds.json"
+    for content, zero_stage, expected in [('{"zero_optimization": {"stage": "auto"}}', 2, 2),
+                                          ('{"zero_optimization": {"stage": "auto"}}', 3, 3),
+                                          ('{"zero_optimization": {"stage": 1}}', 3, 1), ("{}", 2, 3)]:
+        ds.write_text(content)
+        config = _config(**{"model.name": "llama-2-7b", "distributed.deepspeed_config": str(ds),
+                            "distributed.zero_stage": zero_stage})
+        scenario = scenario_from_config(config, GPUS["h100"], 2, 1)
+        assert (scenario.strategy, scenario.zero_stage) == ("deepspeed", expected), content

@@ -64,17 +64,16 @@ def check_workers(config: RunConfig) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("distributed.strategy deepspeed needs DeepSpeed: pip install 'zerotune[deepspeed]'")
         if config.distributed.deepspeed_config:
-            from zerotune.strategies.deepspeed_config import read_user_config
+            from zerotune.strategies.deepspeed_config import read_user_config, zero_stage
 
             ds = read_user_config(config.distributed.deepspeed_config)
             for precision in ("fp16", "bf16"):
                 if not on_gpu and ds.get(precision, {}).get("enabled") is True:
                     raise ConfigError(f"{config.distributed.deepspeed_config}: {precision}.enabled is true, but this "
                                       f"run is on CPU; set it to \"auto\" or false, or run on GPUs")
-            stage, where = (ds.get("zero_optimization") or {}).get("stage", 0), config.distributed.deepspeed_config
+            stage, where = zero_stage(ds, config.distributed.zero_stage), config.distributed.deepspeed_config
         else:
             stage, where = config.distributed.zero_stage, "distributed.zero_stage"
-        stage = config.distributed.zero_stage if stage == "auto" else int(stage)
         compile_enabled(config.model, "cuda" if on_gpu else "cpu", "deepspeed", zero3=stage == 3)  # on: ZeRO-1/2
         if config.distributed.sharded_loading and stage != 3:
             raise ConfigError(f"distributed.sharded_loading under DeepSpeed needs ZeRO stage 3 ({where} gives stage "

@@ -16,12 +16,13 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
     strategy, stage, offload = config.distributed.strategy, config.distributed.zero_stage, config.distributed.offload
     zero3_fetch = config.distributed.zero3_fetch
     if config.distributed.deepspeed_config and not config.distributed.no_deepspeed and strategy in ("auto", "deepspeed"):
-        from zerotune.strategies.deepspeed_config import read_user_config
+        from zerotune.strategies.deepspeed_config import read_user_config, zero_stage
 
-        zero = read_user_config(config.distributed.deepspeed_config).get("zero_optimization", {})
+        user = read_user_config(config.distributed.deepspeed_config)
+        zero = user.get("zero_optimization", {})
         if "leaf_module" in zero:  # the user's own leaf modules: treated as DeepSpeed's per-module hooks
             zero3_fetch = "module"
-        strategy, stage = "deepspeed", zero.get("stage", 3) if zero.get("stage") != "auto" else 3
+        strategy, stage = "deepspeed", zero_stage(user, config.distributed.zero_stage, missing=3)
         on_cpu = {part: (zero.get(f"offload_{part}") or {}).get("device") == "cpu" for part in ("param", "optimizer")}
         offload = "all" if all(on_cpu.values()) else "params" if on_cpu["param"] else \
             "optimizer" if on_cpu["optimizer"] else "none"

@@ -12,7 +12,7 @@ import torch
 
 from zerotune.strategies.base import Strategy
 from zerotune.strategies.collectives import CollectivesMixin
-from zerotune.strategies.deepspeed_config import preset, read_user_config, resolve
+from zerotune.strategies.deepspeed_config import preset, read_user_config, resolve, zero_stage
 
 
 def layer_fetch_names(model) -> list[str]:
@@ -136,8 +136,7 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
 
     @property
     def gathers_per_module(self) -> bool:
-        stage = (self._source().get("zero_optimization") or {}).get("stage", 0)
-        return (self.config.distributed.zero_stage if stage == "auto" else int(stage)) == 3
+        return zero_stage(self._source(), self.config.distributed.zero_stage) == 3
 
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         import deepspeed

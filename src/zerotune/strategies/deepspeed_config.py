@@ -55,6 +55,13 @@ def read_user_config(path: str) -> dict[str, Any]:
     return content
 
 
+def zero_stage(ds_config: dict[str, Any], configured: int, missing: int = 0) -> int:
+    """The ZeRO stage a DeepSpeed JSON (or our preset) runs: its "auto" is distributed.zero_stage (``configured``),
+    and no stage is DeepSpeed's own default, 0 (``missing``: the plan, which has no stage-0 engine, reads 3)."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", missing)
+    return configured if stage == "auto" else int(stage)
+
+
 def precision_flags(dtype_name: str, device_type: str, bf16_supported: bool) -> tuple[bool, bool]:
     """(fp16, bf16) for DeepSpeed from our dtype setting and the hardware."""
     if device_type != "cuda" or dtype_name == "fp32":
