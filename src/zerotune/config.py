@@ -457,12 +457,17 @@ def compile_enabled(model: ModelConfig, device_type: str, strategy: str, zero3: 
     """model.compile auto: on for CUDA GPUs under one process, DDP, FSDP2 and DeepSpeed ZeRO-1/2 (where it was
     measured); off on CPU and under ZeRO-3. There DeepSpeed fetches each module's parameters in hooks that run
     inside a compiled layer: torch.compile traces them and recompiles past its limit, so the run is right but
-    slower than eager, and ``on`` is refused (a ConfigError, before the model loads)."""
+    slower than eager, and ``on`` is refused (check_compile_allowed)."""
+    check_compile_allowed(model, zero3)
+    return model.compile == "on" or (model.compile == "auto" and device_type == "cuda" and not zero3)
+
+
+def check_compile_allowed(model: ModelConfig, zero3: bool) -> None:
+    """A ConfigError for --compile on under ZeRO-3 (see compile_enabled); preflight calls it before any worker."""
     if zero3 and model.compile == "on":
         raise ConfigError("model.compile: on does not work under DeepSpeed ZeRO-3 (its per-module parameter hooks "
                           "run inside the compiled layers, which then recompile past torch.compile's limit); drop "
                           "--compile, or use --zero-stage 2 or --strategy fsdp")
-    return model.compile == "on" or (model.compile == "auto" and device_type == "cuda" and not zero3)
 
 
 def validate(config: RunConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zerotune.config import RunConfig, compile_enabled, uses_deepspeed
+from zerotune.config import RunConfig, check_compile_allowed, uses_deepspeed
 from zerotune.data.batches import BatchPlan
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError
@@ -74,7 +74,7 @@ def check_workers(config: RunConfig) -> None:
             stage, where = zero_stage(ds, config.distributed.zero_stage), config.distributed.deepspeed_config
         else:
             stage, where = config.distributed.zero_stage, "distributed.zero_stage"
-        compile_enabled(config.model, "cuda" if on_gpu else "cpu", "deepspeed", zero3=stage == 3)  # on: ZeRO-1/2
+        check_compile_allowed(config.model, zero3=stage == 3)
         if config.distributed.sharded_loading and stage != 3:
             raise ConfigError(f"distributed.sharded_loading under DeepSpeed needs ZeRO stage 3 ({where} gives stage "
                               f"{stage}, which keeps whole weights on every worker); use --zero-stage 3")
