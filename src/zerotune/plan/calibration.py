@@ -43,7 +43,8 @@ ENGINE_FACTOR = {
 # DeepSpeed's step has a host-side floor (its hooks and optimizer bookkeeping per micro-batch, per decoder
 # layer): W1 (micro-batch 1) under ZeRO-2 with compiled layers ran at 12,789 tok/s, 0.160 s per micro-batch,
 # where its GPU work predicts 0.126 s, at 577 W of a 700 W cap (2026-12-03-h200-w1-zero2-compile-auto-at-1a9817c).
-# Host speed varies: another H200 host ran the same step 1.4x slower (...-w1-zero2-compile-off-at-b40d818-first-host).
+# Host speed varies: on another H200 host the eager step ran 1.25x slower
+# (2026-12-03-h200-w1-zero2-compile-off-at-b40d818-first-host.json).
 DEEPSPEED_HOST_SECONDS_PER_LAYER = 0.160 / 32
 
 # Full fine-tuning runs its large weight-gradient matmuls closer to peak than LoRA's path: one GPU, mb 1,
