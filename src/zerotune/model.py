@@ -126,6 +126,35 @@ def load_model(config: ModelConfig, method: str, device: torch.device, dtype: to
     return model
 
 
+def _is_hub_kernel_dispatch(forward) -> bool:
+    """Whether ``forward`` is the `kernels` package's per-call dispatch wrapper (``use_kernelized_func``)."""
+    code = getattr(forward, "__code__", None)
+    return (code is not None and code.co_name == "new_forward" and "kernels" in Path(code.co_filename).parts
+            and callable(getattr(forward, "__wrapped__", None)))
+
+
+def without_hub_kernel_dispatch(model: torch.nn.Module) -> int:
+    """Bind each module's own forward where transformers routes it through the `kernels` package's dispatch.
+
+    From transformers 5.25 (which requires `kernels`), attention modules of Llama, Qwen2, Mistral and others run
+    their forward through a wrapper that writes a global (the functions that hub kernels may replace) before
+    the forward and restores it after. Inside a compiled, checkpointed layer torch.compile cannot replay that
+    write in the recompute, so it breaks the graph and the whole layer quietly ran uncompiled. zerotune never
+    swaps in hub kernels (``kernelize``), so the wrapper always ends in the module's own forward: bind that
+    directly. A module whose kernels were swapped in keeps its wrapper. Returns how many modules changed."""
+    changed = 0
+    for module in model.modules():
+        forward = type(module).forward
+        if not _is_hub_kernel_dispatch(forward) or "forward" in module.__dict__:
+            continue
+        kernels = module.__dict__.get("_kernel_funcs", {})
+        if any("forward" in vars(kernel) for kernel in kernels.values()):  # kernelize() replaced one: keep it
+            continue
+        module.forward = types.MethodType(forward.__wrapped__, module)
+        changed += 1
+    return changed
+
+
 def compute_precision(config: ModelConfig, model: torch.nn.Module, device: torch.device, cache: bool = True):
     """The context the forward runs in: autocast to the weights' dtype when they are 16-bit and
     ``model.mixed_precision`` is on, so fp32 adapter weights do not force fp32 matmuls. ``cache=False`` keeps
@@ -169,10 +198,34 @@ def compile_layers(model: torch.nn.Module, mode: str | None = None) -> int:
     time stays that of one layer), with LAYER_COMPILE_OPTIONS unless a ``mode`` is given. A checkpointed layer
     is checkpointed inside its compiled call (checkpoint_in_forward). Returns how many layers were compiled."""
     layers = decoder_layers(model)
+    without_hub_kernel_dispatch(model)
     for layer in layers:
         checkpoint_in_forward(layer)
         compile_layer(layer, mode)
     return len(layers)
+
+
+def graph_breaks() -> dict[str, int]:
+    """torch.compile's graph breaks so far in this process, by reason (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
+
+
+def new_graph_breaks(before: dict[str, int]) -> str | None:
+    """One line saying that compiled layers broke their graphs since ``before`` (graph_breaks()), or None.
+
+    A graph break leaves the code around it uncompiled: the run stays correct but loses the compiled path's
+    speed. An upstream change does this quietly (transformers 5.25's hub-kernel dispatch did, inside every
+    checkpointed layer), so the loop checks once, after the first step has traced the layers."""
+    now = graph_breaks()
+    new = {reason: count - before.get(reason, 0) for reason, count in now.items() if count > before.get(reason, 0)}
+    if not new:
+        return None
+    first = " ".join(next(iter(new)).split())[:200]
+    return (f"model.compile: {sum(new.values())} graph break(s) in the compiled layers, so parts of them run "
+            f"uncompiled (correct, but slower); first: {first}. Usually an upstream change in transformers or "
+            f"PEFT; --compile off silences this")
 
 
 def compile_layer(layer: torch.nn.Module, mode: str | None = None) -> None:

@@ -32,7 +32,8 @@ from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError, ZerotuneError
 from zerotune.loss import ALL_ROWS
-from zerotune.model import compute_precision, load_tokenizer, resolve_attention, resolve_dtype
+from zerotune.model import compute_precision, graph_breaks, load_tokenizer, new_graph_breaks, resolve_attention, \
+    resolve_dtype
 from zerotune.step_graphs import StepGraphs, step_plain, wanted
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
@@ -261,10 +262,12 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     # under DDP when asked for (each rank fuses its own copy; not measured on GPUs: auto stays one process)
     fused_strategies = ("single", "ddp") if config.adapter.fused_projections == "on" else ("single",)
     if fusing and config.adapter.method == "lora" and strategy.name in fused_strategies:
-        from zerotune.fused_projections import install_fused_projections
+        from zerotune.fused_projections import install_checked
 
-        groups = install_fused_projections(model, swiglu=config.adapter.swiglu_kernel)
-        tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down)")
+        groups, why_not = install_checked(model, forward_precision(strategy, config, model),
+                                          swiglu=config.adapter.swiglu_kernel)
+        tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down)"
+                     if not why_not else f"adapter.fused_projections: off, PEFT's path kept: {why_not}")
     elif config.adapter.fused_projections == "on":
         tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under "
                      f"DDP (this run: {config.adapter.method}, {strategy.name})")
@@ -289,6 +292,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
                          "was not built for)")
 
         tracker.note(f"compiling {compile_layers(model)} decoder layers (torch.compile; the first steps are slow)")
+    breaks_before = graph_breaks()
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
 
     def build_optimizer(params):
@@ -419,6 +423,10 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             strategy.scheduler.step()  # fills the learning-rate tensor the next replay reads
         else:
             outcome = run_step(device_batches, info[0].float(), counts, plain)
+        if compiled and step == start_step:  # the first step has traced the compiled layers
+            broken = new_graph_breaks(breaks_before)
+            if broken:
+                tracker.note(broken)
         launched = LaunchedStep(step, lr, info_copy, HostCopy(outcome), WorkDone(strategy.device))
         pending.append(launched)
         while len(pending) > (1 if strategy.drops_steps_on_device else 0):
