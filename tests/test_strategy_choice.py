@@ -1,14 +1,11 @@
 """The documented --strategy auto rule."""
 
-from types import SimpleNamespace
-
 import pytest
-import torch
 
 from zerotune.config import build_config
 from zerotune.launchers import choose_launcher
 from zerotune.model import training_state_bytes
-from zerotune.train import choose_strategy
+from zerotune.resolve import Machine, choose_strategy
 
 
 def test_training_state_counts_weights_and_adam(tiny_llama):
@@ -23,12 +20,24 @@ def test_training_state_counts_weights_and_adam(tiny_llama):
 
 @pytest.mark.parametrize("state_gib, expected", [(10, "ddp"), (60, "fsdp")])
 def test_auto_picks_ddp_when_it_fits_else_fsdp(state_gib, expected, monkeypatch):
+    """A GPU the planner does not know (no name): the fit rule decides, on any host running the test."""
     monkeypatch.setattr("zerotune.model.training_state_bytes", lambda config: state_gib * 2**30)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    gpu = Machine("cuda", gpu_name=None, gpu_memory_bytes=80 * 2**30, gpus_per_host=2)
     config = build_config({})
-    assert choose_strategy(config, 2, torch.device("cuda", 0)) == expected
-    assert choose_strategy(config, 1, torch.device("cuda", 0)) == "single"
-    assert choose_strategy(config, 2, torch.device("cpu")) == "ddp"
+    assert choose_strategy(config, 2, gpu) == expected
+    assert choose_strategy(config, 1, gpu) == "single"
+    assert choose_strategy(config, 2, Machine("cpu")) == "ddp"
+
+
+def test_auto_asks_the_planner_for_a_gpu_it_knows(tiny_llama):
+    """On a known GPU the planner's pick wins, with its reason (the same answer on a CPU or a GPU host)."""
+    from zerotune.plan.report import auto_engine
+    from zerotune.resolve import explain_strategy
+
+    config = build_config({"model.name": "meta-llama/Llama-2-7b-hf"})
+    h100 = Machine("cuda", "NVIDIA H100 80GB HBM3", 80 * 2**30, 8)
+    expected = auto_engine(config, 2, h100.gpu_name, h100.gpus_per_host)
+    assert expected is not None and explain_strategy(config, 2, h100) == expected
 
 
 def test_explicit_and_deepspeed_json_choices():

@@ -38,8 +38,18 @@ def test_gradient_accumulation_equivalence(tiny_llama, alpaca_file, tmp_path):
             "train.batch_size": micro, "train.grad_accum": accum, "train.max_steps": 2})
         runs[micro] = (train(config).losses, adapter_weights(tmp_path / f"mb{micro}"))
     base_losses, base_weights = runs[8]
-    lengths_differ = True  # the bundled records range from 3 to 6 numbers: padding differs per split
-    assert lengths_differ
+    # The splits only differ if the examples of a global batch have different lengths (then each split pads
+    # differently): check that in both steps' batches, as the loop draws them.
+    from zerotune.data.batches import BatchPlan
+    from zerotune.data.prepare import prepare_data
+    from zerotune.model import load_tokenizer
+
+    config = make_config(tiny_llama, alpaca_file, tmp_path / "lengths")
+    lengths = [len(e.input_ids) for e in prepare_data(config.data, load_tokenizer(config.model), seed=0).train]
+    plan = BatchPlan(len(lengths), 8, 1, 1, 0)
+    for step in range(2):
+        batch = plan.micro_batches(0, step, 0)[0]
+        assert len(batch) == 8 and len({lengths[i] for i in batch}) > 1
     for micro in (4, 2):
         torch.testing.assert_close(torch.tensor(runs[micro][0]), torch.tensor(base_losses), rtol=1e-5, atol=0)
         assert_state_close(runs[micro][1], base_weights, rtol=1e-4, atol=1e-6)

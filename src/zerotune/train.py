@@ -34,6 +34,7 @@ from zerotune.errors import ConfigError, ZerotuneError
 from zerotune.loss import ALL_ROWS
 from zerotune.model import compute_precision, graph_breaks, load_tokenizer, new_graph_breaks, resolve_attention, \
     resolve_dtype
+from zerotune.resolve import Machine, choose_strategy, explain_strategy
 from zerotune.step_graphs import StepGraphs, step_plain, wanted
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
@@ -71,41 +72,6 @@ class RunSession:
 
     def checkpoint_saved(self, step: int, path: Path, metrics: dict, is_main: bool) -> None:
         pass
-
-
-def choose_strategy(config: RunConfig, world_size: int, device: torch.device | None = None) -> str:
-    return explain_strategy(config, world_size, device)[0]
-
-
-def explain_strategy(config: RunConfig, world_size: int, device: torch.device | None = None) -> tuple[str, str]:
-    """The documented rule for --strategy auto (README, 'Choosing an engine'), and why it chose:
-    a DeepSpeed JSON means DeepSpeed; one worker means single; several GPU workers get the faster of DDP and
-    FSDP2 that fits, as `zerotune plan` predicts it; where the plan does not know the GPU or the model, DDP when
-    the model and its training state fit one GPU with room for activations, else FSDP2. On CPU: DDP."""
-    wanted = config.distributed.strategy
-    if wanted != "auto":
-        return wanted, "asked for"
-    if config.distributed.deepspeed_config and not config.distributed.no_deepspeed:
-        return "deepspeed", "a DeepSpeed JSON was given"
-    if world_size == 1:
-        return "single", "one worker"
-    if device is not None and device.type == "cuda":
-        from zerotune.plan.report import auto_engine
-
-        try:
-            name = torch.cuda.get_device_name(device)
-        except Exception:  # noqa: BLE001 - no usable CUDA device name (a mocked device in tests): the rule below
-            name = None
-        picked = auto_engine(config, world_size, name, torch.cuda.device_count()) if name else None
-        if picked:
-            return picked
-        from zerotune.model import training_state_bytes
-
-        unknown = "GPU or model unknown to zerotune plan; chose by whether the training state fits one GPU"
-        if training_state_bytes(config) > 0.6 * torch.cuda.get_device_properties(device).total_memory:
-            return "fsdp", unknown
-        return "ddp", unknown
-    return "ddp", "CPU workers"
 
 
 def learning_rate_factor(config: RunConfig, total_steps: int):
@@ -176,7 +142,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool = False) 
 def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None) -> RunResult:
     """Train with ``config`` in this process, which is one worker of possibly many."""
     place = join_process_group(config.distributed.use_cpu, need_group=choose_strategy(config, 1) not in ("single",))
-    strategy_name, strategy_reason = explain_strategy(config, place.world_size, place.device)
+    strategy_name, strategy_reason = explain_strategy(config, place.world_size, Machine.of(place.device))
     strategy = create_strategy(strategy_name, config, place.device, place.rank, place.world_size)
     output_dir = Path(config.output.dir)
     try:
