@@ -28,7 +28,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         section = key.split(".")[0]
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        help_text = f"{spec.metadata['help']} [{key}; default: {default!r}]".replace("%", "%%")
+        valid = f"; valid: {spec.metadata['valid']}" if spec.metadata.get("valid") else ""
+        help_text = f"{spec.metadata['help']} [{key}; default: {default!r}{valid}]".replace("%", "%%")
         if annotation is bool:  # a default-on switch also gets its --no- form
             action = argparse.BooleanOptionalAction if default else "store_true"
             groups[section].add_argument(flag, dest=key, action=action, default=argparse.SUPPRESS, help=help_text)
@@ -39,6 +40,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zerotune.ranges import checked_number
+
     parser = argparse.ArgumentParser(
         prog="zerotune",
         description="Fine-tune LLMs with LoRA, QLoRA or full training, on one CPU or many GPUs.",
@@ -64,12 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                                             "with one instruction a line; prints one JSON line per prompt")
     generate.add_argument("--template", help="alpaca, alpaca_es, chat or auto; default: the one recorded with the "
                                              "adapter, else alpaca")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    generate.add_argument("--temperature", type=float, default=0.0,
+    generate.add_argument("--max-new-tokens", type=checked_number(int, "[1, inf)", "--max-new-tokens"), default=128,
+                          help="most tokens to generate (default 128)")
+    generate.add_argument("--temperature", type=checked_number(float, "[0, inf)", "--temperature"), default=0.0,
                           help="sampling temperature; 0 (default) decodes greedily")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
-    generate.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
-    generate.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    generate.add_argument("--top-p", type=checked_number(float, "(0, 1]", "--top-p"), default=1.0,
+                          help="nucleus sampling mass when sampling, in (0, 1]")
+    generate.add_argument("--num-beams", type=checked_number(int, "[1, inf)", "--num-beams"), default=1,
+                          help="beam search width (1: no beam search)")
+    generate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                          help="cpu, cuda or auto (default: cuda when available)")
     generate.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model and save it")
@@ -83,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart = commands.add_parser(
         "quickstart", help="offline demo: build a tiny model, fine-tune it on bundled EN+ES data, compare outputs")
     quickstart.add_argument("--output-dir", default="quickstart-output", help="where the run goes")
-    quickstart.add_argument("--max-steps", type=int, default=None, help="override the example's step count")
+    quickstart.add_argument("--max-steps", type=checked_number(int, "[1, inf)", "--max-steps"), default=None,
+                            help="override the example's step count")
     quickstart.add_argument("--tracking", choices=["mlflow", "none"], default=None,
                             help="mlflow (default when installed) or none")
 
@@ -96,12 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an optional YAML config, then dotted overrides, as for train")
     plan.add_argument("--gpu", default="h100", help="GPU model: h100, h200, a100-80g, a100-40g, l40s, l4, a10g, t4, "
                                                     "v100 (default h100)")
-    plan.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: --num-workers / --nodes)")
-    plan.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
-    plan.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour, for the cost")
-    plan.add_argument("--dataset-tokens", type=float, default=None,
+    plan.add_argument("--gpus", type=checked_number(int, "[1, inf)", "--gpus"), default=None,
+                      help="GPUs per node (default: --num-workers / --nodes)")
+    plan.add_argument("--nodes", type=checked_number(int, "[1, inf)", "--nodes"), default=1,
+                      help="machines (default 1)")
+    plan.add_argument("--price-per-gpu-hour", type=checked_number(float, "[0, inf)", "--price-per-gpu-hour"),
+                      default=None, help="price of one GPU-hour, for the cost")
+    plan.add_argument("--dataset-tokens", type=checked_number(float, "[1, inf)", "--dataset-tokens"), default=None,
                       help="tokens in one epoch of the data (e.g. 9.9e6); default: counted from --data when given")
-    plan.add_argument("--internode-gbps", type=float, default=100.0,
+    plan.add_argument("--internode-gbps", type=checked_number(float, "(0, inf)", "--internode-gbps"), default=100.0,
                       help="network between nodes, Gbit/s per node (default 100), for FSDP/ZeRO-3 across nodes")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_config_flags(plan)
@@ -121,13 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="zerotune-side settings, e.g. model.compile=off to time the eager path")
     bench.add_argument("--tiny", action="store_true",
                        help="a tiny model on the CPU in seconds: tests the harness, not the speed")
-    bench.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 30; tiny 4)")
-    bench.add_argument("--warmup-steps", type=int, default=None,
+    bench.add_argument("--steps", type=checked_number(int, "[1, inf)", "--steps"), default=None,
+                       help="optimizer steps per side (default 30; tiny 4)")
+    bench.add_argument("--warmup-steps", type=checked_number(int, "[0, inf)", "--warmup-steps"), default=None,
                        help="first steps left out of the timing (compilation, allocator warm-up; default 5; tiny 1)")
     bench.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
     bench.add_argument("--work-dir", default=None, help="scratch space for model, data and runs (default: a "
                                                         "new temporary directory)")
-    bench.add_argument("--seed", type=int, default=0, help="weights, data and LoRA seed (default 0)")
+    bench.add_argument("--seed", type=checked_number(int, "[0, 4294967295]", "--seed"), default=0,
+                       help="weights, data and LoRA seed (default 0)")
     return parser
 
 
@@ -180,34 +193,23 @@ def command_train(args: argparse.Namespace):
     return 0
 
 
-def _pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def command_generate(args: argparse.Namespace) -> None:
     import json
 
-    from zerotune.generate import SamplingOptions, generate, load_for_generation, read_prompt_file, \
-        render_prompt, resolve_template
+    from zerotune.generate import SamplingOptions, check_pairing, generate, load_for_generation, \
+        load_generation_tokenizer, pick_device, read_prompt_file, render_prompt, resolve_template
 
     if not args.instruction and not args.prompts:
         raise ZerotuneError("generate: pass --instruction TEXT or --prompts FILE")
     records = read_prompt_file(args.prompts) if args.prompts else [{"instruction": args.instruction,
                                                                      "input": args.input}]
     templates = [resolve_template(args.template, args.adapter, record) for record in records]
-    if args.adapter and not Path(args.adapter, "adapter_config.json").is_file():
-        raise ZerotuneError(f"{args.adapter}: not an adapter directory (no adapter_config.json)")
-    from zerotune.config import ModelConfig
-    from zerotune.model import check_model_source
-
-    check_model_source(ModelConfig(name=args.model, trust_remote_code=args.trust_remote_code))
-    model, tokenizer = load_for_generation(args.model, args.adapter, device=_pick_device(args.device),
-                                           trust_remote_code=args.trust_remote_code)
+    device = pick_device(args.device)
+    check_pairing(args.model, args.adapter, args.trust_remote_code)
+    tokenizer = load_generation_tokenizer(args.model, args.adapter, args.trust_remote_code)
     prompts = [render_prompt(record, template, tokenizer) for record, template in zip(records, templates)]
+    model, tokenizer = load_for_generation(args.model, args.adapter, device=device,
+                                           trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
     options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.num_beams)
     responses = generate(model, tokenizer, prompts, options)
     if args.prompts:
@@ -238,12 +240,8 @@ def command_plan(args: argparse.Namespace) -> None:
 
     config = config_from_args(args)
     gpu = find_gpu(args.gpu)
-    if args.nodes < 1 or (args.gpus is not None and args.gpus < 1):
-        raise ZerotuneError("--gpus and --nodes must be at least 1")
     gpus = args.gpus if args.gpus is not None else max(1, config.distributed.num_workers // args.nodes)
     tokens, note = (int(args.dataset_tokens), "") if args.dataset_tokens else (None, "")
-    if args.dataset_tokens is not None and args.dataset_tokens <= 0:
-        raise ZerotuneError(f"--dataset-tokens must be positive, got {args.dataset_tokens}")
     if tokens is None and config.data.path:
         tokens, note = count_dataset_tokens(config)
     plan = make_plan(config, gpu, gpus, args.nodes, args.price_per_gpu_hour, tokens, note,
@@ -292,11 +290,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parse_args(argv)
     handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
                 "quickstart": command_quickstart, "bench": command_bench,
                 "plan": command_plan}
     try:
+        args = parse_args(argv)  # a number out of its range fails here, as a ConfigError
         status = handlers[args.command](args)
     except ZerotuneError as error:
         print(f"zerotune: error: {error}", file=sys.stderr)

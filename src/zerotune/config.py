@@ -17,11 +17,13 @@ from typing import Any, Literal, Union
 import yaml
 
 from zerotune.errors import ConfigError
+from zerotune.ranges import Interval
 
 
-def option(default: Any, help: str, flag: str | None = None, **kwargs: Any) -> Any:
-    """A config field with its help text and (optionally) its CLI flag."""
-    metadata = {"help": help, "flag": flag}
+def option(default: Any, help: str, flag: str | None = None, valid: str | None = None, **kwargs: Any) -> Any:
+    """A config field with its help text, (optionally) its CLI flag and, for a number, its valid range in interval
+    notation ("[0, 1)", "[1, inf)"; every int and float field declares one, and floats must be finite)."""
+    metadata = {"help": help, "flag": flag, "valid": Interval.parse(valid) if valid else None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -50,7 +52,7 @@ class ModelConfig:
     checkpoint_every: int = option(
         1, "With --gradient-checkpointing: recompute only every N-th decoder layer (1: all of them). The others "
            "keep their activations: less recompute, more memory, in between the two; `zerotune plan` shows both.",
-        "--checkpoint-every",
+        "--checkpoint-every", valid="[1, inf)",
     )
     compile: Literal["auto", "on", "off"] = option(
         "auto", "torch.compile each decoder layer (regional compilation): inductor fuses RMSNorm, RoPE, SwiGLU "
@@ -94,9 +96,9 @@ class AdapterConfig:
     method: Literal["lora", "qlora", "full"] = option(
         "lora", "lora, qlora (4-bit NF4 base through bitsandbytes: GPU, or CPU with bitsandbytes >= 0.50) or full.",
         "--method")
-    r: int = option(16, "LoRA rank.", "--lora-r")
-    alpha: int = option(32, "LoRA alpha; the update is scaled by alpha / r.", "--lora-alpha")
-    dropout: float = option(0.05, "Dropout on the LoRA input.", "--lora-dropout")
+    r: int = option(16, "LoRA rank.", "--lora-r", valid="[1, inf)")
+    alpha: int = option(32, "LoRA alpha; the update is scaled by alpha / r.", "--lora-alpha", valid="[1, inf)")
+    dropout: float = option(0.05, "Dropout on the LoRA input.", "--lora-dropout", valid="[0, 1)")
     target_modules: list[str] = option(
         ["all-linear"],
         "Module names to adapt. all-linear adapts every linear layer but the output head "
@@ -150,19 +152,22 @@ class AdapterConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    path: str = option("", "Local .json, .jsonl or .parquet file, or a hub dataset id. Empty: the bundled "
-                           "English+Spanish sample (a demo set, not real training data).", "--data")
+    path: str = option("", "Local .json, .jsonl or .parquet file, a directory written by datasets' save_to_disk, or "
+                           "a hub dataset id. Empty: the bundled English+Spanish sample (a demo set, not real "
+                           "training data).", "--data")
     template: Literal["auto", "alpaca", "alpaca_es", "chat", "tokens"] = option(
         "auto", "Prompt template. auto: tokens for pre-tokenized records ('input_ids', optional 'labels' with "
                 "-100 for tokens not to learn), chat for records with 'messages', else alpaca.", "--template"
     )
     eval_path: str = option("", "Separate evaluation file. Empty: hold out eval_fraction of the data.", "--eval-data")
-    eval_fraction: float = option(0.05, "Fraction held out for evaluation when no eval file is given.", "--eval-fraction")
-    max_seq_len: int = option(1024, "Longest tokenized example, prompt and response together.", "--max-seq-len")
+    eval_fraction: float = option(0.05, "Fraction held out for evaluation when no eval file is given.", "--eval-fraction",
+                                  valid="[0, 1)")
+    max_seq_len: int = option(1024, "Longest tokenized example, prompt and response together.", "--max-seq-len",
+                              valid="[2, inf)")  # one token to read, one to predict
     overlong: Literal["truncate", "drop"] = option(
         "truncate", "What to do with examples longer than max_seq_len.", "--overlong"
     )
-    split: str = option("train", "Split to read from a hub dataset.", "--split")
+    split: str = option("train", "Split to read from a hub dataset or a saved DatasetDict.", "--split")
     packing: bool = option(
         False, "Pack several training examples into each row of max_seq_len tokens. Attention stays within each "
                "example (position ids restart per example; transformers then masks per example), and each "
@@ -174,16 +179,19 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    max_steps: int = option(0, "Optimizer steps to run. 0: run for `epochs` epochs.", "--max-steps")
-    epochs: float = option(1.0, "Epochs over the training data when max_steps is 0.", "--epochs")
-    batch_size: int = option(4, "Micro-batch size per worker (examples per forward pass).", "--batch-size")
-    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", "--grad-accum")
-    lr: float = option(2e-4, "Peak learning rate.", "--lr")
-    weight_decay: float = option(0.0, "AdamW weight decay.", "--weight-decay")
-    warmup_steps: int = option(0, "Linear warmup steps before the schedule starts.", "--warmup-steps")
+    max_steps: int = option(0, "Optimizer steps to run. 0: run for `epochs` epochs.", "--max-steps", valid="[0, inf)")
+    epochs: float = option(1.0, "Epochs over the training data when max_steps is 0.", "--epochs", valid="[0, inf)")
+    batch_size: int = option(4, "Micro-batch size per worker (examples per forward pass).", "--batch-size",
+                             valid="[1, inf)")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", "--grad-accum", valid="[1, inf)")
+    lr: float = option(2e-4, "Peak learning rate.", "--lr", valid="(0, inf)")
+    weight_decay: float = option(0.0, "AdamW weight decay.", "--weight-decay", valid="[0, inf)")
+    warmup_steps: int = option(0, "Linear warmup steps before the schedule starts.", "--warmup-steps", valid="[0, inf)")
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate decay after warmup.", "--schedule")
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", "--max-grad-norm")
-    seed: int = option(42, "Seed for weights of new LoRA layers, data order and dropout.", "--seed")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", "--max-grad-norm",
+                                  valid="[0, inf)")
+    seed: int = option(42, "Seed for weights of new LoRA layers, data order and dropout.", "--seed",
+                       valid="[0, 4294967295]")  # 32 bits, as every generator accepts
     cuda_graph: Literal["auto", "on", "off"] = option(
         "auto", "Replay each training step as one CUDA graph (zerotune.step_graphs): the host launches one graph "
                 "instead of thousands of kernels, so host-bound steps run at the GPU's pace (on an H200: 7B QLoRA "
@@ -194,15 +202,15 @@ class TrainConfig:
                 "all examples max_seq_len long); off otherwise. on: the same needs, with full fine-tuning and "
                 "unpacked data too (a one-line error where a need is missing). A bare --cuda-graph means on.",
         "--cuda-graph")
-    eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", "--eval-every")
-    log_every: int = option(1, "Log training metrics every N steps.", "--log-every")
+    eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", "--eval-every", valid="[0, inf)")
+    log_every: int = option(1, "Log training metrics every N steps.", "--log-every", valid="[1, inf)")
     on_nonfinite: Literal["stop", "skip"] = option(
         "stop", "A NaN/Inf loss or gradient norm: stop names the step and exits; skip drops that step (no update) "
                 "and stops after max_skipped_steps such steps. No checkpoint ever holds non-finite values.",
         "--on-nonfinite",
     )
     max_skipped_steps: int = option(5, "With on_nonfinite skip: stop once this many steps were skipped.",
-                                    "--max-skipped-steps")
+                                    "--max-skipped-steps", valid="[1, inf)")
 
 
 @dataclass
@@ -212,7 +220,7 @@ class DistributedConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = option(
         "auto", "Engine. auto: single for one worker; DDP for several unless the model needs sharding.", "--strategy"
     )
-    zero_stage: int = option(3, "DeepSpeed ZeRO stage (1, 2 or 3).", "--zero-stage")
+    zero_stage: int = option(3, "DeepSpeed ZeRO stage (1, 2 or 3).", "--zero-stage", valid="[1, 3]")
     offload: Literal["none", "optimizer", "params", "all"] = option(
         "none", "DeepSpeed CPU offload: optimizer states, parameters, or both.", "--offload"
     )
@@ -228,7 +236,8 @@ class DistributedConfig:
     launcher: Literal["auto", "local", "ray"] = option(
         "auto", "How workers start. auto: ray when --ray-address is set, else local processes.", "--launcher"
     )
-    num_workers: int = option(1, "Worker processes (one per GPU, or CPU workers with --use-cpu).", "--num-workers")
+    num_workers: int = option(1, "Worker processes (one per GPU, or CPU workers with --use-cpu).", "--num-workers",
+                              valid="[1, inf)")
     use_cpu: bool = option(False, "Train on CPU workers (gloo) even if GPUs exist.", "--use-cpu")
     no_deepspeed: bool = option(
         False, "Never use DeepSpeed (the original tutorial's flag): DDP, or FSDP if asked.", "--no-deepspeed"
@@ -245,9 +254,10 @@ class DistributedConfig:
     ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster. Empty: start a local Ray.",
                               "--ray-address")
     max_failures: int = option(0, "Ray launcher: restart the workers up to N times after a worker or node dies; "
-                                  "they resume from the latest checkpoint. -1: without limit.", "--max-failures")
+                                  "they resume from the latest checkpoint. -1: without limit.", "--max-failures",
+                               valid="[-1, inf)")
     max_restarts: int = option(0, "Local launcher: restart all workers up to N times after one fails; they "
-                                  "resume from the latest checkpoint.", "--max-restarts")
+                                  "resume from the latest checkpoint.", "--max-restarts", valid="[0, inf)")
 
 
 @dataclass
@@ -255,10 +265,12 @@ class CheckpointConfig:
     """Checkpoints and resume: everything needed to continue a run exactly where it stopped."""
 
     save_steps: int = option(0, "Write a checkpoint every N optimizer steps (0: no step-based checkpoints).",
-                             "--save-steps")
+                             "--save-steps", valid="[0, inf)")
     save_minutes: float = option(0.0, "Write a checkpoint when this many minutes passed since the last one "
-                                      "(0: no time-based checkpoints).", "--save-minutes")
-    keep: int = option(2, "Keep the newest K complete checkpoints; older ones are deleted.", "--keep-checkpoints")
+                                      "(0: no time-based checkpoints).", "--save-minutes",
+                               valid="[0, inf)")
+    keep: int = option(2, "Keep the newest K complete checkpoints; older ones are deleted.", "--keep-checkpoints",
+                       valid="[1, inf)")
     resume: bool = option(False, "Continue the run in --output-dir from its newest complete checkpoint.",
                           "--resume")
 
@@ -470,45 +482,36 @@ def check_compile_allowed(model: ModelConfig, zero3: bool) -> None:
                           "--compile, or use --zero-stage 2 or --strategy fsdp")
 
 
+def check_ranges(config: RunConfig) -> None:
+    """Every number against the range its field declares (``valid``), so YAML, flags and overrides share one
+    check; the message names the YAML key, the range, the value and the flag."""
+    if config.distributed.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage: ZeRO has stages 1, 2 and 3, got {config.distributed.zero_stage} "
+                          "(flag --zero-stage)")
+    for key, spec, _ in field_specs():
+        section, name = key.split(".")
+        value, interval = getattr(getattr(config, section), name), spec.metadata.get("valid")
+        problem = interval.problem(value) if interval else None
+        if problem:
+            flag = f" (flag {spec.metadata['flag']})" if spec.metadata.get("flag") else ""
+            raise ConfigError(f"{key}: {problem}{flag}")
+
+
 def validate(config: RunConfig) -> None:
-    """Checks across fields that types alone cannot express."""
-    positive = {
-        "train.batch_size": config.train.batch_size,
-        "train.grad_accum": config.train.grad_accum,
-        "data.max_seq_len": config.data.max_seq_len,
-        "distributed.num_workers": config.distributed.num_workers,
-        "adapter.r": config.adapter.r,
-        "model.checkpoint_every": config.model.checkpoint_every,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    """The declared ranges, then checks across fields that types and ranges alone cannot express."""
+    check_ranges(config)
+    if not config.adapter.target_modules:
+        raise ConfigError("adapter.target_modules: name at least one module, or all-linear (--lora-target-modules)")
     if config.model.checkpoint_every > 1 and not config.model.gradient_checkpointing:
         raise ConfigError("model.checkpoint_every: picks which layers --gradient-checkpointing recomputes; add "
                           "--gradient-checkpointing or drop --checkpoint-every")
-    if config.train.max_steps < 0:
-        raise ConfigError(f"train.max_steps: must be 0 or more, got {config.train.max_steps}")
     if config.train.max_steps == 0 and config.train.epochs <= 0:
-        raise ConfigError("train.epochs: must be positive when train.max_steps is 0")
-    if not 0 <= config.data.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {config.data.eval_fraction}")
-    if config.distributed.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"distributed.zero_stage: ZeRO has stages 1, 2 and 3, got {config.distributed.zero_stage}")
+        raise ConfigError("train.epochs: must be more than 0 when train.max_steps is 0 (--epochs or --max-steps)")
     if config.distributed.no_deepspeed and config.distributed.strategy == "deepspeed":
         raise ConfigError("distributed.strategy: 'deepspeed' contradicts --no-deepspeed; pick one")
     if config.checkpoint.resume and config.output.overwrite:
         raise ConfigError("checkpoint.resume and output.overwrite contradict: --resume continues the run in "
                           "--output-dir, --overwrite deletes it; pick one")
-    if config.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep: must be at least 1, got {config.checkpoint.keep}")
-    for key, value in (("checkpoint.save_steps", config.checkpoint.save_steps),
-                       ("checkpoint.save_minutes", config.checkpoint.save_minutes),
-                       ("distributed.max_restarts", config.distributed.max_restarts)):
-        if value < 0:
-            raise ConfigError(f"{key}: must be 0 or more, got {value}")
-    if config.distributed.max_failures < -1:
-        raise ConfigError(f"distributed.max_failures: must be -1 (no limit), 0 or more, got "
-                          f"{config.distributed.max_failures}")
     if config.train.on_nonfinite == "skip" and uses_deepspeed(config):
         raise ConfigError("train.on_nonfinite: skip is not available with DeepSpeed (its engine applies a reduced "
                           "step and cannot drop it); use stop, or another --strategy")
@@ -516,8 +519,6 @@ def validate(config: RunConfig) -> None:
                                                or config.adapter.method == "qlora"):
         raise ConfigError("distributed.sharded_loading needs --strategy fsdp or DeepSpeed ZeRO-3 and --method lora "
                           "or full (QLoRA quantizes while loading)")
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
     if config.train.cuda_graph == "on":
         if config.distributed.num_workers != 1 or config.distributed.use_cpu:
             raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU; drop --cuda-graph, or "

@@ -45,9 +45,31 @@ def resolve_template(requested: str | None, adapter_dir: str | None, record: dic
     return name
 
 
-def load_for_generation(model_name: str, adapter_dir: str | None, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu", trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def pick_device(name: str) -> str:
+    """auto: cuda when a GPU is visible, else cpu. cuda without one is an error now, not after the model loads."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch here; pass --device cpu (or auto)")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def check_pairing(model_name: str, adapter_dir: str | None, trust_remote_code: bool = False) -> None:
+    """The base model can be read, and the adapter (if any) fits it: before any weight loads."""
+    from zerotune.config import ModelConfig
+    from zerotune.model import check_model_source
+    from zerotune.pairing import check_adapter_fits
+
+    if adapter_dir and not Path(adapter_dir, "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter_dir}: not an adapter directory (no adapter_config.json); check --adapter")
+    model_config = check_model_source(ModelConfig(name=model_name, trust_remote_code=trust_remote_code))
+    if adapter_dir:
+        check_adapter_fits(model_name, adapter_dir, model_config, trust_remote_code)
+
+
+def load_generation_tokenizer(model_name: str, adapter_dir: str | None, trust_remote_code: bool = False):
+    """The adapter's saved tokenizer when it has one, else the base's; padded on the left."""
+    from transformers import AutoTokenizer
 
     tokenizer_source = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() \
         else model_name
@@ -55,6 +77,15 @@ def load_for_generation(model_name: str, adapter_dir: str | None, dtype: torch.d
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues from the right edge
+    return tokenizer
+
+
+def load_for_generation(model_name: str, adapter_dir: str | None, dtype: torch.dtype = torch.float32,
+                        device: str = "cpu", trust_remote_code: bool = False, tokenizer=None):
+    from transformers import AutoModelForCausalLM
+
+    if tokenizer is None:
+        tokenizer = load_generation_tokenizer(model_name, adapter_dir, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter_dir:
         from peft import PeftModel
@@ -66,6 +97,9 @@ def load_for_generation(model_name: str, adapter_dir: str | None, dtype: torch.d
 
 def render_prompt(record: dict, template: str, tokenizer) -> str:
     if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"--template chat: the tokenizer of {tokenizer.name_or_path} has no chat template; "
+                              "pass --template alpaca (or the template the adapter was trained with)")
         messages = record.get("messages") or [{"role": "user", "content": record["instruction"]}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return get_alpaca_template(template).render_prompt(record["instruction"], record.get("input") or "")
@@ -94,7 +128,7 @@ def read_prompt_file(path: str) -> list[dict]:
     if not file.is_file():
         raise DataError(f"{file}: prompts file not found")
     records = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         if file.suffix == ".jsonl":

@@ -21,7 +21,9 @@ def merge_to_directory(model_name: str, adapter_dir: str, output_dir: Path, dtyp
     from zerotune.config import ModelConfig
     from zerotune.model import check_model_source
 
-    check_model_source(ModelConfig(name=model_name))
+    from zerotune.pairing import check_adapter_fits
+
+    check_adapter_fits(model_name, adapter_dir, check_model_source(ModelConfig(name=model_name)))
     base = AutoModelForCausalLM.from_pretrained(model_name, dtype=DTYPES[dtype])
     merged = merge_adapter(base, Path(adapter_dir))
     if output_dir.exists() and overwrite:
