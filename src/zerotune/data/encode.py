@@ -35,12 +35,14 @@ class EncodeReport:
     truncated: int = 0
     dropped: int = 0
     templates: dict[str, int] = field(default_factory=dict)
+    fewest_to_keep: int = 0  # of the dropped examples, the smallest max_seq_len that keeps one (0: none dropped)
 
     def merge(self, other: "EncodeReport") -> None:
         self.total += other.total
         self.kept += other.kept
         self.truncated += other.truncated
         self.dropped += other.dropped
+        self.fewest_to_keep = min(filter(None, (self.fewest_to_keep, other.fewest_to_keep)), default=0)
         for name, count in other.templates.items():
             self.templates[name] = self.templates.get(name, 0) + count
 
@@ -111,29 +113,35 @@ def encode_records(tokenizer, records, where, template: str, max_seq_len: int, o
         else:
             example = encode_alpaca(tokenizer, record, name)
         if len(example.input_ids) > max_seq_len:
-            if overlong == "drop":
+            cut = EncodedExample(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+            if overlong == "drop" or cut.num_label_tokens == 0:  # with truncate: the prompt alone fills the window
                 report.dropped += 1
+                needed = len(example.input_ids) if overlong == "drop" else _first_label(example) + 1
+                report.fewest_to_keep = min(filter(None, (report.fewest_to_keep, needed)))
                 if keep_dropped:
                     examples.append(None)
                 continue
-            example = EncodedExample(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
-            if example.num_label_tokens == 0:  # the prompt alone fills the window: nothing to learn
-                report.dropped += 1
-                if keep_dropped:
-                    examples.append(None)
-                continue
+            example = cut
             report.truncated += 1
         examples.append(example)
     report.kept = sum(example is not None for example in examples)
     if keep_dropped:
         return examples, report
     if not examples:
-        raise all_dropped_error(report.total, max_seq_len)
+        raise all_dropped_error(report, max_seq_len, overlong)
     return examples, report
 
 
-def all_dropped_error(total: int, max_seq_len: int) -> DataError:
-    return DataError(
-        f"all {total} examples are longer than data.max_seq_len={max_seq_len} tokens "
-        "(or their prompt fills it); raise --max-seq-len or use --overlong truncate"
-    )
+def _first_label(example: EncodedExample) -> int:
+    return next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+
+
+def all_dropped_error(report: EncodeReport, max_seq_len: int, overlong: str) -> DataError:
+    """What helps depends on the policy: under drop, truncating would keep them; under truncate (the default)
+    their prompts alone fill the window, so only a longer window or shorter prompts help."""
+    raise_to = f"raise --max-seq-len (to at least {report.fewest_to_keep} to keep one)"
+    if overlong == "drop":
+        return DataError(f"all {report.total} examples are longer than data.max_seq_len={max_seq_len} tokens; "
+                         f"{raise_to}, shorten the data, or pass --overlong truncate to cut them")
+    return DataError(f"all {report.total} examples have prompts that fill data.max_seq_len={max_seq_len} tokens, "
+                     f"leaving no response token to learn; {raise_to} or shorten the prompts")

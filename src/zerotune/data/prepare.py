@@ -33,7 +33,8 @@ def packed(config: DataConfig, data: PreparedData) -> PreparedData:
 
 def load_and_check(config: DataConfig, path: str):
     check_template_name(config.template)
-    records, where = read_records(path, config.split)
+    flag = "--eval-data" if path and path == config.eval_path and path != config.path else "--data"
+    records, where = read_records(path, config.split, flag)
     check_records(records, where, config.template, path)
     return records, where
 
@@ -59,7 +60,7 @@ def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, wor
     kept = [example for example in examples if example is not None]
     total.kept = len(kept)
     if not kept:
-        raise all_dropped_error(total.total, config.max_seq_len)
+        raise all_dropped_error(total, config.max_seq_len, config.overlong)
     return kept, total
 
 

@@ -16,23 +16,35 @@ def looks_local(path: str) -> bool:
     return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
 
 
-def read_records(path: str, split: str = "train") -> tuple[list[dict[str, Any]], list[str]]:
-    """Records plus, for each, where it came from (``file line N`` or ``file record N``) for error messages."""
+def read_records(path: str, split: str = "train", flag: str = "--data") -> tuple[list[dict[str, Any]], list[str]]:
+    """Records plus, for each, where it came from (``file line N`` or ``file record N``) for error messages.
+    ``flag`` names the option the path came from (--data or --eval-data) in a not-found message."""
     if not path:
         from zerotune.resources import SAMPLE_DATA, resource_path
 
         path = str(resource_path(SAMPLE_DATA))
     if looks_local(path):
-        return _read_local(Path(path).expanduser())
+        return _read_local(Path(path).expanduser(), split, flag)
     return _read_hub(path, split)
 
 
-def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict of splits)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _read_local(path: Path, split: str, flag: str) -> tuple[list[dict[str, Any]], list[str]]:
+    if is_saved_dataset(path):
+        return _read_saved_dataset(path, split)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a data file; give {flag} a .json, .jsonl or .parquet file (or a "
+                        "directory written by datasets' save_to_disk)")
     if not path.is_file():
-        raise DataError(f"{path}: data file not found; check the path given to --data")
+        raise DataError(f"{path}: data file not found; check the path given to {flag}")
     if path.suffix == ".jsonl":
         records, where = [], []
-        with path.open(encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark some editors write at the start is not part of record 1
+        with path.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -45,7 +57,7 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         return records, where
     if path.suffix == ".json":
         try:
-            content = json.loads(path.read_text(encoding="utf-8"))
+            content = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as error:
             raise DataError(f"{path} line {error.lineno}: malformed JSON ({error.msg})") from None
         if isinstance(content, dict) and isinstance(content.get("data"), list):
@@ -59,6 +71,23 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         rows = parquet.read_table(path).to_pylist()
         return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+
+
+def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a save_to_disk directory; of a DatasetDict, the rows of ``split`` (--split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: a datasets save_to_disk directory, and reading it needs the 'datasets' package: "
+                        "pip install 'zerotune[hub]', or export it to .jsonl") from None
+    table = datasets.load_from_disk(str(path))
+    if isinstance(table, datasets.DatasetDict):
+        if split not in table:
+            raise DataError(f"{path}: no split {split!r} in this saved dataset (it has {', '.join(table)}); "
+                            "pass --split")
+        table = table[split]
+    rows = table.to_list()
+    return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
 
 
 def _read_hub(dataset_id: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -96,12 +125,20 @@ def check_records(records: list[dict[str, Any]], where: list[str], template: str
             continue
         for name in ("instruction", "output"):
             value = record.get(name)
-            if not isinstance(value, str) or (name == "instruction" and not value.strip()):
+            if value is not None and not isinstance(value, str):
+                raise DataError(_wrong_type(place, name, value))
+            if value is None or (name == "instruction" and not value.strip()):
                 raise DataError(
                     f'{place}: missing field "{name}" (alpaca records need instruction, optional input, output)'
                 )
         if record.get("input") is not None and not isinstance(record["input"], str):
-            raise DataError(f'{place}: field "input" must be a string')
+            raise DataError(_wrong_type(place, "input", record["input"]))
+
+
+def _wrong_type(place: str, name: str, value: Any) -> str:
+    """Not coerced: a number where text belongs is more often a column mix-up than a wanted answer."""
+    return (f'{place}: field "{name}" has the wrong type: expected a string, got {type(value).__name__} '
+            f'{json.dumps(value, ensure_ascii=False)[:40]} (write it as "{name}": "...")')
 
 
 def _check_tokens(record: dict[str, Any], place: str) -> None:
