@@ -43,6 +43,13 @@ CASES = {
                              r'bad\.jsonl line 1: field "labels" must be a list of integers as long as "input_ids"'),
     "tokens_nothing_to_learn": ('{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}\n',
                                 r"bad\.jsonl line 1: every label is -100"),
+    "output_is_a_number": ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 42}\n',
+                           r'bad\.jsonl line 2: field "output" has the wrong type: expected a string, got int 42'),
+    "instruction_is_a_list": ('{"instruction": ["a"], "output": "b"}\n',
+                              r'bad\.jsonl line 1: field "instruction" has the wrong type: expected a string'),
+    # a byte-order mark before record 1 is read as such (utf-8-sig): the first error is the real one, on line 2
+    "byte_order_mark": ('\ufeff{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n',
+                        r'bad\.jsonl line 2: missing field "output"'),
 }
 
 
@@ -66,6 +73,15 @@ def test_all_examples_too_long(tiny_llama, alpaca_file, tmp_path, capsys, no_mod
     status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"),
                           "--max-seq-len", "8", "--overlong", "drop")
     assert status == 2 and "longer than data.max_seq_len=8" in err and "--max-seq-len" in err
+    assert "--overlong truncate" in err  # under drop, truncating is what keeps them
+
+
+def test_all_examples_too_long_under_truncate(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
+    """truncate is the default: suggesting it would not help; a longer window or shorter prompts do."""
+    status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, tmp_path / "out"), "--max-seq-len", "8")
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "have prompts that fill data.max_seq_len=8 tokens" in err and "raise --max-seq-len (to at least " in err
+    assert "--overlong" not in err
 
 
 def test_unknown_template(tiny_llama, alpaca_file, tmp_path, capsys, no_model_loading):
