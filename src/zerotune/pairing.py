@@ -2,7 +2,8 @@
 
 The real test is the modules: every module the adapter changes must exist in the base, with the sizes the
 adapter's A and B matrices were trained for. The base is built from its config.json on the meta device (no
-memory, about a second for a 7B), the adapter's shapes are read from its safetensors header. The base model
+memory; 0.3 s for Llama-2-7B on this CPU once transformers' Llama code is imported, which loading needs anyway),
+the adapter's shapes are read from its safetensors header. The base model
 recorded at training time (adapter/zerotune.json) is only the hint in the message: a local copy of the same
 model, or another fine-tune of the same architecture, fits.
 """
