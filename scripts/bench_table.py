@@ -1,36 +1,97 @@
-"""Prints the README's `zerotune bench` table from benchmarks/results/*.json (files that `zerotune bench` wrote).
+"""Benchmark tables from benchmarks/results/*.json.
 
-Usage: python scripts/bench_table.py
+    python3 scripts/bench_table.py                                 # the README's headline: one row per workload
+    python3 scripts/bench_table.py --all > docs/benchmarks-all.md  # the docs page: a row per results file
+
+The headline row of a workload is its newest `zerotune bench` run of the default configuration: no
+`section.key=value` override in the command, no `caveat` or `experiment` field in the file. "Newest" is the
+file's date, then its commit's time in this repository's history, then its run number (`-run2`, `-repeat`).
+tests/test_readme.py and tests/test_docs.py check that the README and the docs page equal this output.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
+import re
+import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH_FIELDS = {"workload", "ours", "baseline", "ratio", "command"}
+# Flags whose values are a machine's own paths: not shown.
+PATH_FLAGS = ("--out-dir", "--work-dir")
+
+
+def all_results() -> list[tuple[str, dict]]:
+    return [(path.name, json.loads(path.read_text())) for path in sorted(RESULTS.glob("*.json"))]
+
+
+def is_bench(result: dict) -> bool:
+    # an "experiment" file ran code that is not in the repository (its field says what): no command to rerun
+    return BENCH_FIELDS <= result.keys() and "experiment" not in result
 
 
 def bench_results() -> list[tuple[str, dict]]:
-    found = []
-    for path in sorted(RESULTS.glob("*.json")):
-        result = json.loads(path.read_text())
-        # an "experiment" file ran code that is not in the repository (its field says what): no command to rerun
-        if {"workload", "ours", "baseline", "ratio", "command"} <= result.keys() and "experiment" not in result:
-            found.append((path.name, result))
-    return found
+    return [(name, result) for name, result in all_results() if is_bench(result)]
 
 
 def shown_command(command: str) -> str:
-    """The command without the machine's own paths (--out-dir, --work-dir and their values)."""
+    """The command without the machine's own paths: --out-dir and --work-dir dropped, --out's value as DIR."""
     words, kept = command.split(), []
     skip = False
     for word in words:
         if skip:
             skip = False
-        elif word in ("--out-dir", "--work-dir"):
+        elif word in PATH_FLAGS:
             skip = True
-        elif not word.startswith(("--out-dir=", "--work-dir=")):
+        elif word.startswith(tuple(f"{flag}=" for flag in PATH_FLAGS)):
+            continue
+        elif kept and kept[-1] == "--out":
+            kept.append("DIR")
+        else:
             kept.append(word)
     return " ".join(kept)
+
+
+def is_default_run(result: dict) -> bool:
+    """A `zerotune bench` run of the workload as it ships: no override in the command, no caveat on the file."""
+    overrides = [word for word in result["command"].split() if "=" in word and not word.startswith("--")]
+    return not overrides and "caveat" not in result
+
+
+def commit_times() -> dict[str, int]:
+    """Full commit hash -> commit time, from git; empty outside a git checkout."""
+    try:
+        log = subprocess.run(["git", "log", "--format=%H %ct"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {commit: int(time) for commit, time in (line.split() for line in log.splitlines())}
+
+
+def run_number(name: str) -> int:
+    match = re.search(r"-run(\d+)", name)
+    return int(match.group(1)) if match else 2 if "-repeat" in name else 1
+
+
+def newest_key(name: str, result: dict, times: dict[str, int]) -> tuple:
+    short = result["commit"][:7]
+    commit_time = next((time for commit, time in times.items() if commit.startswith(short)), 0)
+    return result["date"], commit_time, run_number(name), name
+
+
+def headline_results() -> list[tuple[str, dict]]:
+    """The newest default run of each workload, in workload order."""
+    times, newest = commit_times(), {}
+    for name, result in bench_results():
+        if not is_default_run(result):
+            continue
+        current = newest.get(result["workload"])
+        if current is None or newest_key(name, result, times) > newest_key(*current, times):
+            newest[result["workload"]] = (name, result)
+    return [newest[workload] for workload in sorted(newest)]
 
 
 def step_spread(side: dict) -> str:
@@ -43,20 +104,77 @@ def step_spread(side: dict) -> str:
     return f"{spread(steps):.2f}" if steps else "-"
 
 
-def table() -> str:
+def gpu_name(result: dict) -> str:
+    return result["gpu"].replace("NVIDIA ", "") + (f" x{result['gpus']}" if result.get("gpus", 1) > 1 else "")
+
+
+def table(results: list[tuple[str, dict]], with_commit: bool = True) -> str:
+    """One markdown row per results file."""
+    when = "commit" if with_commit else "date"
     lines = ["| workload | GPU | HF+PEFT tok/s (per GPU) | HF step spread | zerotune tok/s (per GPU) | ratio | "
-             "LoRA-MFU ours | peak GiB HF / ours | commit | command | file |",
+             f"LoRA-MFU ours | peak GiB HF / ours | {when} | command | file |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in bench_results():
+    for name, r in results:
         ours, base = r["ours"], r["baseline"]
         mfu = f"{ours['lora_mfu']:.1%}" if ours.get("lora_mfu") else "-"
-        gpu = r["gpu"].replace("NVIDIA ", "") + (f" x{r['gpus']}" if r.get("gpus", 1) > 1 else "")
-        command = shown_command(r["command"])
-        lines.append(f"| {r['workload']} | {gpu} | {base['tokens_per_second_per_gpu']:,.0f} | {step_spread(base)} | "
-                     f"{ours['tokens_per_second_per_gpu']:,.0f} | **{r['ratio']:.2f}x** | {mfu} | "
-                     f"{base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | {r['commit'][:7]} | `{command}` | `{name}` |")
+        lines.append(f"| {r['workload']} | {gpu_name(r)} | {base['tokens_per_second_per_gpu']:,.0f} | "
+                     f"{step_spread(base)} | {ours['tokens_per_second_per_gpu']:,.0f} | **{r['ratio']:.2f}x** | "
+                     f"{mfu} | {base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | "
+                     f"{r['commit'][:7] if with_commit else r['date']} | `{shown_command(r['command'])}` | "
+                     f"`{name}` |")
     return "\n".join(lines)
 
 
+def headline_table() -> str:
+    """The README's table: the newest default run of each workload, dated rather than by commit."""
+    return table(headline_results(), with_commit=False)
+
+
+def other_table() -> str:
+    """Files written by the scripts in benchmarks/ (profiles, variants, engines): one row each."""
+    lines = ["| date | GPU | commit | command | file |", "|---|---|---|---|---|"]
+    for name, r in all_results():
+        if is_bench(r):
+            continue
+        command = shown_command(r.get("command") or "; ".join(r.get("commands", [])) or "-")
+        lines.append(f"| {r['date']} | {gpu_name(r)} | {r['commit'][:7]} | `{command}` | `{name}` |")
+    return "\n".join(lines)
+
+
+def all_page() -> str:
+    bench = bench_results()
+    return "\n".join([
+        "# Every benchmark run",
+        "",
+        "<!-- Generated by `python3 scripts/bench_table.py --all > docs/benchmarks-all.md`; do not edit. -->",
+        "",
+        f"Every file in `benchmarks/results/`, one row each ({len(all_results())} files). How these runs are made",
+        "and how to read them: [Benchmarks](benchmarks.md).",
+        "",
+        f"## `zerotune bench` runs ({len(bench)})",
+        "",
+        "zerotune against the stock HF+PEFT path in the same run, oldest date first. Files with `-before-autocast`",
+        "in the name were made without `model.mixed_precision`; `-repeat` and `-runN` files are further runs of",
+        "the same command; a command with `section.key=value` changed zerotune's side.",
+        "",
+        table(bench),
+        "",
+        "## Other measurements",
+        "",
+        "Written by the scripts in `benchmarks/` (profiles, variants in one process, engines on several GPUs,",
+        "70B runs, kernels alone). Each file holds its own description, settings and figures.",
+        "",
+        other_table(),
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--all", action="store_true", help="print the docs page listing every results file")
+    args = parser.parse_args()
+    print(all_page() if args.all else headline_table(), end="" if args.all else "\n")
+
+
 if __name__ == "__main__":
-    print(table())
+    main()
