@@ -14,7 +14,7 @@ from helpers import adapter_weights, train
 
 pytestmark = pytest.mark.slow
 
-# A verbatim copy of the tutorial's file (../shared/reference/deepspeed_seed.json), kept in the repository.
+# A verbatim copy of the tutorial's DeepSpeed file, kept in the repository.
 TUTORIAL_JSON = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_tutorial_zero3_offload.json"
 SHARED_COPY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepspeed_seed.json"
 STEPS = 3

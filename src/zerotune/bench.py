@@ -3,7 +3,7 @@
 own training loop (``zerotune.train.run`` through the normal launcher) on the same architecture, random
 weights from the same seed, the same token data and the same settings. Writes one JSON result.
 
-Workloads (../shared/ANCHORS.md): W1 Llama-2-7B arch at seq 2048 (mb1 no checkpointing; mb4 checkpointing),
+Workloads: W1 Llama-2-7B arch at seq 2048 (mb1 no checkpointing; mb4 checkpointing),
 W2 Llama-3-8B arch (128k vocabulary), W3 short Alpaca-like examples (packed vs pad-to-longest, effective
 tokens/s), W4 two GPUs, and QLoRA at mb1 and mb4. ``--tiny`` swaps in a tiny model, short rows and the CPU so
 the harness itself is tested in CI (the speed is meaningless there).
