@@ -109,7 +109,7 @@ def attention_inputs(arch: dict, batch: int, seq: int, recompute: bool):
 def gemm_floor(sampler: PowerSampler, arch: dict, batch: int, seq: int, recompute: bool, seconds: float) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from zerotune.fused_projections import PAD_TO
+    from zerotune.speed.fused_projections import PAD_TO
 
     rows = {}
     (q, k, v, grad), attention_flops = attention_inputs(arch, batch, seq, recompute)

@@ -34,7 +34,7 @@ def main() -> None:
     from zerotune.data.batches import collate
     from zerotune.data.encode import EncodedExample
     from zerotune.data.packing import pack_examples
-    from zerotune.model import compile_layers
+    from zerotune.speed.compile import compile_layers
 
     rng = random.Random(1)
     full = [collate([EncodedExample(ids, ids)], 0) for ids in

@@ -23,8 +23,8 @@ def profile_w1() -> dict:
     from zerotune import adapters
     from zerotune.bench import ARCHITECTURES
     from zerotune.config import AdapterConfig
-    from zerotune.loss import install_chunked_loss
-    from zerotune.model import compile_layers
+    from zerotune.speed.chunked_loss import install_chunked_loss
+    from zerotune.speed.compile import compile_layers
     from zerotune.train import token_loss_sum
     from transformers import LlamaConfig, LlamaForCausalLM
 

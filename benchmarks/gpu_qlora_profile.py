@@ -3,7 +3,7 @@
 The model is the `qlora` bench workload's: Llama-2-7B architecture with random weights packed to NF4 (double
 quantization, bf16 compute and storage), LoRA r16 on all linear layers, gradient checkpointing, seq 2048,
 micro-batch 1, the chunked loss, fused AdamW, bf16 autocast. For each variant (``compiled``: zerotune's
-decoder-layer compilation; ``compiled-nf4``: with zerotune.nf4's matmul; ``...-cpp-wrapper``: inductor's
+decoder-layer compilation; ``compiled-nf4``: with zerotune.speed.nf4's matmul; ``...-cpp-wrapper``: inductor's
 host code in C++; ``...-graphed``: the whole step (forward, backward, optimizer) captured once as a CUDA graph and
 replayed; ``eager``):
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 
-VARIANTS = {  # name: (compile the decoder layers, zerotune.nf4 matmul, inductor's C++ host wrapper)
+VARIANTS = {  # name: (compile the decoder layers, zerotune.speed.nf4 matmul, inductor's C++ host wrapper)
     "compiled": (True, False, False),
     "compiled-nf4": (True, True, False),
     "compiled-nf4-graphed": (True, True, False),
@@ -50,8 +50,9 @@ def build(compiled: bool, nf4: bool):
     from zerotune import adapters
     from zerotune.bench import ARCHITECTURES
     from zerotune.config import AdapterConfig
-    from zerotune.loss import install_chunked_loss
-    from zerotune.model import compile_layers, random_4bit_model
+    from zerotune.speed.chunked_loss import install_chunked_loss
+    from zerotune.model import random_4bit_model
+    from zerotune.speed.compile import compile_layers
 
     torch.manual_seed(0)
     model = random_4bit_model(LlamaConfig(**ARCHITECTURES["llama-2-7b"]),
@@ -62,7 +63,7 @@ def build(compiled: bool, nf4: bool):
     model = adapters.apply_method(model, AdapterConfig(method="qlora", dropout=0.0), seed=0)
     head, _ = install_chunked_loss(model)
     if nf4:
-        from zerotune.nf4 import install_compiled_nf4
+        from zerotune.speed.nf4 import install_compiled_nf4
 
         install_compiled_nf4(model)
     if compiled:

@@ -32,7 +32,7 @@ def main() -> None:
     from w1_variants import group_of
     from zerotune import bench
     from zerotune.launchers import launch
-    from zerotune.step_graphs import StepGraphs
+    from zerotune.speed.step_graphs import StepGraphs
     from zerotune.train import prepare_output_dir
 
     workload = bench.WORKLOADS[args.workload]

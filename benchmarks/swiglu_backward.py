@@ -1,6 +1,6 @@
 """SwiGLU's backward pointwise kernel (gate/up gradients from silu(gate) * up), compiled by inductor as in the
 fused layer (gate and up as views of one [tokens, 2 x intermediate] output), indexed in one dimension and tiled
-over rows and columns, and zerotune.swiglu's Triton kernel at a few tile shapes, each timed alone against a plain
+over rows and columns, and zerotune.speed.swiglu's Triton kernel at a few tile shapes, each timed alone against a plain
 copy of the same bytes. In the W2 step this kernel is the largest after the matmuls and attention (4.5-4.7 ms per step);
 run under Nsight Compute it shows whether memory or instructions bound it:
 
@@ -36,11 +36,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=14336, help="14,336: Llama-3-8B; 11,008: Llama-2-7B")
     parser.add_argument("--tiles", default="4x1024x8,2x1024x4,8x512x8,1x2048x8,8x1024x8,16x256x4",
-                        help="zerotune.swiglu kernel tiles to time: ROWSxCOLUMNSxWARPS, comma-separated")
+                        help="zerotune.speed.swiglu kernel tiles to time: ROWSxCOLUMNSxWARPS, comma-separated")
     args = parser.parse_args()
     import triton
 
-    from zerotune import swiglu
+    from zerotune.speed import swiglu
     from zerotune.bench import provenance
 
     result = provenance("python benchmarks/swiglu_backward.py " + " ".join(sys.argv[1:]))

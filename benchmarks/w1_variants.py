@@ -54,7 +54,7 @@ VARIANTS = {
     "compiled-graphed+fast_lora": dict(graphed=True, mask=False, fast_lora=True),
     "ckpt-mb4-compiled-graphed+fast_lora": dict(micro=4, ckpt=True, graphed=True, mask=False, fast_lora=True),
     # transformers < 5.2x checkpoints around the compiled call (the whole compiled forward runs again);
-    # compile_layers moves it inside (model.checkpoint_in_forward): these keep the earlier layout
+    # compile_layers moves it inside (speed.compile.checkpoint_in_forward): these keep the earlier layout
     "ckpt-mb4-compiled-graphed-outer-ckpt": dict(micro=4, ckpt=True, graphed=True, mask=False, outer_ckpt=True),
     "ckpt-mb4-compiled-outer-ckpt": dict(micro=4, ckpt=True, outer_ckpt=True),
     # adapter.fused_projections: q/k/v and gate/up as one matmul each way (layers without checkpointing)
@@ -98,7 +98,7 @@ VARIANTS = {
     "compiled-graphed+fused-unpadded+compiled-loss": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                           unpadded=True),
     # SwiGLU and its backward as inductor compiles them from the MLP's own forward (gate and up as views of one
-    # output), as before zerotune.swiglu's backward kernel
+    # output), as before zerotune.speed.swiglu's backward kernel
     "compiled-graphed+fused-inductor-swiglu+compiled-loss": dict(graphed=True, mask=False, fused=True,
                                                                  compiled_loss=True, inductor_swiglu=True),
     # SDPA's cuDNN attention kernels first (flash otherwise), from the compile on
@@ -109,7 +109,7 @@ VARIANTS = {
     # inductor tuning its own Triton kernels' block sizes by measuring them (longer compiles)
     "compiled-graphed+fused+compiled-loss+cdt": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                      inductor=dict(coordinate_descent_tuning=True)),
-    # pointwise kernels indexed in one dimension, as before model.LAYER_COMPILE_OPTIONS tiled them over rows and
+    # pointwise kernels indexed in one dimension, as before speed.compile.LAYER_COMPILE_OPTIONS tiled them over rows and
     # columns (the SwiGLU backward ran instruction-bound as a 1-D kernel)
     "compiled-graphed+fused+compiled-loss+1d-tiling": dict(graphed=True, mask=False, fused=True, compiled_loss=True,
                                                            layer_options={}),
@@ -135,8 +135,8 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     from zerotune.bench import ARCHITECTURES
     from zerotune.config import AdapterConfig
     from zerotune.fast_lora import install_fast_lora
-    from zerotune.loss import install_chunked_loss
-    from zerotune.model import compile_layer, compile_layers
+    from zerotune.speed.chunked_loss import install_chunked_loss
+    from zerotune.speed.compile import compile_layer, compile_layers
     from zerotune.train import token_loss_sum
 
     options = {**BASE, **VARIANTS[name]}
@@ -167,7 +167,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     if fast_lora:
         install_fast_lora(model)
     if options["fused"]:
-        import zerotune.fused_projections as fused_projections
+        import zerotune.speed.fused_projections as fused_projections
 
         if options["unstacked"]:  # put back by main() after the variant
             fused_projections.GROUPS = fused_projections.GROUPS[:2]
@@ -182,9 +182,9 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
             fused_projections.QKV_ATTENTIONS = set()
         fused_projections.install_fused_projections(model, swiglu=not options["inductor_swiglu"])
     if options["layer_options"] is not None:  # put back by main() after the variant
-        import zerotune.model as zerotune_model
+        import zerotune.speed.compile as speed_compile
 
-        zerotune_model.LAYER_COMPILE_OPTIONS = options["layer_options"]
+        speed_compile.LAYER_COMPILE_OPTIONS = options["layer_options"]
     if compiled and options["outer_ckpt"]:
         for layer in model.base_model.model.model.layers:
             compile_layer(layer, options["mode"])
@@ -286,13 +286,12 @@ def main() -> None:
     import transformers.masking_utils as hf_masking
 
     probe = hf_masking.find_packed_sequence_indices
-    import zerotune.fused_projections as fused_projections
-
-    import zerotune.model as zerotune_model
+    import zerotune.speed.compile as speed_compile
+    import zerotune.speed.fused_projections as fused_projections
 
     switches = ("GROUPS", "_stacking_applies", "B_IN_COLUMNS", "VIEWS", "PAD_TO", "QKV_ATTENTIONS")
     fused_saved = {k: getattr(fused_projections, k) for k in switches}
-    layer_options = zerotune_model.LAYER_COMPILE_OPTIONS
+    layer_options = speed_compile.LAYER_COMPILE_OPTIONS
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, args.steps, args.arch)
@@ -304,7 +303,7 @@ def main() -> None:
             hf_masking.find_packed_sequence_indices = probe
             for key, value in fused_saved.items():
                 setattr(fused_projections, key, value)
-            zerotune_model.LAYER_COMPILE_OPTIONS = layer_options
+            speed_compile.LAYER_COMPILE_OPTIONS = layer_options
             gc.collect()
             torch.cuda.empty_cache()
         row = result["variants"][name]

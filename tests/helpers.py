@@ -114,6 +114,6 @@ def _counting_compile(results: list, count):
 
     def compile(self, *args, **kwargs):
         kwargs.pop("mode", None)
-        kwargs.pop("options", None)  # inductor's (model.LAYER_COMPILE_OPTIONS); this backend runs the graph as traced
+        kwargs.pop("options", None)  # inductor's (LAYER_COMPILE_OPTIONS); this backend runs the graph as traced
         return original(self, *args, backend=backend, **kwargs)
     return compile

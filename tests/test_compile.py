@@ -22,9 +22,9 @@ def test_compiled_layers_match_eager(config_for, tmp_path):
 
 
 def test_layers_compile_with_tiled_pointwise_kernels_unless_a_mode_is_given(monkeypatch):
-    """compile_layers hands inductor model.LAYER_COMPILE_OPTIONS (pointwise kernels tiled over rows and columns:
+    """compile_layers hands inductor speed.compile.LAYER_COMPILE_OPTIONS (pointwise kernels tiled over rows and columns:
     +2.7% on the H200's W2 step); torch.compile takes a mode or options, so a mode goes alone."""
-    from zerotune.model import LAYER_COMPILE_OPTIONS, compile_layers
+    from zerotune.speed.compile import LAYER_COMPILE_OPTIONS, compile_layers
     from zerotune.tiny import build_model
 
     model = build_model("llama", 300, hidden_size=64, layers=2, heads=4, kv_heads=2, seed=0)
@@ -50,7 +50,8 @@ def test_checkpoint_moves_inside_the_compiled_layer_and_skips_the_last_projectio
 
     from zerotune import adapters
     from zerotune.config import AdapterConfig, ModelConfig
-    from zerotune.model import checkpoint_in_forward, compile_layers, load_model
+    from zerotune.model import load_model
+    from zerotune.speed.compile import checkpoint_in_forward, compile_layers
 
     EarlierLayout = earlier_layout()
 
@@ -107,7 +108,7 @@ def test_dropout_gradients_under_checkpointing_are_the_forwards(tiny_llama, path
     import functools
 
     from helpers import dropout_gradient_check, dropout_model
-    from zerotune.model import compile_layers, move_checkpoint_into_forward
+    from zerotune.speed.compile import compile_layers, move_checkpoint_into_forward
 
     model = dropout_model(tiny_llama)
     if path == "compiled-moved":

@@ -10,8 +10,8 @@ import torch
 from helpers import random_adapters
 from zerotune import adapters
 from zerotune.config import AdapterConfig
-import zerotune.fused_projections as fp
-from zerotune.fused_projections import install_fused_projections
+import zerotune.speed.fused_projections as fp
+from zerotune.speed.fused_projections import install_fused_projections
 from zerotune.tiny import build_model
 
 IDS = torch.arange(3, 35).reshape(2, 16)
@@ -115,7 +115,7 @@ def test_stacked_weights_are_padded_with_zeros_that_stay_zero():
 
 def test_parts_are_copied_only_where_kept_apart_and_the_backward_runs_no_addmm():
     """No full-size copies that only cost memory traffic: q/k/v's outputs are separate tensors (attention keeps
-    v alone); a Llama MLP runs gate/up's output whole through zerotune.swiglu (its backward one op writing
+    v alone); a Llama MLP runs gate/up's output whole through zerotune.speed.swiglu (its backward one op writing
     [gate | up]'s gradient) and never calls gate_proj and up_proj apart; with swiglu=False (--no-swiglu-kernel,
     and MLP classes outside SWIGLU_MLPS) gate and up are views of the group's one output (a gated MLP keeps
     both for its backward anyway); and the backward sums x's gradient through A instead of running addmm, which
@@ -161,7 +161,7 @@ def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     recompilation per layer. Compiled, the stacked copies of A and B are refreshed by the model's pre-hook:
     after the adapters change (as an optimizer step changes them), the next forward and gradients follow."""
     from helpers import matmul_counting_compile
-    from zerotune.model import compile_layers
+    from zerotune.speed.compile import compile_layers
 
     counts = []
     monkeypatch.setattr(torch.nn.Module, "compile", matmul_counting_compile(counts))
@@ -213,7 +213,7 @@ def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch,
     through one saved part (v_proj's columns, or x A^T as a view of the stacked matmul's output): 0.7-4.6 GiB
     more on an H200 W2 step; this test fails on the parts as views, eager and compiled."""
     from helpers import matmul_counting_compile
-    from zerotune.model import compile_layers
+    from zerotune.speed.compile import compile_layers
 
     reference, fused = _model(), _model()
     install_fused_projections(fused)
@@ -234,7 +234,7 @@ def test_inductor_compiled_stacked_layers_follow_pefts_values_across_updates():
     """The real compiler (inductor, on CPU): two steps with the adapters updated in between give PEFT's eager
     logits and gradients; the stacked A rows, refreshed by the model's pre-hook outside the compiled layers,
     follow the update."""
-    from zerotune.model import compile_layers
+    from zerotune.speed.compile import compile_layers
 
     reference, fused = _model(), _model()
     install_fused_projections(fused)
@@ -260,7 +260,7 @@ def test_with_dropout_only_the_frozen_matmul_is_fused_and_the_masks_are_pefts(mo
     per group (18 matmuls per layer instead of 21: the adapters' 14 stay), and its graphs, traced and
     partitioned as inductor's are and run as traced, draw the same masks and give eager PEFT's values."""
     from helpers import matmul_counting_compile
-    from zerotune.model import compile_layers
+    from zerotune.speed.compile import compile_layers
 
     reference, fused = _model(dropout=0.3), _model(dropout=0.3)
     assert install_fused_projections(fused) == 2 * 4
@@ -324,7 +324,7 @@ def test_checkpointed_layers_fuse_every_group_without_a_memo(monkeypatch, archit
     matmul, whose x A^T comes from its own rank-wide matmul; no graph break, the memo never written. Without
     the replaced MLP forward (--no-swiglu-kernel) gate/up keep PEFT's forward."""
     from helpers import op_counting_compile
-    from zerotune.model import compile_layers
+    from zerotune.speed.compile import compile_layers
 
     reference, fused = _model(architecture, checkpointing=True), _model(architecture, checkpointing=True)
     assert install_fused_projections(fused) == 2 * 4
@@ -414,7 +414,7 @@ def test_uncovered_layers_keep_pefts_path(tiny_llama):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_training_with_fused_projections_equals_peft_and_saves_the_same_adapter(config_for, tmp_path, capsys,
                                                                                dropout, monkeypatch):
-    """Also: without dropout the MLPs run zerotune.swiglu, and --no-swiglu-kernel (adapter.swiglu_kernel) gives
+    """Also: without dropout the MLPs run zerotune.speed.swiglu, and --no-swiglu-kernel (adapter.swiglu_kernel) gives
     the same losses through the MLP's own forward."""
     from helpers import adapter_weights, train
 

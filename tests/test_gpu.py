@@ -94,7 +94,7 @@ def test_chunked_loss_matches_stock_in_bf16(tiny_llama, compiled):
     LoRA gradients equal to bf16 rounding."""
     from transformers import AutoModelForCausalLM
 
-    from zerotune.loss import install_chunked_loss
+    from zerotune.speed.chunked_loss import install_chunked_loss
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.bfloat16).cuda()
     model = adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
@@ -129,11 +129,11 @@ def test_autocast_makes_lora_matmuls_bf16(tiny_llama):
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_compiled_nf4_matmul_equals_bitsandbytes_on_cuda():
-    """zerotune.nf4 against bitsandbytes' CUDA kernels: the dequantized weight bit for bit (Llama-7B's widest
+    """zerotune.speed.nf4 against bitsandbytes' CUDA kernels: the dequantized weight bit for bit (Llama-7B's widest
     shape, more than 256 blocks), and, compiled by inductor, a layer's output and input gradient."""
     import bitsandbytes as bnb
 
-    from zerotune.nf4 import dequantize_nf4, install_compiled_nf4
+    from zerotune.speed.nf4 import dequantize_nf4, install_compiled_nf4
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(4096, 11008, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
@@ -247,7 +247,7 @@ def test_dropout_gradients_under_a_compiled_checkpoint_on_cuda(tiny_llama):
     recomputation redraws the forward's. What lifting checkpoint_in_forward's dropout exclusion needs (with
     the step-graph dropout test)."""
     from helpers import dropout_gradient_check, dropout_model
-    from zerotune.model import compile_layers, move_checkpoint_into_forward
+    from zerotune.speed.compile import compile_layers, move_checkpoint_into_forward
 
     model = dropout_model(tiny_llama, "cuda")
     for layer in model.base_model.model.model.layers:
@@ -277,9 +277,9 @@ def test_fused_projections_in_graphed_steps_equal_pefts_op_by_op(tiny_llama, alp
 
 
 def test_swiglu_backward_kernel_equals_the_torch_formula():
-    """zerotune.swiglu's Triton kernel (CUDA) against the same formula in torch ops, and against autograd's own
+    """zerotune.speed.swiglu's Triton kernel (CUDA) against the same formula in torch ops, and against autograd's own
     SwiGLU gradient: bf16 and fp32, shapes that fill no tile evenly, gate_up strided (a column slice)."""
-    from zerotune.swiglu import silu_mul, swiglu_backward, swiglu_backward_reference
+    from zerotune.speed.swiglu import silu_mul, swiglu_backward, swiglu_backward_reference
 
     torch.manual_seed(0)
     for dtype, tolerance in ((torch.bfloat16, {}), (torch.float32, dict(rtol=1e-5, atol=1e-6))):

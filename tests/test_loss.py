@@ -12,7 +12,7 @@ from zerotune.config import AdapterConfig
 from zerotune.data.batches import collate
 from zerotune.data.encode import EncodedExample
 from zerotune.data.packing import pack_examples
-from zerotune.loss import ALL_ROWS, install_chunked_loss, linear_cross_entropy_sum
+from zerotune.speed.chunked_loss import ALL_ROWS, install_chunked_loss, linear_cross_entropy_sum
 from zerotune.train import token_loss_sum
 
 from helpers import train
@@ -49,7 +49,7 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains, host
 def test_compiled_chunk_math_equals_eager_in_bf16():
     """The compiled chunk math reads bf16 logits and writes the bf16 gradient without an fp32 copy in memory;
     its values are the eager path's: the loss to fp32 reordering, the gradient to one bf16 rounding."""
-    from zerotune.loss import chunk_loss_and_grad, compiled_chunk_math
+    from zerotune.speed.chunked_loss import chunk_loss_and_grad, compiled_chunk_math
 
     torch.manual_seed(0)
     logits = (torch.randn(24, 301) * 4).to(torch.bfloat16)
@@ -121,7 +121,7 @@ def test_models_the_chunked_loss_cannot_serve_keep_the_stock_loss(tiny_llama):
 
 
 def test_chunk_rows_and_the_plans_copy_of_them():
-    from zerotune.loss import CHUNK_ELEMENTS, MIN_CHUNK_TOKENS, chunk_tokens_for
+    from zerotune.speed.chunked_loss import CHUNK_ELEMENTS, MIN_CHUNK_TOKENS, chunk_tokens_for
     from zerotune.plan import calibration
 
     assert chunk_tokens_for(32000) == 524  # 2**24 elements

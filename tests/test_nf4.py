@@ -1,4 +1,4 @@
-"""zerotune.nf4: QLoRA's 4-bit matmul in torch ops (for torch.compile) against bitsandbytes' own, on
+"""zerotune.speed.nf4: QLoRA's 4-bit matmul in torch ops (for torch.compile) against bitsandbytes' own, on
 bitsandbytes' CPU backend: the dequantized weights bit for bit, a layer's output and input gradient exactly,
 and no bitsandbytes op or graph break left in a traced layer."""
 
@@ -8,7 +8,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from zerotune.model import bitsandbytes_runs_4bit_on_cpu  # noqa: E402
-from zerotune.nf4 import covered, dequantize_nf4, install_compiled_nf4, matches_bitsandbytes  # noqa: E402
+from zerotune.speed.nf4 import covered, dequantize_nf4, install_compiled_nf4, matches_bitsandbytes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not bitsandbytes_runs_4bit_on_cpu(), reason="bitsandbytes has no CPU 4-bit backend")
 
@@ -109,12 +109,12 @@ def test_states_it_does_not_reproduce_keep_bitsandbytes_forward():
 
 
 def test_qlora_run_with_the_compiled_matmul_equals_bitsandbytes_run(alpaca_file, tmp_path, monkeypatch):
-    """zerotune train --method qlora --compile on puts zerotune.nf4 under the decoder layers, and the run's
+    """zerotune train --method qlora --compile on puts zerotune.speed.nf4 under the decoder layers, and the run's
     per-step losses equal the bitsandbytes run's (fp32 on CPU, 1e-6). The layers' torch.compile is stubbed out
     here (a CPU compile of two QLoRA runs took a minute of CI); the traced-graph test above and the GPU test
     cover compiling it. Llama-3 shapes (GQA), widths a multiple of bitsandbytes' block."""
-    import zerotune.model
-    import zerotune.nf4
+    import zerotune.speed.compile
+    import zerotune.speed.nf4
     from conftest import corpus, make_config
     from helpers import train
     from zerotune.tiny import save_tiny_model
@@ -122,9 +122,10 @@ def test_qlora_run_with_the_compiled_matmul_equals_bitsandbytes_run(alpaca_file,
     model_dir = save_tiny_model(tmp_path / "model", corpus(), "llama", vocab_size=300, hidden_size=64, layers=2,
                                 heads=4, kv_heads=2, seed=0)
     installed, compiled = [], []
-    real = zerotune.nf4.install_compiled_nf4
-    monkeypatch.setattr(zerotune.nf4, "install_compiled_nf4", lambda model: installed.append(real(model)) or installed[-1])
-    monkeypatch.setattr(zerotune.model, "compile_layers", lambda model, mode=None: compiled.append(mode) or 2)
+    real = zerotune.speed.nf4.install_compiled_nf4
+    monkeypatch.setattr(zerotune.speed.nf4, "install_compiled_nf4",
+                        lambda model: installed.append(real(model)) or installed[-1])
+    monkeypatch.setattr(zerotune.speed.compile, "compile_layers", lambda model, mode=None: compiled.append(mode) or 2)
     losses = {}
     for nf4 in (True, False):
         config = make_config(model_dir, alpaca_file, tmp_path / f"run-{nf4}", **{
@@ -138,7 +139,7 @@ def test_qlora_run_with_the_compiled_matmul_equals_bitsandbytes_run(alpaca_file,
 def test_a_changed_bitsandbytes_layout_keeps_bitsandbytes_matmul(monkeypatch):
     """The install-time check: this bitsandbytes matches; one that reads its packed bytes another way (here:
     the low nibble first) gets no compiled matmul at all."""
-    import zerotune.nf4
+    import zerotune.speed.nf4
 
     assert matches_bitsandbytes(torch.device("cpu"))
     real = bnb.functional.dequantize_4bit
@@ -148,6 +149,6 @@ def test_a_changed_bitsandbytes_layout_keeps_bitsandbytes_matmul(monkeypatch):
         return real(((raw << 4) | (raw >> 4)).view(packed.dtype), state, *args, **kwargs)
 
     monkeypatch.setattr(bnb.functional, "dequantize_4bit", low_nibble_first)
-    assert not zerotune.nf4.matches_bitsandbytes(torch.device("cpu"))
+    assert not zerotune.speed.nf4.matches_bitsandbytes(torch.device("cpu"))
     layer = nf4_layer(64, 128)
     assert install_compiled_nf4(layer) == 0 and not hasattr(layer, "_zerotune_bnb_forward")

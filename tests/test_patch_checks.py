@@ -9,8 +9,8 @@ import contextlib
 import pytest
 import torch
 
-from zerotune import fused_projections as fp
-from zerotune.model import compile_layers, new_graph_breaks, graph_breaks, without_hub_kernel_dispatch
+from zerotune.speed import fused_projections as fp
+from zerotune.speed.compile import compile_layers, graph_breaks, new_graph_breaks, without_hub_kernel_dispatch
 from zerotune.tiny import build_model
 
 

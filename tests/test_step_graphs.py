@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from zerotune.attention import NAME, install_plain_causal_hint, is_plain_causal, plain_causal
+from zerotune.speed.plain_causal import NAME, install_plain_causal_hint, is_plain_causal, plain_causal
 from zerotune.config import build_config
 from zerotune.errors import ConfigError
 
@@ -51,7 +51,7 @@ def test_cuda_graph_flag_alone_means_on_and_takes_no_following_argument():
     ({"fixed_shapes": False}, "unpacked examples of varying length"),
 ])
 def test_cuda_graph_auto_takes_graphs_only_where_tested(change, reason):
-    from zerotune.step_graphs import wanted
+    from zerotune.speed.step_graphs import wanted
 
     run = dict(device_type="cuda", strategy="single", compiled=True, method="qlora", attention="sdpa",
                fixed_shapes=True) | change
@@ -106,7 +106,7 @@ def test_one_plain_flag_per_step_bounds_the_graphs_of_a_shape():
     is plain only when every micro-batch is."""
     import itertools
 
-    from zerotune.step_graphs import StepGraphs, signature, step_plain
+    from zerotune.speed.step_graphs import StepGraphs, signature, step_plain
 
     one = torch.arange(8).view(1, 8)
     two = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])

@@ -1,4 +1,4 @@
-"""zerotune.swiglu: silu(gate) * up with its backward as one op (a Triton kernel on CUDA: tests/test_gpu.py). On
+"""zerotune.speed.swiglu: silu(gate) * up with its backward as one op (a Triton kernel on CUDA: tests/test_gpu.py). On
 CPU the op runs the torch formula; these check that formula against autograd's own SwiGLU gradient, and that the
 op traces and compiles."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from zerotune.swiglu import silu_mul, swiglu_backward
+from zerotune.speed.swiglu import silu_mul, swiglu_backward
 
 
 def _own_swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ class ModelConfig:
     )
     compiled_nf4: bool = option(
         True, "With --method qlora and compiled layers in one process: the 4-bit matmul is written in torch ops and "
-              "compiled with its layer (zerotune.nf4), one fused dequantize kernel per weight instead of "
+              "compiled with its layer (zerotune.speed.nf4), one fused dequantize kernel per weight instead of "
               "bitsandbytes' per-call host code; same values bit for bit. A 7B QLoRA micro-batch-1 step is "
               "host-bound, and took 0.26 s instead of 0.38 s on an H200. Not yet under DDP, FSDP2 or DeepSpeed "
               "(untested there). --no-compiled-nf4: bitsandbytes' own matmul.", "--compiled-nf4",
@@ -115,7 +115,7 @@ class AdapterConfig:
     )
     fused_projections: Literal["auto", "on", "off"] = option(
         "auto", "Run sibling projections that read one input (q/k/v, gate/up) as one matmul, with the LoRA "
-                "matrices stacked into the frozen weights (zerotune/fused_projections.py): for q/k/v and gate/up "
+                "matrices stacked into the frozen weights (zerotune/speed/fused_projections.py): for q/k/v and gate/up "
                 "the B matrices as extra columns, so the adapters' update is summed inside the frozen "
                 "matmul; for o and down the A matrices as extra rows. One backward matmul gives the input's "
                 "gradient through the frozen weights and the adapters. In Llama-style MLPs gate/up's output stays "
@@ -139,7 +139,7 @@ class AdapterConfig:
     swiglu_kernel: bool = option(
         True, "Where fused projections run gate/up stacked in a Llama-style MLP (Llama, Mistral, Qwen2, Qwen3): "
               "gate/up's output stays one tensor and SwiGLU's backward is one Triton kernel on CUDA GPUs "
-              "(zerotune/swiglu.py; the same formula in torch ops elsewhere), which writes gate/up's gradient "
+              "(zerotune/speed/swiglu.py; the same formula in torch ops elsewhere), which writes gate/up's gradient "
               "whole. On an H200 the kernel ran at 3.8 TB/s against 3.0 for inductor's, and W2 1.5-2.1% faster "
               "(benchmarks/results/*-swiglu-*.json). In layers with gradient checkpointing gate/up still run "
               "stacked but SwiGLU runs as torch ops (inductor's kernel, which the checkpoint recomputes). "
@@ -193,7 +193,7 @@ class TrainConfig:
     seed: int = option(42, "Seed for weights of new LoRA layers, data order and dropout.", "--seed",
                        valid="[0, 4294967295]")  # 32 bits, as every generator accepts
     cuda_graph: Literal["auto", "on", "off"] = option(
-        "auto", "Replay each training step as one CUDA graph (zerotune.step_graphs): the host launches one graph "
+        "auto", "Replay each training step as one CUDA graph (zerotune.speed.step_graphs): the host launches one graph "
                 "instead of thousands of kernels, so host-bound steps run at the GPU's pace (on an H200: 7B QLoRA "
                 "micro-batch 1 2.58x the HF path instead of 2.07x, W1 +14-20%; no gain where the GPU is the "
                 "bottleneck, ~0.1 GiB more peak memory). Same losses as op by op (tested on GPU with dropout and "

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from zerotune import adapters
-from zerotune.attention import install_plain_causal_hint, is_plain_causal, plain_causal
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
     save_checkpoint
 from zerotune.config import RunConfig, compile_enabled, dump_yaml
@@ -31,11 +30,12 @@ from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.encode import IGNORE_INDEX
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError, ZerotuneError
-from zerotune.loss import ALL_ROWS
-from zerotune.model import compute_precision, graph_breaks, load_tokenizer, new_graph_breaks, resolve_attention, \
-    resolve_dtype
+from zerotune.model import compute_precision, load_tokenizer, resolve_attention, resolve_dtype
 from zerotune.resolve import Machine, choose_strategy, explain_strategy
-from zerotune.step_graphs import StepGraphs, step_plain, wanted
+from zerotune.speed.chunked_loss import ALL_ROWS
+from zerotune.speed.compile import graph_breaks, new_graph_breaks
+from zerotune.speed.plain_causal import install_plain_causal_hint, is_plain_causal, plain_causal
+from zerotune.speed.step_graphs import StepGraphs, step_plain, wanted
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
 from zerotune.strategies import create_strategy
@@ -96,8 +96,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], head=None,
                    label_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over label tokens, and the number of those tokens. Packed batches go in
     with position ids and no attention mask (and never a KV cache), so attention stays inside each example.
-    With ``head`` (a zerotune.loss.ChunkedLossHead) the output head returns the loss sum itself, chunked;
-    ``label_count`` (count_label_tokens of the batch, taken on the host) lets it skip a host-GPU sync."""
+    With ``head`` (a zerotune.speed.chunked_loss.ChunkedLossHead) the output head returns the loss sum itself,
+    chunked; ``label_count`` (count_label_tokens of the batch, taken on the host) lets it skip a host-GPU sync."""
     if "position_ids" in batch:
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     else:
@@ -211,7 +211,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     model = adapters.apply_method(model, config.adapter, seed)
     loss_head = None
     if config.model.chunked_loss:
-        from zerotune.loss import install_chunked_loss
+        from zerotune.speed.chunked_loss import install_chunked_loss
 
         loss_head, why_not = install_chunked_loss(model, compiled=compiled)
         if why_not:
@@ -228,7 +228,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     # under DDP when asked for (each rank fuses its own copy; not measured on GPUs: auto stays one process)
     fused_strategies = ("single", "ddp") if config.adapter.fused_projections == "on" else ("single",)
     if fusing and config.adapter.method == "lora" and strategy.name in fused_strategies:
-        from zerotune.fused_projections import install_checked
+        from zerotune.speed.fused_projections import install_checked
 
         groups, why_not = install_checked(model, forward_precision(strategy, config, model),
                                           swiglu=config.adapter.swiglu_kernel)
@@ -247,14 +247,15 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
             tracker.note(f"train.cuda_graph auto: off, the model loaded with {loaded} attention, not SDPA")
     precision = forward_precision(strategy, config, model, graphs)
     if compiled:
-        from zerotune.model import compile_layers
+        from zerotune.speed.compile import compile_layers
 
         if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name == "single":
-            from zerotune.nf4 import install_compiled_nf4
+            from zerotune.speed.nf4 import install_compiled_nf4
 
             installed = install_compiled_nf4(model)
-            tracker.note(f"QLoRA: {installed} 4-bit matmuls compiled with their layers (zerotune.nf4)" if installed else
-                         "QLoRA: bitsandbytes' matmul (the installed bitsandbytes packs NF4 in a layout zerotune.nf4 "
+            tracker.note(f"QLoRA: {installed} 4-bit matmuls compiled with their layers (zerotune.speed.nf4)"
+                         if installed else "QLoRA: bitsandbytes' matmul (the installed bitsandbytes packs NF4 in a "
+                         "layout zerotune.speed.nf4 "
                          "was not built for)")
 
         tracker.note(f"compiling {compile_layers(model)} decoder layers (torch.compile; the first steps are slow)")

@@ -73,8 +73,9 @@ ACTIVATION_FACTOR = 0.92
 # element of every adapted layer's input, fitted on 2026-11-28-h200-w1-before-autocast.json (25.0 GiB).
 FP32_LORA_EXTRA = 0.31
 LOGIT_BYTES_STOCK = 14  # bf16 logits, their fp32 copy, log-softmax, fp32 gradient (engines-verification single)
-CHUNK_ELEMENTS = 2**24  # zerotune.loss.CHUNK_ELEMENTS (files before e944061 ran with 2**26: 0.3 GiB more)
-MIN_CHUNK_TOKENS = 512  # zerotune.loss.MIN_CHUNK_TOKENS (files before it ran 2**24 // vocab rows: 130 at 128k)
+# as zerotune.speed.chunked_loss's constants
+CHUNK_ELEMENTS = 2**24  # files before e944061 ran with 2**26: 0.3 GiB more
+MIN_CHUNK_TOKENS = 512  # files before it ran 2**24 // vocab rows: 130 at 128k
 FSDP_LIVE_LAYERS = 2  # the layer in use plus the prefetched one, unsharded
 ZERO3_LIVE_LAYERS = 2.3  # fitted: ZeRO-3 13.68 GiB (engines-verification); prefetch and live-parameter buffers
 CUDA_CONTEXT_GIB = 0.6  # CUDA context and cuBLAS workspaces: outside torch's allocator statistics

@@ -34,7 +34,7 @@ clears the memo, and so does every call of the module that holds them (a forward
 the call it was computed in. Under torch.compile this is ordinary Python state traced into one graph, so the
 layer's graph holds each fused matmul once and its backward too.
 Beyond the projections, one module's forward is replaced: a Llama-style MLP (SWIGLU_MLPS, SiLU) whose gate/up
-run stacked keeps gate/up's output whole and runs silu(gate) * up through zerotune.swiglu, whose backward is one
+run stacked keeps gate/up's output whole and runs silu(gate) * up through zerotune.speed.swiglu, whose backward is one
 kernel writing [gate | up]'s gradient (its own forward runs whenever the stacked path does not apply).
 The members' frozen weights become views of the stacked tensor (its rows, or its leading columns), held by
 each member as a non-persistent buffer, so nothing is stored twice and the state dict is unchanged; the
@@ -60,14 +60,14 @@ import types
 
 import torch
 
-from zerotune.swiglu import silu_mul
+from zerotune.speed.swiglu import silu_mul
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
 # groups whose parts are returned as views of one output: a gated MLP, act(gate) * up, keeps both for its backward
 VIEWS = {("gate_proj", "up_proj")}
 B_IN_COLUMNS = True  # groups wider than their input hold LoRA-B in columns (else LoRA-A in rows, as the others)
 # MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): with SiLU and gate/up stacked,
-# zerotune.swiglu runs the activation, its backward one kernel writing gate/up's gradient whole
+# zerotune.speed.swiglu runs the activation, its backward one kernel writing gate/up's gradient whole
 SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 # attention classes whose forward reads its input only through q_proj, k_proj and v_proj (and its shape): in a
 # checkpointed layer their forward is wrapped so that q/k/v run as one stacked matmul (_qkv_attention_forward)
@@ -418,7 +418,7 @@ def _wide_output(self, group: _Group, name: str, x: torch.Tensor) -> torch.Tenso
 
 def _swiglu_mlp_forward(self, x):
     """down(silu(gate(x)) * up(x)) with gate/up's output kept whole and SwiGLU's backward as one kernel
-    (zerotune.swiglu), where gate/up run stacked; otherwise the module's own forward."""
+    (zerotune.speed.swiglu), where gate/up run stacked; otherwise the module's own forward."""
     gate_proj = self.gate_proj
     group = gate_proj._zerotune_group
     name = _group_adapter(group)
@@ -426,7 +426,7 @@ def _swiglu_mlp_forward(self, x):
         return self._zerotune_mlp_forward(x)
     gate_up = _wide_output(gate_proj, group, name, x)
     if not group.keeps_memo:  # checkpointed: SwiGLU in torch ops, which the compiler recomputes and fuses
-        gate, up = gate_up.chunk(2, -1)  # (zerotune.swiglu's autograd.Function would be kept on torch 2.11)
+        gate, up = gate_up.chunk(2, -1)  # (zerotune.speed.swiglu's autograd.Function would be kept on torch 2.11)
         return self.down_proj(torch.nn.functional.silu(gate) * up)
     return self.down_proj(silu_mul(gate_up))
 
@@ -494,8 +494,9 @@ def _separate(output: torch.Tensor, sizes: list[int], copies: bool) -> tuple:
 
 def install_fused_projections(model: torch.nn.Module, swiglu: bool = True) -> int:
     """Fuse every covered group of ``model`` (see the module's text). Returns how many groups. ``swiglu``: MLPs
-    of SWIGLU_MLPS with a SiLU run gate/up's output whole through zerotune.swiglu (else their own forward)."""
-    from zerotune.model import decoder_layers, without_hub_kernel_dispatch
+    of SWIGLU_MLPS with a SiLU run gate/up's output whole through zerotune.speed.swiglu (else their own forward)."""
+    from zerotune.model import decoder_layers
+    from zerotune.speed.compile import without_hub_kernel_dispatch
 
     without_hub_kernel_dispatch(model)  # before the attention forwards are wrapped below
     groups, hooks = [], []
