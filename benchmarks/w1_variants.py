@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger=False, host_count=True,
+BASE = dict(micro=1, ckpt=False, compile=True, mode=None, liger=False, host_count=True,
             loss_chunk=None, cpp_wrapper=False, graphed=False, mask=True,
             packed_probe=True, outer_ckpt=False, fused=False, compiled_loss=False, inductor={}, dropout=0.0,
             unstacked=False, sdpa=None, rows_only=False, copied_parts=False, unpadded=False, layer_options=None,
@@ -26,7 +26,6 @@ BASE = dict(micro=1, ckpt=False, compile=True, mode=None, fast_lora=False, liger
 VARIANTS = {
     "compiled": {},
     "compiled-nonzero-sync": dict(host_count=False),
-    "compiled+fast_lora": dict(fast_lora=True),
     "compiled-reduce-overhead": dict(mode="reduce-overhead"),
     "compiled-max-autotune": dict(mode="max-autotune-no-cudagraphs"),
     "compiled-loss-chunk512": dict(loss_chunk=512),
@@ -34,11 +33,9 @@ VARIANTS = {
     "compiled-reduce-overhead-loss-chunk512": dict(mode="reduce-overhead", loss_chunk=512),
     "compiled-cpp-wrapper": dict(cpp_wrapper=True),
     "eager": dict(compile=False),
-    "eager+fast_lora": dict(compile=False, fast_lora=True),
     "eager+liger": dict(compile=False, liger=True),
     "compiled+liger": dict(liger=True),
     "ckpt-mb4-compiled": dict(micro=4, ckpt=True),
-    "ckpt-mb4-compiled+fast_lora": dict(micro=4, ckpt=True, fast_lora=True),
     "ckpt-mb4-compiled-reduce-overhead": dict(micro=4, ckpt=True, mode="reduce-overhead"),
     # The whole step as one CUDA graph (gpu_qlora_profile.whole_step_graph); run these last: the
     # transformers patches it makes stay for the rest of the process.
@@ -49,10 +46,6 @@ VARIANTS = {
     "ckpt-mb4-compiled-no-mask-no-probe": dict(micro=4, ckpt=True, mask=False, packed_probe=False),
     "compiled-graphed": dict(graphed=True, mask=False),
     "ckpt-mb4-compiled-graphed": dict(micro=4, ckpt=True, graphed=True, mask=False),
-    # zerotune.fast_lora inside the graph: measured -2% compiled while the step was host-bound; its saving is
-    # memory traffic, which only a GPU-bound (graphed) step shows
-    "compiled-graphed+fast_lora": dict(graphed=True, mask=False, fast_lora=True),
-    "ckpt-mb4-compiled-graphed+fast_lora": dict(micro=4, ckpt=True, graphed=True, mask=False, fast_lora=True),
     # transformers < 5.2x checkpoints around the compiled call (the whole compiled forward runs again);
     # compile_layers moves it inside (speed.compile.checkpoint_in_forward): these keep the earlier layout
     "ckpt-mb4-compiled-graphed-outer-ckpt": dict(micro=4, ckpt=True, graphed=True, mask=False, outer_ckpt=True),
@@ -134,13 +127,12 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     from zerotune import adapters
     from zerotune.bench import ARCHITECTURES
     from zerotune.config import AdapterConfig
-    from zerotune.fast_lora import install_fast_lora
     from zerotune.speed.chunked_loss import install_chunked_loss
     from zerotune.speed.compile import compile_layer, compile_layers
     from zerotune.train import token_loss_sum
 
     options = {**BASE, **VARIANTS[name]}
-    micro, ckpt, compiled, fast_lora, liger = (options[k] for k in ("micro", "ckpt", "compile", "fast_lora", "liger"))
+    micro, ckpt, compiled, liger = (options[k] for k in ("micro", "ckpt", "compile", "liger"))
     torch._dynamo.reset()
     torch._inductor.config.cpp_wrapper = options["cpp_wrapper"]
     for key, value in INDUCTOR_DEFAULTS.items():
@@ -164,8 +156,6 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     model = adapters.apply_method(model, AdapterConfig(dropout=options["dropout"]), seed=0)
     head, _ = install_chunked_loss(model, compiled=options["compiled_loss"])
     head.chunk_tokens = options["loss_chunk"]
-    if fast_lora:
-        install_fast_lora(model)
     if options["fused"]:
         import zerotune.speed.fused_projections as fused_projections
 

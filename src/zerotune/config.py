@@ -105,14 +105,6 @@ class AdapterConfig:
         "(Llama's q_proj..down_proj, Falcon's query_key_value..dense_4h_to_h).",
         "--lora-target-modules",
     )
-    fast_lora: bool = option(
-        False, "Compute each LoRA update in one autograd node: the update is added inside the GEMM and alpha/r "
-              "scales the rank-r intermediates, so no full-size scale or add passes run (forward or backward). "
-              "Same values as PEFT's path (tested to 1e-12 in fp64); 0.5-2 GiB less memory on a 7B LoRA. Off by "
-              "default: on an H200 it was 2% faster eager but 2-3% slower with --compile, whose fused kernels "
-              "already do PEFT's scale and add (benchmarks/results/*-w1-variants.json). Not under ZeRO-3 or "
-              "for 4-bit bases (PEFT's path runs there).", "--fast-lora",
-    )
     fused_projections: Literal["auto", "on", "off"] = option(
         "auto", "Run sibling projections that read one input (q/k/v, gate/up) as one matmul, with the LoRA "
                 "matrices stacked into the frozen weights (zerotune/speed/fused_projections.py): for q/k/v and gate/up "

@@ -216,13 +216,6 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         loss_head, why_not = install_chunked_loss(model, compiled=compiled)
         if why_not:
             tracker.note(f"model.chunked_loss: kept the stock loss because {why_not}")
-    if config.adapter.fast_lora and config.adapter.method != "full":
-        if strategy.gathers_per_module:
-            tracker.note("adapter.fast_lora: off under ZeRO-3 (it reads adapter weights outside their modules)")
-        else:
-            from zerotune.fast_lora import install_fast_lora
-
-            install_fast_lora(model)
     fusing = config.adapter.fused_projections == "on" or (config.adapter.fused_projections == "auto" and compiled
                                                                and strategy.device.type == "cuda")
     # under DDP when asked for (each rank fuses its own copy; not measured on GPUs: auto stays one process)
