@@ -217,10 +217,10 @@ SLOW_COMMIT = """
 import sys, time
 import zerotune.checkpoints as checkpoints
 original = checkpoints.commit
-def slow_commit(staging, final, step):
+def slow_commit(staging, final, step, *rest):
     if step >= 4:
         time.sleep(600)  # the test kills the process here, inside the save of step 4
-    original(staging, final, step)
+    original(staging, final, step, *rest)
 checkpoints.commit = slow_commit
 from zerotune.cli import main
 sys.exit(main(sys.argv[1:]))

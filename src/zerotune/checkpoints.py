@@ -1,37 +1,59 @@
-"""Checkpoints: atomic, verified, and holding everything needed to continue a run step for step.
+"""Checkpoints: atomic, checksummed, and holding everything needed to continue a run step for step.
 
 Layout under ``<output_dir>/checkpoints/``::
 
     step-00000010/              a complete checkpoint; it got this name by an atomic rename
-        manifest.json           written last: the step and every file with its size
+        manifest.json           written last: the step and every file with its size and SHA-256
         trainer_state.json      step, data position, loss history, skipped steps, MLflow run id, engine
         rng-rank-0.pt ...       each rank's RNG states (tensors and ints; read with weights_only=True)
         ...                     the engine's own files (Strategy.save_state)
     .staging-step-00000012/     a save in progress: never taken for a checkpoint, removed by the next save
 
 A crash or SIGKILL during a save leaves only a staging directory, so ``--resume`` takes the previous
-complete checkpoint. A checkpoint whose files no longer match its manifest (a truncated copy) is skipped.
-Nothing here imports torch.distributed: the strategy passed in does every collective step.
+complete checkpoint. Before a resume the workers check every file against the manifest (size, then
+checksum); a damaged checkpoint is skipped with one line naming the file, and the run continues from the
+newest intact one. Format-1 manifests recorded sizes only: those checkpoints are checked by size.
+A disk that fills up during a save removes that save's staging directory and raises CheckpointSpaceError
+on every rank. Nothing here imports torch.distributed: the strategy passed in does every collective step.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from zerotune.errors import ConfigError
+from zerotune.errors import ConfigError, ZerotuneError
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 STAGING_PREFIX = ".staging-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: each file with its size; 2: each file with {"size", "sha256"}
+# SHA-256 runs on the CPU's SHA instructions (x86 SHA-NI, ARMv8): 0.87 GB/s a core on the 2-core CPU box,
+# where BLAKE2b gave 0.32 GB/s. benchmarks/checkpoint_hashing.py measures what hashing adds to a save.
+CHECKSUM = "sha256"
+READ_CHUNK = 8 * 2**20  # bytes per read while hashing; hashlib releases the GIL on each update
+STEP_DIRECTORY = re.compile(r"step-[0-9]+")
+STAGING_DIRECTORY = re.compile(re.escape(STAGING_PREFIX) + r"step-[0-9]+")
+# A full disk that raises no OSError with errno ENOSPC: torch.save's zip writer says "unexpected pos" (or "file
+# write failed"), safetensors' writer "No space left on device (os error 28)", DCP wraps the rank's error.
+OUT_OF_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "unexpected pos",
+                     "file write failed")
+
+
+class CheckpointSpaceError(ZerotuneError):
+    """The disk (or a quota) filled up during a save. That save's files are gone; earlier checkpoints stay."""
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -46,26 +68,110 @@ def step_of(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
 
 
-def is_complete(path: Path) -> bool:
-    """A committed directory whose manifest lists files that all exist with their recorded sizes."""
+# ---- reading files once: checksum, size, fsync ----
+
+def _read_digest(handle) -> str:
+    digest = hashlib.new(CHECKSUM)
+    buffer = bytearray(READ_CHUNK)
+    view = memoryview(buffer)
+    while count := handle.readinto(buffer):
+        digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def seal_file(path: Path) -> dict[str, Any]:
+    """A just-written file's manifest entry. It is read back (from the page cache) and fsynced in one open,
+    so sealing costs one pass over the file; the engines' own writers (safetensors, torch.save, DCP,
+    DeepSpeed) give no hook to hash while they write."""
+    with path.open("rb", buffering=0) as handle:
+        digest = _read_digest(handle)
+        os.fsync(handle.fileno())
+        return {"size": os.fstat(handle.fileno()).st_size, CHECKSUM: digest}
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb", buffering=0) as handle:
+        return _read_digest(handle)
+
+
+def _in_threads(function: Callable[[Path], Any], paths: list[Path]) -> list[Any]:
+    """``function`` over ``paths``, a few files at once: reads, hashing and fsync release the GIL.
+    The launchers give each worker its share of the cores through torch's thread count."""
+    threads = max(1, min(4, len(paths), torch.get_num_threads()))
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, paths))
+
+
+def share_of(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
+    """The files this rank reads: largest first, each to the rank with the fewest bytes so far. Every rank
+    computes the same split from the same names and sizes."""
+    loads = [0] * world_size
+    mine = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        target = loads.index(min(loads))
+        loads[target] += sizes[name]
+        if target == rank:
+            mine.append(name)
+    return mine
+
+
+def read_manifest(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """Each file's recorded entry; a format-1 manifest's bare sizes read as {"size": n}."""
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    return {str(name): entry if isinstance(entry, dict) else {"size": int(entry)}
+            for name, entry in manifest["files"].items()}
+
+
+def problem_with(checkpoint: Path, rank: int = 0, world_size: int = 1, checksums: bool = True,
+                 only: list[str] | None = None) -> str | None:
+    """What is wrong with a committed checkpoint, in words that name the file, or None. Every file's
+    presence and size are checked; checksums (unless ``checksums`` is off) of this rank's share of the files,
+    or of the files in ``only``."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        return all((path / name).is_file() and (path / name).stat().st_size == size
-                   for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        entries = read_manifest(checkpoint)
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, entry in sorted(entries.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry.get("size"):
+            return f"{name} is {path.stat().st_size} bytes, its manifest says {entry.get('size')}"
+    if not checksums:
+        return None
+    names = only if only is not None else share_of({n: e["size"] for n, e in entries.items()}, rank, world_size)
+    names = [name for name in names if CHECKSUM in entries.get(name, {})]
+    for name, digest in zip(names, _in_threads(file_digest, [checkpoint / n for n in names])):
+        if digest != entries[name][CHECKSUM]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+# ---- finding checkpoints ----
+
+def step_directories(output_dir: Path) -> list[Path]:
+    """Directories named like zerotune's checkpoints (step-<digits>), oldest first, whatever their state."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if STEP_DIRECTORY.fullmatch(p.name) and p.is_dir()), key=step_of)
+
+
+def is_complete(path: Path) -> bool:
+    """Committed, and every file its manifest lists exists with its recorded size (checksums not read)."""
+    return problem_with(path, checksums=False) is None
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted((p for p in found if is_complete(p)), key=step_of)
+    return [p for p in step_directories(output_dir) if is_complete(p)]
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint, by sizes: cheap, for a launcher's first pick. verified_restore reads
+    the checksums before the workers load anything."""
     complete = complete_checkpoints(output_dir)
     return complete[-1] if complete else None
 
@@ -73,6 +179,47 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
 
+
+def verified_restore(candidate: Path | None, output_dir: Path, strategy) -> Path | None:
+    """Collective, in the workers before anything loads: the checkpoint to resume from, checksums read.
+
+    ``candidate`` is the session's pick (the newest complete checkpoint, or Ray's copy of one); None means a
+    fresh start. It and every checkpoint directory of the run are tried newest first. Each rank hashes its
+    share of a checkpoint's files and every rank sees every rank's finding, so all ranks pick the same one.
+    Each checkpoint passed over is said in one line on rank 0."""
+    if candidate is None:
+        return None
+    order = strategy.all_gather_object(_resume_order(candidate, output_dir) if strategy.is_main else None)[0]
+    chosen, skipped = None, []
+    for checkpoint in order:
+        found = strategy.all_gather_object(problem_with(checkpoint, strategy.rank, strategy.world_size))
+        problem = next((p for p in found if p), None)
+        if problem is None:
+            chosen = checkpoint
+            break
+        skipped.append((checkpoint, problem))
+    if strategy.is_main:
+        outcome = f"resuming from {chosen.name}" if chosen else "no earlier checkpoint is intact"
+        for checkpoint, problem in skipped:
+            print(f"zerotune: checkpoint {checkpoint.name}: {problem}; skipped, {outcome}", file=sys.stderr,
+                  flush=True)
+    if chosen is None:
+        raise ConfigError(f"{checkpoint_root(output_dir)}: no intact checkpoint to resume from (each is named above "
+                          "with its damaged file); restore one from a copy or start a new --output-dir")
+    return chosen
+
+
+def _resume_order(candidate: Path, output_dir: Path) -> list[Path]:
+    """The session's candidate and the run's checkpoint directories (torn ones too, so that they are named
+    when passed over), newest first; at the same step the run's own directory first."""
+    found = step_directories(output_dir)
+    if candidate.resolve() not in {p.resolve() for p in found}:
+        found.append(candidate)
+    return sorted(found, key=lambda p: (step_of(p), p.parent.resolve() == checkpoint_root(output_dir).resolve()),
+                  reverse=True)
+
+
+# ---- RNG ----
 
 def capture_rng(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -95,13 +242,7 @@ def restore_rng(checkpoint: Path, rank: int, device: torch.device) -> bool:
     return True
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
+# ---- saving ----
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -116,43 +257,131 @@ def _fsync_dir(directory: Path) -> None:
         os.close(descriptor)
 
 
-def commit(staging: Path, final: Path, step: int) -> None:
-    """Write the manifest last, flush everything, then rename: the checkpoint exists all at once or not at all."""
-    files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
-    (staging / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files},
-                                               indent=1))
-    _fsync_tree(staging)
+def _listing(staging: Path) -> dict[str, int]:
+    return {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+
+
+def seal_share(staging: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """Manifest entries of this rank's share of the staged files (each read back, hashed and fsynced)."""
+    names = share_of(_listing(staging), rank, world_size)
+    return dict(zip(names, _in_threads(seal_file, [staging / n for n in names])))
+
+
+def commit(staging: Path, final: Path, step: int, entries: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write the manifest last, flush everything, then rename: the checkpoint exists all at once or not at all.
+    ``entries``: the files already sealed (by every rank's seal_share); any other staged file is sealed here."""
+    entries = dict(entries or {})
+    missing = [name for name in _listing(staging) if name not in entries and name != MANIFEST]
+    entries.update(zip(missing, _in_threads(seal_file, [staging / n for n in missing])))
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(entries.items()))}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    seal_file(staging / MANIFEST)
+    _fsync_dir(staging)
     if final.exists():  # the same step saved again (e.g. after a restart): replace it only now, complete
         shutil.rmtree(final)
     os.replace(staging, final)
     _fsync_dir(final.parent)
 
 
-def prune(output_dir: Path, keep: int) -> None:
-    for old in complete_checkpoints(output_dir)[:-keep]:
+def is_own_checkpoint(path: Path) -> bool:
+    """A directory zerotune committed: named step-N (a real directory, not a link), its manifest saying step N."""
+    if not STEP_DIRECTORY.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        return json.loads((path / MANIFEST).read_text())["step"] == step_of(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def prune(output_dir: Path, keep: int, saved_step: int | None = None) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep``: only zerotune's own (is_own_checkpoint), and none
+    newer than ``saved_step``, the one just written (a later one that a resume passed over as damaged stays
+    until the run saves that step again)."""
+    kept = [p for p in complete_checkpoints(output_dir)
+            if is_own_checkpoint(p) and (saved_step is None or step_of(p) <= saved_step)]
+    for old in kept[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(strategy, model, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls this. Returns the committed directory."""
-    root = checkpoint_root(output_dir)
-    staging = root / f"{STAGING_PREFIX}{step_name(step)}"
-    final = root / step_name(step)
-    if strategy.is_main:
-        for stale in root.glob(f"{STAGING_PREFIX}*") if root.is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)
-        staging.mkdir(parents=True)
-    strategy.barrier()
-    strategy.save_state(model, staging)
-    torch.save(capture_rng(strategy.device), staging / f"rng-rank-{strategy.rank}.pt")
-    strategy.barrier()
-    if strategy.is_main:
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-        commit(staging, final, step)
-        prune(output_dir, keep)
-    strategy.barrier()
-    return final
+def out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) says the disk or a quota is full."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error).lower() for text in OUT_OF_SPACE_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
+
+class _Save:
+    """One save's steps, each followed by an agreement of every rank: a full disk on any rank removes the
+    staging directory and raises CheckpointSpaceError on all of them, so no rank waits for one that left."""
+
+    def __init__(self, strategy, output_dir: Path, step: int):
+        self.strategy, self.output_dir, self.step = strategy, Path(output_dir), step
+        self.root = checkpoint_root(output_dir)
+        self.staging = self.root / f"{STAGING_PREFIX}{step_name(step)}"
+        self.final = self.root / step_name(step)
+
+    def together(self, action: Callable[[], Any] | None) -> list[Any]:
+        """Run ``action`` here (None: nothing to do on this rank); every rank's result, in rank order."""
+        result, full = None, False
+        try:
+            result = action() if action else None
+        except Exception as error:
+            if not out_of_space(error):
+                raise
+            full = True
+        gathered = self.strategy.all_gather_object((result, full))
+        if any(full for _, full in gathered):
+            if self.strategy.is_main:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise CheckpointSpaceError(self.no_space_message())
+        return [result for result, _ in gathered]
+
+    def no_space_message(self) -> str:
+        previous = newest_checkpoint(self.output_dir)
+        then = (f"{previous.name} is intact; free space there and continue with the same command plus --resume"
+                if previous else "no earlier checkpoint exists; free space there and start again")
+        return f"no space left on {self.root} while saving checkpoint step {self.step}; its partial files were " \
+               f"removed, {then}"
+
+    def open_staging(self, trainer_state: dict[str, Any]) -> None:
+        """Rank 0: clear saves that never committed (only directories named like ours), stage trainer state."""
+        if self.root.is_dir():
+            for stale in self.root.iterdir():
+                if STAGING_DIRECTORY.fullmatch(stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        (self.staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+
+    def write_rank_files(self, model) -> None:
+        self.strategy.save_state(model, self.staging)
+        torch.save(capture_rng(self.strategy.device), self.staging / f"rng-rank-{self.strategy.rank}.pt")
+
+    def commit(self, sealed: list[dict[str, dict[str, Any]]], keep: int) -> None:
+        entries = {name: entry for share in sealed for name, entry in share.items()}
+        commit(self.staging, self.final, self.step, entries)
+        prune(self.output_dir, keep, self.step)
+
+
+def save_checkpoint(strategy, model, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls this. Returns the committed directory. Raises CheckpointSpaceError on
+    every rank when the disk fills up on any; the previous checkpoints stay as they were."""
+    save = _Save(strategy, output_dir, step)
+    main = strategy.is_main
+    save.together((lambda: save.open_staging(trainer_state)) if main else None)
+    save.together(lambda: save.write_rank_files(model))
+    # Every rank has written: each reads back, hashes and fsyncs its share of the files.
+    sealed = save.together(lambda: seal_share(save.staging, strategy.rank, strategy.world_size))
+    save.together((lambda: save.commit(sealed, keep)) if main else None)
+    return save.final
+
+
+# ---- before a resume ----
 
 # Fields whose change makes a resumed run a different run. Anything else (steps, lr, logging) may change.
 RESUME_FIELDS = (
@@ -167,15 +396,39 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
     return tree.get(section, {}).get(name)
 
 
+def _preflight_problem(checkpoint: Path) -> str | None:
+    """The cheap part of the check, before any worker starts: sizes, and the trainer state's checksum (it is
+    read here). verified_restore reads every other checksum in the workers, each rank its share."""
+    problem = problem_with(checkpoint, only=[TRAINER_STATE])
+    if problem is None:
+        try:
+            if not isinstance(read_trainer_state(checkpoint), dict):
+                return f"{TRAINER_STATE} is not a JSON object"
+        except (OSError, ValueError):
+            return f"{TRAINER_STATE} is unreadable"
+    return problem
+
+
+def resumable_checkpoint(output_dir: Path) -> Path:
+    """The newest checkpoint that passes the cheap check, or a ConfigError naming what is wrong."""
+    candidates = step_directories(output_dir)
+    problems = []
+    for checkpoint in reversed(candidates):
+        problem = _preflight_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        problems.append(f"{checkpoint.name}: {problem}")
+    found = f" ({'; '.join(problems[:3])})" if problems else ""
+    raise ConfigError(f"{output_dir}: no complete checkpoint to resume from (under {CHECKPOINTS}/){found}; drop "
+                      "--resume to start a new run, or point --output-dir at the run to continue")
+
+
 def check_resumable(config, output_dir: Path) -> Path:
     """Before any worker starts: a complete checkpoint exists and the run's config still matches it."""
     import yaml
 
     output_dir = Path(output_dir)
-    checkpoint = newest_checkpoint(output_dir)
-    if checkpoint is None:
-        raise ConfigError(f"{output_dir}: no complete checkpoint to resume from (under {CHECKPOINTS}/); drop "
-                          "--resume to start a new run, or point --output-dir at the run to continue")
+    checkpoint = resumable_checkpoint(output_dir)
     saved_path = output_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"{saved_path}: missing, so the run cannot be checked before resuming; "

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from zerotune import adapters
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
-    save_checkpoint
+    save_checkpoint, verified_restore
 from zerotune.config import RunConfig, compile_enabled, dump_yaml
 from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.encode import IGNORE_INDEX
@@ -176,7 +176,8 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     else:
         total_steps = max(1, math.ceil(config.train.epochs * plan.steps_per_epoch))
 
-    restore = session.restore_from(config, output_dir)
+    # Every rank reads its share of the checksums; all ranks agree on the newest intact checkpoint.
+    restore = verified_restore(session.restore_from(config, output_dir), output_dir, strategy)
     state = read_trainer_state(restore) if restore else {}
     if restore:
         check_engine_matches(state, restore, strategy, len(data.train))
