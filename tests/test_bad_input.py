@@ -107,7 +107,7 @@ def test_existing_output_dir_is_kept(tiny_llama, alpaca_file, tmp_path, capsys, 
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     status, err = run_cli(capsys, *base_args(tiny_llama, alpaca_file, out))
-    assert status == 2 and "already holds a run; pass --overwrite" in err
+    assert status == 2 and "holds files zerotune did not create" in err and "pass --overwrite" not in err
     assert (out / "precious.txt").read_text() == "keep me"
 
 

@@ -335,10 +335,11 @@ POWER_BOUND_SHARE = 0.97
 # ------------------------------------------------------------------------------------------ ours
 def run_ours(config, warmup: int, gpus: int) -> dict:
     from zerotune.launchers import launch
-    from zerotune.train import prepare_output_dir
+    from zerotune.run_dir import prepare_output_dir
 
-    prepare_output_dir(Path(config.output.dir), overwrite=True)
-    launch(config, show_progress=False)
+    # bench's own run directory inside its work directory: an earlier bench's run there is replaced, nothing else
+    with prepare_output_dir(Path(config.output.dir), overwrite=True):
+        launch(config, show_progress=False)
     events = [json.loads(line) for line in (Path(config.output.dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [e for e in events if "loss" in e and "step_seconds" in e]
     timed = steps[warmup:]
@@ -357,6 +358,20 @@ def run_ours(config, warmup: int, gpus: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
+BENCH_OWNED = ("output.dir", "output.overwrite", "checkpoint.resume")  # overrides bench refuses
+
+
+def claim_work_dir(work: Path) -> None:
+    """A new or empty --work-dir, or one an earlier bench used (it reuses the model there); never a directory of
+    someone's files, which bench would write into."""
+    from zerotune.run_dir import check_owned, probe_writable, write_marker
+
+    check_owned(work, "bench", overwrite=True, flag="--work-dir")
+    probe_writable(work, flag="--work-dir")
+    work.mkdir(parents=True, exist_ok=True)
+    write_marker(work, "bench")
+
+
 def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: int | None = None,
               out_dir: str = "benchmarks/results", work_dir: str | None = None, seed: int = 0,
               ours_overrides: dict | None = None, command: str = "") -> dict:
@@ -377,8 +392,12 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
     if steps <= warmup:
         raise ConfigError(f"--steps {steps} must be more than --warmup-steps {warmup}")
     arch = ARCHITECTURES[workload.architecture]
+    claimed = {key: value for key, value in (ours_overrides or {}).items() if key in BENCH_OWNED}
+    if claimed:
+        raise ConfigError(f"{', '.join(claimed)}: bench decides these itself (its run goes under its work "
+                          f"directory); drop the override, and pass --work-dir to choose where it goes")
     work = Path(work_dir or tempfile.mkdtemp(prefix="zerotune-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(work)
     model_dir = write_model_dir(work / "model", arch, torch.float32 if tiny else torch.bfloat16,
                                 saved_weights=workload.method == "qlora", seed=seed)
     count = steps * workload.micro_batch * workload.gpus * (3 if workload.short_examples else 1)

@@ -168,14 +168,15 @@ def config_from_args(args: argparse.Namespace):
 def command_train(args: argparse.Namespace):
     from zerotune.launchers import launch
     from zerotune.preflight import preflight
-    from zerotune.train import prepare_output_dir
+    from zerotune.run_dir import prepare_output_dir
 
     from zerotune.launchers import choose_launcher
 
     config = config_from_args(args)
     preflight(config)
-    prepare_output_dir(Path(config.output.dir), config.output.overwrite, config.checkpoint.resume)
-    result = launch(config, show_progress=not args.quiet)
+    # This process holds the directory's lock while training runs: a second run into it fails at once.
+    with prepare_output_dir(Path(config.output.dir), config.output.overwrite, config.checkpoint.resume):
+        result = launch(config, show_progress=not args.quiet)
     if result.preempted:
         from zerotune.stopping import EXIT_PREEMPTED
 

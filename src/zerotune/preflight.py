@@ -12,16 +12,24 @@ from zerotune.model import check_model_source, load_tokenizer
 
 
 def check_output_dir(config: RunConfig) -> None:
+    """A directory zerotune may write (zerotune.run_dir): its own run or an empty or new one, not locked by
+    another run, writable. Changes nothing in it."""
+    from zerotune.run_dir import check_owned, check_unlocked, probe_writable
+
     output_dir = Path(config.output.dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"{output_dir}: exists and is not a directory; pick another --output-dir")
     if config.checkpoint.resume:
         from zerotune.checkpoints import check_resumable
+        from zerotune.launchers import absolute_paths
 
-        check_resumable(config, output_dir)
-        return
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not config.output.overwrite:
-        raise ConfigError(f"{output_dir}: output directory already holds a run; pass --overwrite or pick another")
+        # config.yaml holds the paths as the launcher resolved them: compare this run's resolved the same way, so
+        # the same command with a relative --model or --data resumes (from any directory where they name the
+        # same files).
+        check_resumable(absolute_paths(config), output_dir)
+    check_owned(output_dir, "train", config.output.overwrite, config.checkpoint.resume)
+    check_unlocked(output_dir)
+    probe_writable(output_dir)
 
 
 def preflight(config: RunConfig) -> None:

@@ -13,7 +13,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from zerotune.data.prepare import prepare_data
 from zerotune.errors import ConfigError, ZerotuneError
 from zerotune.model import compute_precision, load_tokenizer, resolve_attention, resolve_dtype
 from zerotune.resolve import Machine, choose_strategy, explain_strategy
+from zerotune.run_dir import prepare_output_dir  # noqa: F401 - its home is run_dir; callers import it here
 from zerotune.speed.chunked_loss import ALL_ROWS
 from zerotune.speed.compile import graph_breaks, new_graph_breaks
 from zerotune.speed.plain_causal import install_plain_causal_hint, is_plain_causal, plain_causal
@@ -125,18 +125,6 @@ def forward_precision(strategy, config: RunConfig, model, graphs: bool = False):
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool = False) -> None:
-    """Called once, before any worker starts (the CLI checks it again before loading anything).
-    A resumed run keeps everything in the directory."""
-    if resume:
-        return
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{output_dir}: output directory already holds a run; pass --overwrite or pick another")
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None) -> RunResult:
