@@ -68,38 +68,41 @@ def step_of(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
 
 
-# ---- reading files once: checksum, size, fsync ----
+# ---- checksums, sizes, fsync ----
 
-def _read_digest(handle) -> str:
-    digest = hashlib.new(CHECKSUM)
-    buffer = bytearray(READ_CHUNK)
-    view = memoryview(buffer)
-    while count := handle.readinto(buffer):
-        digest.update(view[:count])
-    return digest.hexdigest()
+def seal_files(paths: list[Path]) -> list[dict[str, Any]]:
+    """Manifest entries of just-written files. Each file is fsynced and, at the same time, read back (from
+    the page cache) and hashed, so a save waits for the slower of the disk and the hashing, not for both.
+    The engines' own writers (safetensors, torch.save, DCP, DeepSpeed) offer no hook to hash as they write."""
+    if not paths:
+        return []
+    with ThreadPoolExecutor(min(len(paths), 16)) as disk, ThreadPoolExecutor(_hash_threads(paths)) as cpu:
+        synced = [disk.submit(_fsync_file, path) for path in paths]
+        digests = list(cpu.map(file_digest, paths))
+        return [{"size": done.result(), CHECKSUM: digest} for done, digest in zip(synced, digests)]
 
 
-def seal_file(path: Path) -> dict[str, Any]:
-    """A just-written file's manifest entry. It is read back (from the page cache) and fsynced in one open,
-    so sealing costs one pass over the file; the engines' own writers (safetensors, torch.save, DCP,
-    DeepSpeed) give no hook to hash while they write."""
-    with path.open("rb", buffering=0) as handle:
-        digest = _read_digest(handle)
+def _fsync_file(path: Path) -> int:
+    """Flush the file to disk; its size."""
+    with path.open("rb") as handle:
         os.fsync(handle.fileno())
-        return {"size": os.fstat(handle.fileno()).st_size, CHECKSUM: digest}
+        return os.fstat(handle.fileno()).st_size
 
 
 def file_digest(path: Path) -> str:
+    digest = hashlib.new(CHECKSUM)
+    buffer = bytearray(READ_CHUNK)
+    view = memoryview(buffer)
     with path.open("rb", buffering=0) as handle:
-        return _read_digest(handle)
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
 
 
-def _in_threads(function: Callable[[Path], Any], paths: list[Path]) -> list[Any]:
-    """``function`` over ``paths``, a few files at once: reads, hashing and fsync release the GIL.
-    The launchers give each worker its share of the cores through torch's thread count."""
-    threads = max(1, min(4, len(paths), torch.get_num_threads()))
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(function, paths))
+def _hash_threads(paths: list[Path]) -> int:
+    """A few files at once (hashlib releases the GIL), within this worker's share of the cores: the launchers
+    set torch's thread count to it."""
+    return max(1, min(4, len(paths), torch.get_num_threads()))
 
 
 def share_of(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
@@ -143,7 +146,9 @@ def problem_with(checkpoint: Path, rank: int = 0, world_size: int = 1, checksums
         return None
     names = only if only is not None else share_of({n: e["size"] for n, e in entries.items()}, rank, world_size)
     names = [name for name in names if CHECKSUM in entries.get(name, {})]
-    for name, digest in zip(names, _in_threads(file_digest, [checkpoint / n for n in names])):
+    with ThreadPoolExecutor(_hash_threads(names)) as cpu:
+        digests = list(cpu.map(file_digest, [checkpoint / n for n in names]))
+    for name, digest in zip(names, digests):
         if digest != entries[name][CHECKSUM]:
             return f"{name} does not match its checksum"
     return None
@@ -264,7 +269,7 @@ def _listing(staging: Path) -> dict[str, int]:
 def seal_share(staging: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
     """Manifest entries of this rank's share of the staged files (each read back, hashed and fsynced)."""
     names = share_of(_listing(staging), rank, world_size)
-    return dict(zip(names, _in_threads(seal_file, [staging / n for n in names])))
+    return dict(zip(names, seal_files([staging / n for n in names])))
 
 
 def commit(staging: Path, final: Path, step: int, entries: dict[str, dict[str, Any]] | None = None) -> None:
@@ -272,10 +277,10 @@ def commit(staging: Path, final: Path, step: int, entries: dict[str, dict[str, A
     ``entries``: the files already sealed (by every rank's seal_share); any other staged file is sealed here."""
     entries = dict(entries or {})
     missing = [name for name in _listing(staging) if name not in entries and name != MANIFEST]
-    entries.update(zip(missing, _in_threads(seal_file, [staging / n for n in missing])))
+    entries.update(zip(missing, seal_files([staging / n for n in missing])))
     manifest = {"format_version": FORMAT_VERSION, "step": step, "files": dict(sorted(entries.items()))}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    seal_file(staging / MANIFEST)
+    _fsync_file(staging / MANIFEST)
     _fsync_dir(staging)
     if final.exists():  # the same step saved again (e.g. after a restart): replace it only now, complete
         shutil.rmtree(final)
