@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zerotune import adapters
+from zerotune import adapters, speed
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
     save_checkpoint, verified_restore
 from zerotune.config import RunConfig, compile_enabled, dump_yaml
@@ -33,8 +33,7 @@ from zerotune.model import compute_precision, load_tokenizer, resolve_attention,
 from zerotune.resolve import Machine, choose_strategy, explain_strategy
 from zerotune.run_dir import prepare_output_dir  # noqa: F401 - its home is run_dir; callers import it here
 from zerotune.speed.chunked_loss import ALL_ROWS
-from zerotune.speed.compile import graph_breaks, new_graph_breaks
-from zerotune.speed.plain_causal import install_plain_causal_hint, is_plain_causal, plain_causal
+from zerotune.speed.plain_causal import is_plain_causal, plain_causal
 from zerotune.speed.step_graphs import StepGraphs, step_plain, wanted
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device, without_full_mask
 from zerotune.stopping import StopSignals
@@ -198,50 +197,14 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
     dtype = resolve_dtype(config.model.dtype, strategy.device.type)
     model = strategy.load_base_model(dtype, total_steps)
     model = adapters.apply_method(model, config.adapter, seed)
-    loss_head = None
-    if config.model.chunked_loss:
-        from zerotune.speed.chunked_loss import install_chunked_loss
-
-        loss_head, why_not = install_chunked_loss(model, compiled=compiled)
-        if why_not:
-            tracker.note(f"model.chunked_loss: kept the stock loss because {why_not}")
-    fusing = config.adapter.fused_projections == "on" or (config.adapter.fused_projections == "auto" and compiled
-                                                               and strategy.device.type == "cuda")
-    # under DDP when asked for (each rank fuses its own copy; not measured on GPUs: auto stays one process)
-    fused_strategies = ("single", "ddp") if config.adapter.fused_projections == "on" else ("single",)
-    if fusing and config.adapter.method == "lora" and strategy.name in fused_strategies:
-        from zerotune.speed.fused_projections import install_checked
-
-        groups, why_not = install_checked(model, forward_precision(strategy, config, model),
-                                          swiglu=config.adapter.swiglu_kernel)
-        tracker.note(f"adapter.fused_projections: {groups} groups of projections fused (q/k/v, gate/up, o, down)"
-                     if not why_not else f"adapter.fused_projections: off, PEFT's path kept: {why_not}")
-    elif config.adapter.fused_projections == "on":
-        tracker.note("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under "
-                     f"DDP (this run: {config.adapter.method}, {strategy.name})")
-    if graphs:
-        if not install_plain_causal_hint(model):
-            loaded = getattr(model.config, "_attn_implementation", "another")
-            if config.train.cuda_graph == "on":
-                raise ConfigError(f"train.cuda_graph: needs SDPA attention; {config.model.name} loaded with "
-                                  f"{loaded}; drop --cuda-graph")
-            graphs = False
-            tracker.note(f"train.cuda_graph auto: off, the model loaded with {loaded} attention, not SDPA")
+    # chunked loss, fused projections, the step graphs' attention hint, compiled 4-bit matmuls and layers: one
+    # call, in the order speed.install documents (it says, one line each, what it left out and why)
+    speedups = speed.install(model, config, strategy, compiled=compiled, graphs=graphs,
+                             precision=forward_precision(strategy, config, model))
+    for note in speedups.notes:
+        tracker.note(note)
+    loss_head, graphs = speedups.loss_head, speedups.graphs
     precision = forward_precision(strategy, config, model, graphs)
-    if compiled:
-        from zerotune.speed.compile import compile_layers
-
-        if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name == "single":
-            from zerotune.speed.nf4 import install_compiled_nf4
-
-            installed = install_compiled_nf4(model)
-            tracker.note(f"QLoRA: {installed} 4-bit matmuls compiled with their layers (zerotune.speed.nf4)"
-                         if installed else "QLoRA: bitsandbytes' matmul (the installed bitsandbytes packs NF4 in a "
-                         "layout zerotune.speed.nf4 "
-                         "was not built for)")
-
-        tracker.note(f"compiling {compile_layers(model)} decoder layers (torch.compile; the first steps are slow)")
-    breaks_before = graph_breaks()
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
 
     def build_optimizer(params):
@@ -373,7 +336,7 @@ def _train(config: RunConfig, strategy, output_dir: Path, show_progress: bool, s
         else:
             outcome = run_step(device_batches, info[0].float(), counts, plain)
         if compiled and step == start_step:  # the first step has traced the compiled layers
-            broken = new_graph_breaks(breaks_before)
+            broken = speedups.new_graph_breaks()
             if broken:
                 tracker.note(broken)
         launched = LaunchedStep(step, lr, info_copy, HostCopy(outcome), WorkDone(strategy.device))

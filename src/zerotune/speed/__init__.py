@@ -1,4 +1,5 @@
-"""Speed features: each changes how fast a step runs, never what it computes.
+"""Speed features: each changes how fast a step runs, never what it computes. The loop calls ``install()`` once,
+after the model and its adapters are built and before the engine wraps it.
 
     compile.py            regional torch.compile of the decoder layers; graph-break check after the first step
     fused_projections.py  q/k/v and gate/up as one matmul with the LoRA matrices stacked in (checked at install)
@@ -7,4 +8,128 @@
     nf4.py                QLoRA's 4-bit matmul in torch ops, so it compiles with its layer
     plain_causal.py       the host's "no mask needed" hint to transformers' SDPA mask builder (for step graphs)
     step_graphs.py        a whole training step captured and replayed as one CUDA graph
+
+The features' modules are imported only when a run installs them.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zerotune.config import RunConfig
+from zerotune.errors import ConfigError
+
+
+@dataclass
+class Installed:
+    """What ``install()`` put on the model, and the one-line notes saying what and why not."""
+
+    loss_head: object | None = None  # a chunked_loss.ChunkedLossHead for token_loss_sum; None: the model's logits
+    graphs: bool = False  # whether steps replay as CUDA graphs (False where the attention rules them out)
+    compiled: bool = False  # whether the decoder layers were compiled
+    fused_groups: int = 0  # groups of projections fused (q/k/v, gate/up, o, down)
+    nf4_matmuls: int = 0  # 4-bit matmuls compiled with their layers
+    compiled_layers: int = 0
+    notes: list[str] = field(default_factory=list)  # for the run's log, in installation order
+    graph_breaks_before: dict[str, int] = field(default_factory=dict)  # torch.compile's counters at install
+
+    def new_graph_breaks(self) -> str | None:
+        """After the first step has traced the compiled layers: one line if they broke their graphs, else None."""
+        if not self.compiled:
+            return None
+        from zerotune.speed.compile import new_graph_breaks
+
+        return new_graph_breaks(self.graph_breaks_before)
+
+
+def install(model: torch.nn.Module, config: RunConfig, strategy, *, compiled: bool, graphs: bool,
+            precision) -> Installed:
+    """Install the speed features the settings ask for on ``model`` (adapters applied, not yet wrapped by the
+    engine), in this order; a feature that cannot apply is left out with a note saying why.
+
+    ``compiled``: config.compile_enabled's answer; ``graphs``: step_graphs.wanted's, decided before the model
+    loaded; ``precision``: the context a forward runs in (for the fused projections' logits probe). Raises
+    ConfigError where --cuda-graph on meets a model that did not load with SDPA attention."""
+    installed = Installed(graphs=graphs, compiled=compiled)
+    fuse, fuse_note = _fused_projections_wanted(config, strategy, compiled)
+    # 1. transformers 5.25+'s hub-kernel dispatch wrapper off the attention forwards, before the fused
+    #    projections wrap them and before torch.compile traces them (its global write breaks the graph)
+    if fuse or compiled:
+        from zerotune.speed.compile import without_hub_kernel_dispatch
+
+        without_hub_kernel_dispatch(model)
+    # 2. the chunked loss on the output head: outside the decoder layers, so the order there does not matter
+    if config.model.chunked_loss:
+        from zerotune.speed.chunked_loss import install_chunked_loss
+
+        installed.loss_head, why_not = install_chunked_loss(model, compiled=compiled)
+        if why_not:
+            installed.notes.append(f"model.chunked_loss: kept the stock loss because {why_not}")
+    # 3. fused projections (and the SwiGLU kernel), kept only if a logits probe equals PEFT's path; before
+    #    compiling, so the compiled layers trace the fused forwards
+    if fuse:
+        from zerotune.speed.fused_projections import install_checked
+
+        installed.fused_groups, why_not = install_checked(model, precision, swiglu=config.adapter.swiglu_kernel)
+        installed.notes.append(
+            f"adapter.fused_projections: {installed.fused_groups} groups of projections fused (q/k/v, gate/up, o, "
+            "down)" if not why_not else f"adapter.fused_projections: off, PEFT's path kept: {why_not}")
+    elif fuse_note:
+        installed.notes.append(fuse_note)
+    # 4. for step graphs, the host's plain-causal hint to the SDPA mask builder (the attention implementation
+    #    the compiled layers then trace)
+    if graphs:
+        installed.graphs = _plain_causal_hint(model, config, installed.notes)
+    if compiled:
+        # 5. QLoRA's 4-bit matmul as torch ops, in place before the layers compile around it
+        if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name == "single":
+            from zerotune.speed.nf4 import install_compiled_nf4
+
+            installed.nf4_matmuls = install_compiled_nf4(model)
+            installed.notes.append(
+                f"QLoRA: {installed.nf4_matmuls} 4-bit matmuls compiled with their layers (zerotune.speed.nf4)"
+                if installed.nf4_matmuls else "QLoRA: bitsandbytes' matmul (the installed bitsandbytes packs NF4 "
+                "in a layout zerotune.speed.nf4 was not built for)")
+        # 6. compile the decoder layers last: they trace everything installed above
+        from zerotune.speed.compile import compile_layers
+
+        installed.compiled_layers = compile_layers(model)
+        installed.notes.append(f"compiling {installed.compiled_layers} decoder layers (torch.compile; the first "
+                               "steps are slow)")
+    # 7. torch.compile's graph-break counters now, so the loop can report breaks once the first step has run
+    from zerotune.speed.compile import graph_breaks
+
+    installed.graph_breaks_before = graph_breaks()
+    return installed
+
+
+def _fused_projections_wanted(config: RunConfig, strategy, compiled: bool) -> tuple[bool, str | None]:
+    """Whether to fuse projections (adapter.fused_projections), and a note where on was asked for in vain.
+    auto: with compiled layers on a CUDA GPU in one process (where it was measured); on: LoRA in one process or
+    under DDP (each rank fuses its own copy; tested on CPU workers, not measured on GPUs)."""
+    setting = config.adapter.fused_projections
+    asked = setting == "on" or (setting == "auto" and compiled and strategy.device.type == "cuda")
+    strategies = ("single", "ddp") if setting == "on" else ("single",)
+    if asked and config.adapter.method == "lora" and strategy.name in strategies:
+        return True, None
+    if setting == "on":
+        return False, ("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under "
+                       f"DDP (this run: {config.adapter.method}, {strategy.name})")
+    return False, None
+
+
+def _plain_causal_hint(model: torch.nn.Module, config: RunConfig, notes: list[str]) -> bool:
+    """Install the plain-causal hint; whether step graphs stay on (auto turns them off where the model did not
+    load with SDPA attention, on stops with a ConfigError)."""
+    from zerotune.speed.plain_causal import install_plain_causal_hint
+
+    if install_plain_causal_hint(model):
+        return True
+    loaded = getattr(model.config, "_attn_implementation", "another")
+    if config.train.cuda_graph == "on":
+        raise ConfigError(f"train.cuda_graph: needs SDPA attention; {config.model.name} loaded with {loaded}; "
+                          "drop --cuda-graph")
+    notes.append(f"train.cuda_graph auto: off, the model loaded with {loaded} attention, not SDPA")
+    return False

@@ -1,0 +1,120 @@
+"""speed.install: the one call that puts the speed features on a model, in a fixed order, saying in one line
+each what it left out and why. The order matters: the hub-kernel dispatch bypass comes before anything wraps or
+traces the attention forwards, fused projections and the compiled 4-bit matmul before the layers compile."""
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import zerotune.speed.chunked_loss as chunked_loss
+import zerotune.speed.compile as speed_compile
+import zerotune.speed.fused_projections as fused_projections
+import zerotune.speed.nf4 as nf4
+import zerotune.speed.plain_causal as plain_causal
+from zerotune import speed
+from zerotune.config import build_config
+from zerotune.errors import ConfigError
+
+
+def _strategy(name="single", device="cpu"):
+    return SimpleNamespace(name=name, device=torch.device(device), gathers_per_module=False)
+
+
+def _model(attention="sdpa"):
+    model = torch.nn.Module()
+    model.config = SimpleNamespace(_attn_implementation=attention)
+    return model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every feature's installer replaced by one that records its name (and the hint succeeds unless told)."""
+    calls = []
+    monkeypatch.setattr(speed_compile, "without_hub_kernel_dispatch", lambda model: calls.append("bypass") or 0)
+    monkeypatch.setattr(chunked_loss, "install_chunked_loss",
+                        lambda model, compiled: calls.append("chunked_loss") or ("head", None))
+    monkeypatch.setattr(fused_projections, "install_checked",
+                        lambda model, precision, swiglu: calls.append("fused_projections") or (8, None))
+    monkeypatch.setattr(plain_causal, "install_plain_causal_hint",
+                        lambda model: calls.append("plain_causal_hint") or model.config._attn_implementation == "sdpa")
+    monkeypatch.setattr(nf4, "install_compiled_nf4", lambda model: calls.append("nf4") or 14)
+    monkeypatch.setattr(speed_compile, "compile_layers", lambda model: calls.append("compile") or 2)
+    monkeypatch.setattr(speed_compile, "graph_breaks", lambda: {"before": 1})
+    return calls
+
+
+def test_lora_installs_in_order_and_says_what(calls):
+    config = build_config({"adapter.fused_projections": "on"})
+    installed = speed.install(_model(), config, _strategy(), compiled=True, graphs=True,
+                              precision=contextlib.nullcontext)
+    assert calls == ["bypass", "chunked_loss", "fused_projections", "plain_causal_hint", "compile"]
+    assert installed.notes == ["adapter.fused_projections: 8 groups of projections fused (q/k/v, gate/up, o, down)",
+                               "compiling 2 decoder layers (torch.compile; the first steps are slow)"]
+    assert (installed.loss_head, installed.graphs, installed.fused_groups, installed.compiled_layers) == \
+        ("head", True, 8, 2)
+    assert installed.graph_breaks_before == {"before": 1}
+
+
+def test_qlora_compiles_its_matmul_before_the_layers_and_says_why_nothing_fused(calls):
+    config = build_config({"adapter.method": "qlora", "adapter.fused_projections": "on"})
+    installed = speed.install(_model(), config, _strategy(), compiled=True, graphs=True,
+                              precision=contextlib.nullcontext)
+    assert calls == ["bypass", "chunked_loss", "plain_causal_hint", "nf4", "compile"]
+    assert installed.notes == [
+        "adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under DDP (this run: "
+        "qlora, single)",
+        "QLoRA: 14 4-bit matmuls compiled with their layers (zerotune.speed.nf4)",
+        "compiling 2 decoder layers (torch.compile; the first steps are slow)"]
+    assert installed.nf4_matmuls == 14
+
+
+def test_eager_run_without_graphs_touches_nothing_but_the_loss(calls):
+    installed = speed.install(_model(), build_config({}), _strategy(), compiled=False, graphs=False,
+                              precision=contextlib.nullcontext)
+    assert calls == ["chunked_loss"]  # no bypass either: nothing wraps or traces the attention
+    assert installed.notes == [] and installed.new_graph_breaks() is None
+
+
+@pytest.mark.parametrize("setting, compiled, device, method, strategy, fused", [
+    ("auto", True, "cuda", "lora", "single", True),  # where it was measured
+    ("auto", False, "cuda", "lora", "single", False),
+    ("auto", True, "cpu", "lora", "single", False),
+    ("auto", True, "cuda", "lora", "ddp", False),  # auto stays one process
+    ("on", False, "cpu", "lora", "ddp", True),
+    ("on", True, "cuda", "lora", "fsdp", False),
+    ("on", True, "cuda", "full", "single", False),
+    ("off", True, "cuda", "lora", "single", False),
+])
+def test_fused_projections_decision(calls, setting, compiled, device, method, strategy, fused):
+    config = build_config({"adapter.fused_projections": setting, "adapter.method": method})
+    installed = speed.install(_model(), config, _strategy(strategy, device), compiled=compiled, graphs=False,
+                              precision=contextlib.nullcontext)
+    assert ("fused_projections" in calls) == fused
+    assert calls[0] == ("bypass" if fused or compiled else "chunked_loss")
+    said = [note for note in installed.notes if note.startswith("adapter.fused_projections")]
+    assert len(said) == (1 if fused or setting == "on" else 0)  # on, refused, says why
+
+
+def test_step_graphs_need_sdpa_attention(calls):
+    auto = speed.install(_model("eager"), build_config({}), _strategy(), compiled=True, graphs=True,
+                         precision=contextlib.nullcontext)
+    assert auto.graphs is False
+    assert "train.cuda_graph auto: off, the model loaded with eager attention, not SDPA" in auto.notes
+    with pytest.raises(ConfigError, match="train.cuda_graph: needs SDPA attention; .* loaded with eager; drop "
+                                          "--cuda-graph"):
+        speed.install(_model("eager"), build_config({"train.cuda_graph": "on"}), _strategy(), compiled=True,
+                      graphs=True, precision=contextlib.nullcontext)
+
+
+def test_install_on_a_tiny_llama():
+    """The real installers: fused projections pass their probe, the chunked loss takes the head."""
+    from test_fused_projections import _model as lora_llama
+
+    model = lora_llama("llama")
+    installed = speed.install(model, build_config({"adapter.fused_projections": "on"}), _strategy(),
+                              compiled=False, graphs=False, precision=contextlib.nullcontext)
+    assert isinstance(installed.loss_head, chunked_loss.ChunkedLossHead)
+    assert installed.fused_groups == 8 and sum(hasattr(m, "_zerotune_group") for m in model.modules()) == 2 * 7
+    assert installed.notes == ["adapter.fused_projections: 8 groups of projections fused (q/k/v, gate/up, o, down)"]
