@@ -1,7 +1,9 @@
 """Ray Train: a TorchTrainer whose workers each call ``zerotune.train.run``.
 
-Ray creates the process group (gloo on CPU, NCCL on GPU); our strategies join it. ``--ray-address auto``
-joins a running cluster; no address starts a local Ray instance.
+``--ray-address auto`` joins a running cluster, whose network exposure is the cluster's; Ray creates the
+process group there (gloo on CPU, NCCL on GPU) and our strategies join it. No address starts a local Ray
+bound to 127.0.0.1 (GCS, raylet, object manager, agents, workers), and the workers build their process group
+themselves, on loopback (zerotune.strategies.process_group): nothing listens beyond this machine.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def _worker(config_tree: dict) -> None:
     context = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(context.get_local_rank())
     os.environ["LOCAL_WORLD_SIZE"] = str(context.get_local_world_size())
+    os.environ["RANK"] = str(context.get_world_rank())
+    os.environ["WORLD_SIZE"] = str(context.get_world_size())
     config = config_from_dict(config_tree)
     if config.distributed.use_cpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
@@ -103,10 +107,77 @@ def connect(address: str, num_workers: int):
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+            _start_local_ray(num_cpus=max(num_workers, os.cpu_count() or 1))
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot reach Ray at {address!r}: {str(error).splitlines()[0]}; start it with "
                           "'ray start --head' or drop --ray-address to run a local Ray") from None
+
+
+def _start_local_ray(num_cpus: int) -> None:
+    """A one-machine Ray whose every server listens on 127.0.0.1 only.
+
+    Ray binds its gRPC servers (GCS, raylet, object manager, each worker) to 127.0.0.1 only when the node's
+    address is 127.0.0.1, and ray.init turns a 127.0.0.1 given as _node_ip_address into the machine's
+    address, unless multi-node clusters are off, as Ray has them on macOS and Windows: switch them off while
+    Ray starts (its processes inherit the variable; the runtime-env and dashboard agents then bind the node's
+    address, 127.0.0.1, too). No dashboard: nothing serves HTTP."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    name, before = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    enabled = ray_constants.ENABLE_RAY_CLUSTER  # read when ray was first imported
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+    if not _ray_on_loopback():
+        import sys
+
+        print(f"zerotune: the local Ray took {ray.util.get_node_ip_address()} as its address, not 127.0.0.1: its "
+              "servers may listen on every interface (see docs/reliability.md, Network exposure)", file=sys.stderr)
+
+
+def _ray_on_loopback() -> bool:
+    """This Ray's node address is loopback: its servers listen there, and no other machine can join it."""
+    import ipaddress
+
+    import ray
+
+    try:
+        return ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_torch_config():
+    """Ray Train's torch backend, minus its process group: that one's store (rank 0's TCPStore) listens on
+    every interface. Each worker gets MASTER_PORT, a free port of worker 0's (this machine's), and builds the
+    group on loopback itself in zerotune.strategies.process_group."""
+    from ray.train.backend import Backend
+    from ray.train.torch import TorchConfig
+
+    from zerotune.strategies.process_group import LOOPBACK, free_port
+
+    def set_master(port: int) -> None:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = LOOPBACK, str(port)
+
+    class LoopbackBackend(Backend):
+        share_cuda_visible_devices = True  # as Ray's torch backend: a worker sees its node's GPUs
+
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(set_master, port=worker_group.execute_single(0, free_port))
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackBackend
+
+    return LoopbackTorchConfig()
 
 
 def launch_ray(config: RunConfig):
@@ -120,6 +191,7 @@ def launch_ray(config: RunConfig):
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config.to_dict(),
+        torch_config=_loopback_torch_config() if _ray_on_loopback() else None,
         scaling_config=ScalingConfig(num_workers=config.distributed.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=RayRunConfig(name="zerotune", storage_path=str(Path(config.output.dir).resolve() / "ray"),
