@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zerotune.power import PowerSampler
+from zerotune.bench.power import PowerSampler
 
 
 def timed(sampler: PowerSampler, fn, seconds: float, flops: float) -> dict:

@@ -137,7 +137,7 @@ def main() -> None:
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
                               "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 2e8,
                               "stage3_param_persistence_threshold": 5e7, "stage3_max_live_parameters": 3e9}}))
-    from zerotune.bench import commit as current_commit
+    from zerotune.bench.harness import commit as current_commit
 
     commit = current_commit()  # ZEROTUNE_COMMIT first: the GPU box's copy of .git can lag the working tree
     results = {"workload": "W4-shape engines verification (Llama-2-7B arch, LoRA r16 all-linear, mb4, seq 2048, ckpt)",

@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--no-stacks", action="store_true")
     args = parser.parse_args()
-    from zerotune.bench import ARCHITECTURES, WORKLOADS, provenance, run_config, run_ours, token_records, \
-        write_model_dir
+    from zerotune.bench import ARCHITECTURES, WORKLOADS, provenance, run_config, token_records, write_model_dir
+    from zerotune.bench.harness import run_ours
 
     workload = WORKLOADS[args.workload]
     arch = ARCHITECTURES[workload.architecture]

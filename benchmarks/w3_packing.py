@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def lengths(count: int, seed: int = 0) -> list[int]:
-    from zerotune.bench import lengths as w3_lengths
+    from zerotune.bench.workloads import lengths as w3_lengths
 
     return w3_lengths(count, 2048, seed)  # the same draw `zerotune bench w3` makes
 

@@ -8,7 +8,7 @@ import pytest
 
 from zerotune.bench import ARCHITECTURES, lora_mfu, matmul_weights, run_bench, spread, summary
 from zerotune.cli import main
-from zerotune.power import PowerSampler, summarise
+from zerotune.bench.power import PowerSampler, summarise
 
 REQUIRED = {"workload", "gpu", "commit", "command", "ours", "baseline", "ratio"}
 
