@@ -166,11 +166,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def command_train(args: argparse.Namespace):
-    from zerotune.launchers import launch
+    from zerotune.launchers import launch, leave_after_preemption
     from zerotune.preflight import preflight
     from zerotune.run_dir import prepare_output_dir
-
-    from zerotune.launchers import choose_launcher
 
     config = config_from_args(args)
     preflight(config)
@@ -182,14 +180,7 @@ def command_train(args: argparse.Namespace):
 
         print(f"zerotune: stopped early; checkpoint {result.checkpoint}. Continue with the same command and "
               f"--resume (exit status {EXIT_PREEMPTED})", file=sys.stderr)
-        if choose_launcher(config) == "local":
-            # torch's elastic agent, stopped by the signal, can leave a C++ thread that aborts the interpreter's
-            # shutdown ("terminate called without an active exception": exit -6, not 75; seen once in CI). The
-            # checkpoint is on disk and the workers are gone (they leave with os._exit too): leave now.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
+        return leave_after_preemption(config, EXIT_PREEMPTED)  # the local launcher leaves here, with os._exit
     print(f"done: outputs in {config.output.dir}")
     return 0
 

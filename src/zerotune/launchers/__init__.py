@@ -45,6 +45,20 @@ def absolute_paths(config: RunConfig) -> RunConfig:
     )
 
 
+def leave_after_preemption(config: RunConfig, status: int) -> int:
+    """The exit status of a run stopped early by SIGTERM/SIGINT, its checkpoint written. Under the local launcher
+    this process leaves at once with it: torch's elastic agent, stopped by the signal, can leave a C++ thread
+    that aborts the interpreter's shutdown ("terminate called without an active exception": exit -6, not the
+    status; seen once in CI). The checkpoint is on disk and the workers are gone (they leave with os._exit too)."""
+    if choose_launcher(config) == "local":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 def launch(config: RunConfig, show_progress: bool = True):
     """Run training with the chosen launcher; returns rank 0's RunResult."""
     config = absolute_paths(config)
