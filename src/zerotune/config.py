@@ -35,43 +35,56 @@ class ModelConfig:
 
     name: str = option("meta-llama/Llama-2-7b-hf", "Hub id or local Hugging Face model directory.", "--model")
     init: Literal["pretrained", "random"] = option(
-        "pretrained", "pretrained loads the model's weights; random builds the architecture from its config.json "
-                      "with random weights on the device (benchmarks, smoke tests).",
+        "pretrained", "pretrained: load the model's weights. random: the architecture from its config.json with "
+                      "random weights, built on the device (benchmarks and smoke tests; nothing is downloaded).",
         "--init",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", "Weight and compute dtype; auto: bf16 on GPUs that support it, fp32 on CPU.", "--dtype"
+        "auto", "Weight and compute dtype. auto: bf16 on GPUs that support it, fp32 on CPU.", "--dtype"
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = option(
-        "auto", "Attention kernel; auto: flash_attention_2 when installed on a GPU, else sdpa.", "--attn-implementation"
+        "auto", "Attention kernel. auto: flash_attention_2 when installed on a GPU, else sdpa.", "--attn-implementation"
     )
     gradient_checkpointing: bool = option(
         False, "Recompute activations in the backward pass: less memory, about 30% more compute.",
         "--gradient-checkpointing",
     )
     checkpoint_every: int = option(
-        1, "With --gradient-checkpointing, recompute only every N-th decoder layer (1: all of them); the others "
-           "keep their activations (more memory, less recompute).",
+        1, "With --gradient-checkpointing: recompute only every N-th decoder layer (1: all of them). The others "
+           "keep their activations: less recompute, more memory, in between the two; `zerotune plan` shows both.",
         "--checkpoint-every", valid="[1, inf)",
     )
     compile: Literal["auto", "on", "off"] = option(
-        "auto", "torch.compile each decoder layer (regional compilation); auto: on for CUDA GPUs, off on CPU and "
-                "under DeepSpeed ZeRO-3 (where on is refused).", "--compile",
+        "auto", "torch.compile each decoder layer (regional compilation): inductor fuses RMSNorm, RoPE, SwiGLU "
+                "and PEFT's scale-and-add into Triton kernels (tiled over rows and columns: +2.7% on W2), and "
+                "the chunked loss's per-chunk softmax and "
+                "gradient (no fp32 copy of the logits). About 2x the eager step on a 7B LoRA after a "
+                "~1 minute warm-up compile; numerics within 1e-4 of eager in our tests. auto: on for CUDA GPUs "
+                "(one process, DDP, FSDP2, DeepSpeed ZeRO-1/2), off on CPU (CPU compiles take minutes and rarely "
+                "pay back in a short run) and under ZeRO-3, where on is refused (DeepSpeed's parameter hooks "
+                "inside the compiled layers make them recompile past torch.compile's limit).", "--compile",
     )
     compiled_nf4: bool = option(
-        True, "With --method qlora and compiled layers in one process, the 4-bit matmul in torch ops compiled with "
-              "its layer; --no-compiled-nf4: bitsandbytes' own matmul.", "--compiled-nf4",
+        True, "With --method qlora and compiled layers in one process: the 4-bit matmul is written in torch ops and "
+              "compiled with its layer (zerotune.speed.nf4), one fused dequantize kernel per weight instead of "
+              "bitsandbytes' per-call host code; same values bit for bit. A 7B QLoRA micro-batch-1 step is "
+              "host-bound, and took 0.26 s instead of 0.38 s on an H200. Not yet under DDP, FSDP2 or DeepSpeed "
+              "(untested there). --no-compiled-nf4: bitsandbytes' own matmul.", "--compiled-nf4",
     )
     mixed_precision: bool = option(
-        True, "With a bf16/fp16 model, run the forward under torch.autocast so the fp32 LoRA weights multiply on "
-              "tensor cores; weights, gradients and optimizer stay fp32.", "--mixed-precision",
+        True, "With a bf16/fp16 model, run the forward under torch.autocast in that dtype: the fp32 LoRA weights "
+              "(PEFT keeps adapters in fp32) then multiply on tensor cores, while their master copies, gradients "
+              "and optimizer stay fp32. --no-mixed-precision: fp32 LoRA matmuls (about 25% of a 7B LoRA step "
+              "on an H200). No effect on fp32 models, nor under DeepSpeed, whose bf16/fp16 section sets the "
+              "precision (its engine turns autocast off inside).", "--mixed-precision",
     )
     chunked_loss: bool = option(
-        True, "Cross-entropy from the last hidden states in chunks, its gradient computed on the fly, so full fp32 "
-              "logits never exist; --no-chunked-loss: the model's own loss.", "--chunked-loss",
+        True, "Cross-entropy from the last hidden states in chunks, with its gradient computed on the fly: full "
+              "fp32 logits never exist (saves ~1 GiB per 2048 tokens at a 32k vocabulary, ~4 GiB at 128k). "
+              "--no-chunked-loss: the model's logits, then cross-entropy.", "--chunked-loss",
     )
     trust_remote_code: bool = option(
-        False, "Allow model code from the hub to run; leave it off unless you trust the model's repository.",
+        False, "Allow model code from the hub to run. Off unless you trust the model's repository.",
         "--trust-remote-code",
     )
 
@@ -88,18 +101,42 @@ class AdapterConfig:
     dropout: float = option(0.05, "Dropout on the LoRA input.", "--lora-dropout", valid="[0, 1)")
     target_modules: list[str] = option(
         ["all-linear"],
-        "Module names to adapt; all-linear adapts every linear layer but the output head "
+        "Module names to adapt. all-linear adapts every linear layer but the output head "
         "(Llama's q_proj..down_proj, Falcon's query_key_value..dense_4h_to_h).",
         "--lora-target-modules",
     )
     fused_projections: Literal["auto", "on", "off"] = option(
-        "auto", "q/k/v and gate/up each as one matmul, the LoRA matrices stacked into the frozen weights; auto: "
-                "where covered, compiled, on one CUDA GPU; on: wherever covered.",
+        "auto", "Run sibling projections that read one input (q/k/v, gate/up) as one matmul, with the LoRA "
+                "matrices stacked into the frozen weights (zerotune/speed/fused_projections.py): for q/k/v and gate/up "
+                "the B matrices as extra columns, so the adapters' update is summed inside the frozen "
+                "matmul; for o and down the A matrices as extra rows. One backward matmul gives the input's "
+                "gradient through the frozen weights and the adapters. In Llama-style MLPs gate/up's output stays "
+                "whole and SwiGLU's backward is one Triton kernel (--swiglu-kernel). Same "
+                "adapter files, same values as PEFT's "
+                "path (tested to 1e-6 in fp32); eager it keeps for the backward what PEFT's path keeps plus o's "
+                "and down's small B matrices. "
+                "Covers LoRA on bf16/fp32 bases in one process, and under DDP with on (tested on CPU workers, "
+                "not measured on GPUs); in layers with gradient checkpointing gate/up, "
+                "o and down as custom ops a compiled checkpoint recomputes (W1-ckpt +1.9% tokens/s and 1.1 GiB "
+                "less peak memory), and q/k/v through a wrapped attention forward (Llama, Mistral, Qwen2, Qwen3; "
+                "W1-ckpt +2.0% more for 0.1 GiB); with LoRA dropout "
+                "only the frozen matmuls are fused (each adapter keeps its own mask); elsewhere PEFT's path runs "
+                "and the log says why. On an H200: fusing the siblings +2.5-2.8% tokens/s on W1 and W2, stacking "
+                "A +1.6-1.8% on top, B in columns +1.9% (W1) and +0.4% (W2) on top, gate/up as views +0.6% and "
+                "the stacked weights padded to a multiple of 64 +0.8-1.1% on top "
+                "(benchmarks/results/*-variants-*.json). auto: on where covered with compiled layers on a CUDA "
+                "GPU in one process (where it was measured); on: wherever covered, eager and CPU too. A bare --fused-projections means on.",
         "--fused-projections",
     )
     swiglu_kernel: bool = option(
-        True, "Where fused projections stack gate/up in a Llama-style MLP, SwiGLU's backward as one Triton kernel; "
-              "--no-swiglu-kernel: inductor's kernel.", "--swiglu-kernel",
+        True, "Where fused projections run gate/up stacked in a Llama-style MLP (Llama, Mistral, Qwen2, Qwen3): "
+              "gate/up's output stays one tensor and SwiGLU's backward is one Triton kernel on CUDA GPUs "
+              "(zerotune/speed/swiglu.py; the same formula in torch ops elsewhere), which writes gate/up's gradient "
+              "whole. On an H200 the kernel ran at 3.8 TB/s against 3.0 for inductor's, and W2 1.5-2.1% faster "
+              "(benchmarks/results/*-swiglu-*.json). In layers with gradient checkpointing gate/up still run "
+              "stacked but SwiGLU runs as torch ops (inductor's kernel, which the checkpoint recomputes). "
+              "--no-swiglu-kernel: inductor's kernel, compiled from the MLP's own forward (and, under "
+              "checkpointing, gate/up unfused).", "--swiglu-kernel",
     )
 
 
@@ -107,13 +144,14 @@ class AdapterConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    path: str = option("", "Local .json, .jsonl or .parquet file, a datasets save_to_disk directory or a hub dataset "
-                           "id; empty: the bundled English+Spanish demo sample.", "--data")
+    path: str = option("", "Local .json, .jsonl or .parquet file, a directory written by datasets' save_to_disk, or "
+                           "a hub dataset id. Empty: the bundled English+Spanish sample (a demo set, not real "
+                           "training data).", "--data")
     template: Literal["auto", "alpaca", "alpaca_es", "chat", "tokens"] = option(
-        "auto", "Prompt template; auto: tokens for pre-tokenized records (input_ids, optional labels), chat for "
-                "records with messages, else alpaca.", "--template"
+        "auto", "Prompt template. auto: tokens for pre-tokenized records ('input_ids', optional 'labels' with "
+                "-100 for tokens not to learn), chat for records with 'messages', else alpaca.", "--template"
     )
-    eval_path: str = option("", "Separate evaluation file; empty: hold out eval_fraction of the data.", "--eval-data")
+    eval_path: str = option("", "Separate evaluation file. Empty: hold out eval_fraction of the data.", "--eval-data")
     eval_fraction: float = option(0.05, "Fraction held out for evaluation when no eval file is given.", "--eval-fraction",
                                   valid="[0, 1)")
     max_seq_len: int = option(1024, "Longest tokenized example, prompt and response together.", "--max-seq-len",
@@ -123,8 +161,9 @@ class DataConfig:
     )
     split: str = option("train", "Split to read from a hub dataset or a saved DatasetDict.", "--split")
     packing: bool = option(
-        False, "Pack several training examples into each row of max_seq_len tokens, attention and loss kept per "
-               "example, to cut padding on short data.", "--packing",
+        False, "Pack several training examples into each row of max_seq_len tokens. Attention stays within each "
+               "example (position ids restart per example; transformers then masks per example), and each "
+               "example's loss equals its unpacked loss. Cuts padding on short data.", "--packing",
     )
 
 
@@ -132,7 +171,7 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    max_steps: int = option(0, "Optimizer steps to run; 0: run for `epochs` epochs.", "--max-steps", valid="[0, inf)")
+    max_steps: int = option(0, "Optimizer steps to run. 0: run for `epochs` epochs.", "--max-steps", valid="[0, inf)")
     epochs: float = option(1.0, "Epochs over the training data when max_steps is 0.", "--epochs", valid="[0, inf)")
     batch_size: int = option(4, "Micro-batch size per worker (examples per forward pass).", "--batch-size",
                              valid="[1, inf)")
@@ -146,14 +185,20 @@ class TrainConfig:
     seed: int = option(42, "Seed for weights of new LoRA layers, data order and dropout.", "--seed",
                        valid="[0, 4294967295]")  # 32 bits, as every generator accepts
     cuda_graph: Literal["auto", "on", "off"] = option(
-        "auto", "Replay each training step as one CUDA graph; auto: on for LoRA/QLoRA on one CUDA worker with "
-                "compiled layers and SDPA when every batch has one shape.",
+        "auto", "Replay each training step as one CUDA graph (zerotune.speed.step_graphs): the host launches one graph "
+                "instead of thousands of kernels, so host-bound steps run at the GPU's pace (on an H200: 7B QLoRA "
+                "micro-batch 1 2.58x the HF path instead of 2.07x, W1 +14-20%; no gain where the GPU is the "
+                "bottleneck, ~0.1 GiB more peak memory). Same losses as op by op (tested on GPU with dropout and "
+                "checkpointing). Batches are padded to data.max_seq_len. auto: on for LoRA/QLoRA with one CUDA "
+                "worker, compiled layers and SDPA attention when every batch has that length anyway (--packing, or "
+                "all examples max_seq_len long); off otherwise. on: the same needs, with full fine-tuning and "
+                "unpacked data too (a one-line error where a need is missing). A bare --cuda-graph means on.",
         "--cuda-graph")
     eval_every: int = option(0, "Evaluate every N steps (0: only at the end).", "--eval-every", valid="[0, inf)")
     log_every: int = option(1, "Log training metrics every N steps.", "--log-every", valid="[1, inf)")
     on_nonfinite: Literal["stop", "skip"] = option(
-        "stop", "On a NaN/Inf loss or gradient norm, stop names the step and exits; skip drops the step and stops "
-                "after max_skipped_steps such steps.",
+        "stop", "A NaN/Inf loss or gradient norm: stop names the step and exits; skip drops that step (no update) "
+                "and stops after max_skipped_steps such steps. No checkpoint ever holds non-finite values.",
         "--on-nonfinite",
     )
     max_skipped_steps: int = option(5, "With on_nonfinite skip: stop once this many steps were skipped.",
@@ -165,21 +210,23 @@ class DistributedConfig:
     """How many workers and which engine."""
 
     strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = option(
-        "auto", "Engine; auto: single for one worker, DDP for several unless the model needs sharding.", "--strategy"
+        "auto", "Engine. auto: single for one worker; DDP for several unless the model needs sharding.", "--strategy"
     )
     zero_stage: int = option(3, "DeepSpeed ZeRO stage (1, 2 or 3).", "--zero-stage", valid="[1, 3]")
     offload: Literal["none", "optimizer", "params", "all"] = option(
         "none", "DeepSpeed CPU offload: optimizer states, parameters, or both.", "--offload"
     )
     zero3_fetch: Literal["layer", "module"] = option(
-        "layer", "ZeRO-3: gather parameters a decoder layer at a time (one hook and all-gather per layer) or a "
-                 "module at a time (DeepSpeed's default, slow for LoRA).", "--zero3-fetch"
+        "layer", "ZeRO-3: gather parameters a decoder layer at a time (one hook and one all-gather per layer, "
+                 "DeepSpeed's leaf modules) or a module at a time (DeepSpeed's default: a hook per linear layer, "
+                 "slow in Python for LoRA). A --deepspeed JSON that sets zero_optimization.leaf_module keeps its "
+                 "own.", "--zero3-fetch"
     )
     deepspeed_config: str = option(
         "", "A DeepSpeed JSON, used as-is; its \"auto\" values are filled from this config.", "--deepspeed"
     )
     launcher: Literal["auto", "local", "ray"] = option(
-        "auto", "How workers start; auto: ray when --ray-address is set, else local processes.", "--launcher"
+        "auto", "How workers start. auto: ray when --ray-address is set, else local processes.", "--launcher"
     )
     num_workers: int = option(1, "Worker processes (one per GPU, or CPU workers with --use-cpu).", "--num-workers",
                               valid="[1, inf)")
@@ -188,13 +235,18 @@ class DistributedConfig:
         False, "Never use DeepSpeed (the original tutorial's flag): DDP, or FSDP if asked.", "--no-deepspeed"
     )
     sharded_loading: bool = option(
-        False, "Never hold the whole model on one worker while loading (FSDP2: meta device, each worker reads its "
-               "rows; ZeRO-3: zero.Init); not for QLoRA.", "--sharded-loading",
+        False, "Never hold the whole model on one worker while loading. FSDP2: build it on the meta device, shard "
+               "it, then let each worker read only its own rows of every weight from the safetensors files (LoRA A "
+               "is drawn after sharding: same distribution, another draw than the default path). DeepSpeed ZeRO-3: "
+               "transformers builds it inside deepspeed.zero.Init (partitioned as created) and copies the weights "
+               "in one module at a time. With --init random nothing is read: FSDP2 draws each weight from one seeded "
+               "generator on every worker and keeps its rows (the same model for any worker count); ZeRO-3 "
+               "initialises each module inside zero.Init. Not for QLoRA.", "--sharded-loading",
     )
-    ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster, empty starts a local Ray.",
+    ray_address: str = option("", "Ray cluster address; 'auto' joins the running cluster. Empty: start a local Ray.",
                               "--ray-address")
-    max_failures: int = option(0, "Ray launcher: restart the workers up to N times (-1: without limit) after a "
-                                  "worker or node dies; they resume from the latest checkpoint.", "--max-failures",
+    max_failures: int = option(0, "Ray launcher: restart the workers up to N times after a worker or node dies; "
+                                  "they resume from the latest checkpoint. -1: without limit.", "--max-failures",
                                valid="[-1, inf)")
     max_restarts: int = option(0, "Local launcher: restart all workers up to N times after one fails; they "
                                   "resume from the latest checkpoint.", "--max-restarts", valid="[0, inf)")
@@ -223,7 +275,7 @@ class TrackingConfig:
         "mlflow", "mlflow logs params, metrics and artifacts; none writes only metrics.jsonl and loss.png.", "--tracking"
     )
     uri: str = option(
-        "", "MLflow tracking URI, e.g. http://127.0.0.1:5000; empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "", "MLflow tracking URI, e.g. http://127.0.0.1:5000. Empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
         "in the working directory.", "--tracking-uri"
     )
     experiment: str = option("zerotune", "MLflow experiment name.", "--experiment")
