@@ -93,3 +93,43 @@ def test_compile_auto_rule_and_yaml_on_off(tmp_path):
     assert parse([str(path)]).model.compile == "on"
     with pytest.raises(ConfigError, match="model.compile"):
         build_config({"model.compile": "sometimes"})
+
+
+def sentences(text: str) -> int:
+    """Sentence-ending marks: '.', '!' or '?' followed by a space or the end, e.g./i.e. not counted."""
+    import re
+
+    return len(re.findall(r"[.!?](?:\s|$)", text.replace("e.g.", "eg").replace("i.e.", "ie")))
+
+
+def every_help() -> list[tuple[str, str]]:
+    """(where, help) for every config field, and every argparse help of every subcommand and the command list.
+    Flags generated from the config end in ' [key; default: ...]', which is the field's help plus the key."""
+    import argparse
+
+    from zerotune.config import field_specs
+
+    helps = [(key, spec.metadata["help"]) for key, spec, _ in field_specs()]
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps += [(f"zerotune {choice.dest}", choice.help) for choice in commands._choices_actions]
+    for name, subparser in commands.choices.items():
+        for action in subparser._actions:
+            if action.help and action.help != argparse.SUPPRESS and "." not in action.dest and action.dest != "help":
+                helps.append((f"zerotune {name} {'/'.join(action.option_strings) or action.dest}", action.help))
+    return helps
+
+
+def test_every_help_is_one_sentence_of_at_most_160_characters():
+    helps = every_help()
+    assert len(helps) > 80 and any(where == "adapter.fused_projections" for where, _ in helps)
+    assert any(where == "zerotune bench --steps" for where, _ in helps)
+    too_long = [f"{where}: {len(text)} characters" for where, text in helps if len(text) > 160]
+    several = [f"{where}: {text!r}" for where, text in helps if sentences(text) > 1]
+    assert not too_long and not several, "\n".join(too_long + several)
+
+
+def test_sentences_counts_sentence_ends_only():
+    assert sentences("Weight dtype; auto: bf16 on GPUs, fp32 on CPU.") == 1
+    assert sentences("MLflow URI, e.g. http://127.0.0.1:5000; empty: sqlite:///mlflow.db here") == 0
+    assert sentences("Weight dtype. auto: bf16 on GPUs.") == 2
