@@ -264,7 +264,7 @@ def test_unreadable_model_config_names_the_file(tmp_path, capsys):
 def test_70b_qlora_memory_is_predicted_and_its_speed_underestimated():
     """The one stored measurement outside 7-8B: Llama-2-70B QLoRA, mb 1, checkpointing, one H200.
     Memory lands within 2%; speed is predicted about half the measured (the efficiency model and the
-    dequantization cost were fitted on 7B, where fixed per-layer costs weigh more): the README says so."""
+    dequantization cost were fitted on 7B, where fixed per-layer costs weigh more): docs/planner.md says so."""
     measured = json.loads((RESULTS / "2026-11-28-h200-qlora-70b.json").read_text())
     result = estimate(Scenario(gpu=gpu_from_device_name(measured["gpu"]), arch=ARCHITECTURES["llama-2-70b"],
                                method="qlora", checkpointing=True, compile=True))
@@ -285,7 +285,7 @@ def test_70b_lora_sharded_is_predicted(name, strategy, fetch, compiled, speed):
     Speed, predicted over measured, lies in the stated band: FSDP2 (compiled) about 20% slow on 2 and 4 GPUs;
     ZeRO-3 with per-module hooks 27% slow on 2 GPUs and 6% fast on 4; ZeRO-3 by decoder layer (fitted on 7B
     at 0.92 of one GPU) 12% fast on 4 GPUs. The constants come from 7B, where fixed per-layer costs weigh
-    more. The README says so."""
+    more. docs/planner.md says so."""
     import statistics
 
     measured = json.loads((RESULTS / f"2026-11-28-{name}.json").read_text())

@@ -1,6 +1,6 @@
 """Build a DeepSpeed config from ours, or take a user's JSON as-is and fill its "auto" values.
 
-Each "auto" is resolved from the run config (README, 'DeepSpeed "auto" values'):
+Each "auto" is resolved from the run config (docs/engines-and-launchers.md, 'DeepSpeed "auto" values'):
   train_micro_batch_size_per_gpu      train.batch_size
   gradient_accumulation_steps         train.grad_accum
   train_batch_size                    batch_size x grad_accum x workers
