@@ -25,7 +25,7 @@ def profile_w1() -> dict:
     from zerotune.config import AdapterConfig
     from zerotune.speed.chunked_loss import install_chunked_loss
     from zerotune.speed.compile import compile_layers
-    from zerotune.train import token_loss_sum
+    from zerotune.step import token_loss_sum
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -106,7 +106,7 @@ def whole_step_graph(step, warmup: int, losses: list, optimizer):
 def measure(variant: str, steps: int, warmup: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from zerotune.train import token_loss_sum
+    from zerotune.step import token_loss_sum
 
     compiled, nf4, cpp_wrapper = VARIANTS[variant]
     torch._dynamo.reset()

@@ -33,7 +33,7 @@ def main() -> None:
     from zerotune import bench
     from zerotune.launchers import launch
     from zerotune.speed.step_graphs import StepGraphs
-    from zerotune.train import prepare_output_dir
+    from zerotune.run_dir import prepare_output_dir
 
     workload = bench.WORKLOADS[args.workload]
     arch = bench.ARCHITECTURES[workload.architecture]

@@ -129,7 +129,7 @@ def run_variant(name: str, steps: int, arch_name: str) -> dict:
     from zerotune.config import AdapterConfig
     from zerotune.speed.chunked_loss import install_chunked_loss
     from zerotune.speed.compile import compile_layer, compile_layers
-    from zerotune.train import token_loss_sum
+    from zerotune.step import token_loss_sum
 
     options = {**BASE, **VARIANTS[name]}
     micro, ckpt, compiled, liger = (options[k] for k in ("micro", "ckpt", "compile", "liger"))

@@ -85,7 +85,7 @@ def hf_loss(model, batch):
 
 
 def zerotune_loss(model, batch):
-    from zerotune.train import token_loss_sum
+    from zerotune.step import token_loss_sum
 
     loss_sum, tokens = token_loss_sum(model, batch)
     return loss_sum / tokens

@@ -5,7 +5,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from zerotune.launchers import launch
-from zerotune.train import prepare_output_dir
+from zerotune.run_dir import prepare_output_dir
 
 
 def train(config):

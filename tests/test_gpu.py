@@ -12,7 +12,7 @@ from zerotune import adapters
 from zerotune.config import AdapterConfig, ModelConfig
 from zerotune.data.batches import collate
 from zerotune.data.encode import EncodedExample
-from zerotune.train import token_loss_sum
+from zerotune.step import token_loss_sum
 
 pytestmark = pytest.mark.gpu
 

@@ -13,7 +13,7 @@ from zerotune.data.batches import collate
 from zerotune.data.encode import EncodedExample
 from zerotune.data.packing import pack_examples
 from zerotune.speed.chunked_loss import ALL_ROWS, install_chunked_loss, linear_cross_entropy_sum
-from zerotune.train import token_loss_sum
+from zerotune.step import token_loss_sum
 
 from helpers import train
 

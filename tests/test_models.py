@@ -121,7 +121,7 @@ def eval_loss_of(model, config) -> float:
     from zerotune.data.batches import collate, eval_batches
     from zerotune.data.prepare import prepare_data
     from zerotune.model import load_tokenizer
-    from zerotune.train import token_loss_sum
+    from zerotune.step import token_loss_sum
 
     tokenizer = load_tokenizer(config.model)
     examples = prepare_data(config.data, tokenizer, config.train.seed).eval

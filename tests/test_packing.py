@@ -17,7 +17,7 @@ from zerotune.data.encode import IGNORE_INDEX, EncodedExample
 from zerotune.data.packing import pack_examples
 from zerotune.data.prepare import prepare_data
 from zerotune.model import load_tokenizer
-from zerotune.train import token_loss_sum
+from zerotune.step import token_loss_sum
 
 
 def example(ids):

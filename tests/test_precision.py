@@ -11,7 +11,7 @@ from zerotune.config import AdapterConfig, ModelConfig
 from zerotune.data.batches import collate
 from zerotune.data.encode import EncodedExample
 from zerotune.model import compute_precision
-from zerotune.train import token_loss_sum
+from zerotune.step import token_loss_sum
 
 
 def _bf16_lora(tiny_llama):
@@ -60,7 +60,7 @@ def test_no_autocast_around_deepspeed_which_keeps_its_own_precision(tiny_llama):
     from zerotune.config import config_from_dict
     from zerotune.strategies.ddp import DDPStrategy
     from zerotune.strategies.deepspeed import DeepSpeedStrategy
-    from zerotune.train import forward_precision
+    from zerotune.step import forward_precision
 
     model = _bf16_lora(tiny_llama)
     config = config_from_dict({"model": {"name": str(tiny_llama)}})

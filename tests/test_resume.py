@@ -270,7 +270,7 @@ def test_nonfinite_loss_stops_naming_the_step(nan_llama, alpaca_file, tmp_path, 
 
 
 def test_nonfinite_skip_drops_the_step(config_for, monkeypatch):
-    import zerotune.train as loop
+    import zerotune.step as loop
 
     real, calls = loop.token_loss_sum, []
 

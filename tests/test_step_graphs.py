@@ -147,6 +147,7 @@ def test_checkpoint_resumes_across_learning_rate_kinds(saved_as_tensor, tmp_path
     for _ in range(2):
         model(torch.ones(1, 3)).sum().backward()
         first.optimizer_step(model, torch.tensor(1.0))
+        first.advance_schedule()
     first.save_state(model, tmp_path)
     assert first.current_lr() == pytest.approx(0.0025)
     model, second = _strategy_with(not saved_as_tensor, config)

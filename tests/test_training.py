@@ -98,7 +98,7 @@ def test_each_step_is_read_back_after_the_next_is_queued(config_for, monkeypatch
     The step's host counts and stop signal, read back at once, are copied before the step's work is queued:
     a copy queued after it would wait for the whole step, and the GPU would idle while the host batches the
     next one."""
-    import zerotune.train as loop
+    from zerotune import step_io as loop
     from zerotune.strategies.base import Strategy
 
     events = []

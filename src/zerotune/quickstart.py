@@ -53,7 +53,7 @@ def run_quickstart(output_dir: Path, max_steps: int | None = None, tracking: str
     from zerotune.launchers import launch
     from zerotune.preflight import preflight
     from zerotune.tiny import save_tiny_model
-    from zerotune.train import prepare_output_dir
+    from zerotune.run_dir import prepare_output_dir
 
     started = time.time()
     _claim_output_dir(output_dir)
@@ -102,7 +102,7 @@ def _pretrain_base(random_dir: Path, output_dir: Path) -> Path:
     """Give the random model English counting (full fine-tuning), so LoRA has a base worth adapting."""
     from zerotune.config import build_config
     from zerotune.launchers import launch
-    from zerotune.train import prepare_output_dir
+    from zerotune.run_dir import prepare_output_dir
 
     config = build_config({
         "model.name": str(random_dir), "model.dtype": "fp32", "adapter.method": "full",

@@ -54,6 +54,12 @@ def wanted(setting: str, *, device_type: str, strategy: str, compiled: bool, met
     return (False, "train.cuda_graph auto: off, " + missing[0]) if missing else (True, "train.cuda_graph auto: on")
 
 
+def graph_learning_rate(lr: float, device: torch.device, graphs: bool):
+    """The optimizer's learning rate: for replayed steps a device tensor, which the scheduler fills in place
+    outside the graph (a number would be baked into the captured update)."""
+    return torch.tensor(lr, device=device) if graphs else lr
+
+
 def step_plain(flags: list[bool]) -> list[bool]:
     """One plain-causal flag for all of a step's micro-batches: plain only if every one is. A plain batch runs
     exactly through the masked path too, and per-micro-batch flags would make up to 2**grad_accum signatures

@@ -66,12 +66,8 @@ class Strategy(ABC):
     #: Whether optimizer_step drops a non-finite step on the device. The loop then reads a step's results back
     #: one step late, so the host never waits for the GPU; an engine that cannot drop a step is read at once.
     drops_steps_on_device: bool = True
-    #: False while steps replay as CUDA graphs: the scheduler then steps outside optimizer_step (the loop calls
-    #: it), filling the learning-rate tensor the captured update reads.
-    schedule_in_step: bool = True
-
     def optimizer_step(self, model: torch.nn.Module, loss_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clip, step optimizer and scheduler, zero gradients. Returns the pre-clip global grad norm and whether
+        """Clip, step the optimizer, zero gradients (the schedule advances in advance_schedule). Returns the pre-clip global grad norm and whether
         the update was applied, both as tensors on the device: nothing here waits for the GPU. A step whose
         loss (``loss_total``, the same on every rank) or gradient norm is not finite is never applied: the
         fused AdamW reads ``found_inf`` and leaves weights, moments and step count as they were."""
@@ -83,10 +79,13 @@ class Strategy(ABC):
         applied = torch.isfinite(grad_norm) & torch.isfinite(loss_total.to(grad_norm.device))
         self.optimizer.found_inf = (~applied).float()
         self.optimizer.step()
-        if self.schedule_in_step:
-            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
+
+    def advance_schedule(self) -> None:
+        """After each optimizer step, outside it: a step replayed as a CUDA graph reads a learning-rate tensor
+        that this fills in place for the next replay."""
+        self.scheduler.step()
 
     def _global_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm
@@ -122,10 +121,11 @@ class Strategy(ABC):
         self.scheduler._last_lr = [float(lr) for lr in self.scheduler._last_lr]
 
     def current_lr(self) -> float:
-        lr = self.optimizer.param_groups[0]["lr"]
-        if isinstance(lr, torch.Tensor):  # a CUDA graph's learning rate: computed on the host, no device read
-            return self.config.train.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        return lr
+        """The learning rate of the next update, from the schedule on the host (a tensor learning rate, as
+        CUDA graphs use, is never read back from the device)."""
+        base = self.scheduler.base_lrs[0]
+        base = self.config.train.lr if isinstance(base, torch.Tensor) else base
+        return base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

@@ -215,6 +215,9 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         if path is None:
             raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint to load")
 
+    def advance_schedule(self):
+        pass  # engine.step() advances DeepSpeed's scheduler (its JSON's or ours)
+
     def current_lr(self):
         return self.engine.get_lr()[0]
 
