@@ -13,7 +13,7 @@ from zerotune.bench.power import PowerSampler, summarise
 REQUIRED = {"workload", "gpu", "commit", "command", "ours", "baseline", "ratio"}
 
 
-@pytest.mark.parametrize("workload", ["w1", "w4"])
+@pytest.mark.parametrize("workload", ["w1", pytest.param("w4", marks=pytest.mark.slow)])  # w4: two processes
 def test_bench_writes_a_result_where_both_sides_start_from_the_same_loss(workload, tmp_path):
     result = run_bench(workload, tiny=True, steps=3, warmup=1, out_dir=str(tmp_path / "results"),
                        work_dir=str(tmp_path / "work"))

@@ -360,6 +360,7 @@ def test_each_writer_full_disk_error_is_recognised(small_disk):
 PAGE = 4096
 
 
+@pytest.mark.slow  # three training runs; test_full_disk_during_a_save_simulated covers the same path in the fast tier
 @pytest.mark.parametrize("room_for", [(), (TRAINER_STATE,), (TRAINER_STATE, "trainable.safetensors")],
                          ids=["nothing", "trainer_state", "weights"])
 def test_full_disk_during_a_save_for_real(room_for, reference, small_disk, tiny_llama, alpaca_file, monkeypatch,

@@ -152,6 +152,7 @@ def test_parts_are_copied_only_where_kept_apart_and_the_backward_runs_no_addmm()
         assert (torch.ops.zerotune.swiglu_backward.default in ops.seen) == swiglu
 
 
+@pytest.mark.slow  # compiled layers on CPU
 def test_compiled_layer_holds_each_fused_matmul_once(monkeypatch):
     """Counted in the compiled graphs (AOTAutograd with inductor's partitioner): per layer the forward has 8
     matmuls instead of 21 (7 projections x base, A, B; fused: per group two, for q/k/v and gate/up x A^T and
@@ -204,7 +205,7 @@ def _saved_for_backward(model) -> int:
     return sum(size for pointer, size in storages.items() if pointer not in held)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiled on CPU: slow
 def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch, compiled):
     """Peak memory: eager, the fused model keeps for the backward exactly what PEFT's path keeps plus o's and
     down's block-diagonal LoRA-B matrices (rank x out; q/k/v and gate/up hold B in their stacked weight).
@@ -230,6 +231,7 @@ def test_fused_groups_keep_no_more_for_the_backward_than_pefts_path(monkeypatch,
     assert _saved_for_backward(fused) <= _saved_for_backward(reference) + allowed
 
 
+@pytest.mark.slow  # inductor on CPU
 def test_inductor_compiled_stacked_layers_follow_pefts_values_across_updates():
     """The real compiler (inductor, on CPU): two steps with the adapters updated in between give PEFT's eager
     logits and gradients; the stacked A rows, refreshed by the model's pre-hook outside the compiled layers,

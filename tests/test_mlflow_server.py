@@ -38,6 +38,7 @@ def mlflow_server(tmp_path):
     process.wait(timeout=30)
 
 
+@pytest.mark.slow  # starts an MLflow server process (about a minute)
 def test_run_metrics_and_artifacts_reach_server(config_for, mlflow_server):
     import mlflow
     from mlflow.tracking import MlflowClient
