@@ -228,6 +228,8 @@ class TrackingConfig:
         "in the working directory.", "--tracking-uri"
     )
     experiment: str = option("zerotune", "MLflow experiment name.", "--experiment")
+    required: bool = option(False, "Stop at start (exit 2) when the MLflow store does not answer; without it "
+                                   "training goes on with metrics.jsonl and loss.png only.", "--require-tracking")
 
 
 @dataclass
