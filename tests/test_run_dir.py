@@ -212,6 +212,20 @@ def test_a_held_directory_refuses_a_second_run_naming_the_holder(tiny_llama, alp
     RunLock(out).release()  # free again once the holder lets go
 
 
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_a_held_directory_names_the_holder_before_anything_else(tiny_llama, alpaca_file, tmp_path, capsys,
+                                                                 no_model_loading, flag):
+    """A run that has not written its first checkpoint yet: --resume is told the directory is in use (not
+    that there is no checkpoint), as --overwrite is."""
+    out = tmp_path / "run"
+    held = prepare_output_dir(out, overwrite=False)
+    try:
+        status, err = run_cli(capsys, *train_args(tiny_llama, alpaca_file, out, flag))
+    finally:
+        held.release()
+    assert status == 2 and "another zerotune run is using this directory" in one_line_error(err)
+
+
 def test_a_stale_lock_file_blocks_nobody(tiny_llama, alpaca_file, tmp_path, capsys):
     """A killed run leaves its lock file; the kernel dropped its flock, so the next run goes ahead."""
     out = tmp_path / "run"

@@ -19,6 +19,7 @@ def check_output_dir(config: RunConfig) -> None:
     output_dir = Path(config.output.dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"{output_dir}: exists and is not a directory; pick another --output-dir")
+    check_unlocked(output_dir)  # first: a run still using it explains everything else about it
     if config.checkpoint.resume:
         from zerotune.checkpoints import check_resumable
         from zerotune.launchers import absolute_paths
@@ -28,7 +29,6 @@ def check_output_dir(config: RunConfig) -> None:
         # same files).
         check_resumable(absolute_paths(config), output_dir)
     check_owned(output_dir, "train", config.output.overwrite, config.checkpoint.resume)
-    check_unlocked(output_dir)
     probe_writable(output_dir)
 
 
