@@ -105,6 +105,10 @@ def step_spread(side: dict) -> str:
 
 
 def gpu_name(result: dict) -> str:
+    """The GPU a result ran on, or the machine it names (a CPU-only measurement such as checkpoint hashing)."""
+    if "gpu" not in result:
+        machine = result.get("machine", {})
+        return f"CPU x{machine['cores']}" if isinstance(machine, dict) and "cores" in machine else "CPU"
     return result["gpu"].replace("NVIDIA ", "") + (f" x{result['gpus']}" if result.get("gpus", 1) > 1 else "")
 
 
