@@ -15,6 +15,7 @@ the tests, and exits with pytest's status. How to move the lock forward: docs/de
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ DEPENDENCIES = ["torch", "transformers", "peft", "accelerate", "tokenizers", "sa
                 "matplotlib", "pyarrow", "mlflow", "datasets", "deepspeed", "ray[train]", "bitsandbytes", "pytest",
                 "mkdocs", "mkdocs-material"]
 # Left out of the lock: torch comes first, from the machine's own index (CPU or CUDA build), and brings these.
-NOT_LOCKED = ("torch", "triton", "nvidia-", "zerotune")
+NOT_LOCKED = ("torch", "triton", "nvidia-", "cuda-", "zerotune")
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -81,6 +82,8 @@ def main() -> int:
         print(f"wrote {LOCK.relative_to(ROOT)}; raise pyproject.toml's caps to match, then run the README's commands")
     if args.keep:
         print(f"virtual environment kept: {venv}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return status
 
 
