@@ -39,6 +39,7 @@ def calls(monkeypatch):
                         lambda model, precision, swiglu: calls.append("fused_projections") or (8, None))
     monkeypatch.setattr(plain_causal, "install_plain_causal_hint",
                         lambda model: calls.append("plain_causal_hint") or model.config._attn_implementation == "sdpa")
+    monkeypatch.setattr(speed, "_plain_causal_problem", lambda model, precision: None)  # its probe: below
     monkeypatch.setattr(nf4, "install_compiled_nf4", lambda model: calls.append("nf4") or 14)
     monkeypatch.setattr(speed_compile, "compile_layers", lambda model: calls.append("compile") or 2)
     monkeypatch.setattr(speed_compile, "graph_breaks", lambda: {"before": 1})
@@ -102,8 +103,8 @@ def test_step_graphs_need_sdpa_attention(calls):
                          precision=contextlib.nullcontext)
     assert auto.graphs is False
     assert "train.cuda_graph auto: off, the model loaded with eager attention, not SDPA" in auto.notes
-    with pytest.raises(ConfigError, match="train.cuda_graph: needs SDPA attention; .* loaded with eager; drop "
-                                          "--cuda-graph"):
+    with pytest.raises(ConfigError, match="train.cuda_graph: .*: the model loaded with eager attention, not SDPA; "
+                                          "drop --cuda-graph"):
         speed.install(_model("eager"), build_config({"train.cuda_graph": "on"}), _strategy(), compiled=True,
                       graphs=True, precision=contextlib.nullcontext)
 
@@ -118,3 +119,47 @@ def test_install_on_a_tiny_llama():
     assert isinstance(installed.loss_head, chunked_loss.ChunkedLossHead)
     assert installed.fused_groups == 8 and sum(hasattr(m, "_zerotune_group") for m in model.modules()) == 2 * 7
     assert installed.notes == ["adapter.fused_projections: 8 groups of projections fused (q/k/v, gate/up, o, down)"]
+
+
+def _tiny_lora_llama():
+    from zerotune import adapters
+    from zerotune.config import AdapterConfig
+    from zerotune.tiny import build_model
+
+    model = build_model("llama", 300, hidden_size=64, layers=2, heads=4, kv_heads=2, seed=0)
+    model.config.use_cache = False
+    return adapters.apply_method(model, AdapterConfig(dropout=0.0), seed=0)
+
+
+def test_the_plain_causal_hint_is_kept_when_it_computes_the_masked_logits():
+    model = _tiny_lora_llama()
+    notes = []
+    assert speed._plain_causal_hint(model, build_config({}), notes, contextlib.nullcontext) is True
+    assert notes == [] and model.config._attn_implementation == plain_causal.NAME
+
+
+@pytest.mark.parametrize("breakage", ["raises", "wrong"])
+def test_the_plain_causal_hint_falls_back_when_attention_cannot_take_a_missing_mask(monkeypatch, breakage):
+    """As with Falcon's new decoder layout on transformers 5.17, whose attention added None to its scores: the
+    hinted path is probed at install, auto turns step graphs off with a note, on stops before any step."""
+    from transformers.integrations import sdpa_attention
+
+    real = sdpa_attention.sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is None and breakage == "raises":
+            raise TypeError("unsupported operand type(s) for +: 'Tensor' and 'NoneType'")
+        if attention_mask is None:  # a model whose attention computes something else without a mask
+            output, weights = real(module, query, key, value, None, **kwargs)
+            return output * 0.5, weights
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", attention)
+    model, notes = _tiny_lora_llama(), []
+    assert speed._plain_causal_hint(model, build_config({}), notes, contextlib.nullcontext) is False
+    assert model.config._attn_implementation == "sdpa"  # back to what it loaded with
+    assert len(notes) == 1 and notes[0].startswith("train.cuda_graph auto: off, its ")
+    assert ("TypeError" in notes[0]) if breakage == "raises" else ("differ from the masked" in notes[0])
+    with pytest.raises(ConfigError, match="train.cuda_graph: .*drop --cuda-graph"):
+        speed._plain_causal_hint(_tiny_lora_llama(), build_config({"train.cuda_graph": "on"}), [],
+                                 contextlib.nullcontext)

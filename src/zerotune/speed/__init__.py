@@ -81,7 +81,7 @@ def install(model: torch.nn.Module, config: RunConfig, strategy, *, compiled: bo
     # 4. for step graphs, the host's plain-causal hint to the SDPA mask builder (the attention implementation
     #    the compiled layers then trace)
     if graphs:
-        installed.graphs = _plain_causal_hint(model, config, installed.notes)
+        installed.graphs = _plain_causal_hint(model, config, installed.notes, precision)
     if compiled:
         # 5. QLoRA's 4-bit matmul as torch ops, in place before the layers compile around it
         if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name == "single":
@@ -120,16 +120,62 @@ def _fused_projections_wanted(config: RunConfig, strategy, compiled: bool) -> tu
     return False, None
 
 
-def _plain_causal_hint(model: torch.nn.Module, config: RunConfig, notes: list[str]) -> bool:
-    """Install the plain-causal hint; whether step graphs stay on (auto turns them off where the model did not
-    load with SDPA attention, on stops with a ConfigError)."""
+def _plain_causal_hint(model: torch.nn.Module, config: RunConfig, notes: list[str], precision) -> bool:
+    """Install the plain-causal hint; whether step graphs stay on (auto turns them off, with a note, where the
+    model did not load with SDPA attention or the hinted path does not compute what the masked one does; on
+    stops with a ConfigError)."""
     from zerotune.speed.plain_causal import install_plain_causal_hint
 
-    if install_plain_causal_hint(model):
-        return True
     loaded = getattr(model.config, "_attn_implementation", "another")
+    if not install_plain_causal_hint(model):
+        why = f"the model loaded with {loaded} attention, not SDPA"
+    else:
+        why = _plain_causal_problem(model, precision)
+        if why is None:
+            return True
+        _remove_plain_causal_hint(model, loaded)
     if config.train.cuda_graph == "on":
-        raise ConfigError(f"train.cuda_graph: needs SDPA attention; {config.model.name} loaded with {loaded}; "
-                          "drop --cuda-graph")
-    notes.append(f"train.cuda_graph auto: off, the model loaded with {loaded} attention, not SDPA")
+        raise ConfigError(f"train.cuda_graph: {config.model.name}: {why}; drop --cuda-graph")
+    notes.append(f"train.cuda_graph auto: off, {why}")
     return False
+
+
+def _plain_causal_problem(model: torch.nn.Module, precision) -> str | None:
+    """Whether the hinted path (no mask at all for a plain causal batch) gives the logits of the masked path on
+    a probe sequence: batched with a padded row, so transformers really builds a mask for it. Some attention code
+    cannot take a missing mask (Falcon's new decoder layout in transformers 5.17 added None to its scores);
+    that must turn the hint off here, not fail the first step."""
+    from zerotune.speed.plain_causal import plain_causal
+
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    ids = torch.randint(embeddings.num_embeddings, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # the second row is padded: the first one's logits then come through a real mask
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), precision():
+            masked = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+            with plain_causal(True):
+                hinted = model(input_ids=ids[:1], use_cache=False).logits[0].float()
+    except Exception as error:  # noqa: BLE001 - any attention code that cannot run without a mask
+        return f"its attention failed without a mask ({type(error).__name__}: {' '.join(str(error).split())[:160]})"
+    finally:
+        model.train(training)
+    error = float((hinted - masked).norm() / masked.norm().clamp(min=1e-30))
+    if not error <= (1e-5 if _all_fp32(model) else 1e-2):  # 16-bit weights: the two paths round differently
+        return f"its logits without a mask differ from the masked ones by {error:.1e} (relative)"
+    return None
+
+
+def _all_fp32(model: torch.nn.Module) -> bool:
+    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+
+
+def _remove_plain_causal_hint(model: torch.nn.Module, loaded: str) -> None:
+    """Back to the attention the model loaded with (the hint's registrations stay; nothing uses them)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) is not None:
+            config._attn_implementation = loaded

@@ -558,14 +558,14 @@ def install_checked(model: torch.nn.Module, precision, swiglu: bool = True) -> t
     saved = _randomize_lora_b(model)
     try:
         with torch.no_grad():
-            reference = _probe_logits(model, precision)
+            reference = probe_logits(model, precision)
             with _adapters_disabled(model):
-                without_adapters = _probe_logits(model, precision)
+                without_adapters = probe_logits(model, precision)
             count = install_fused_projections(model, swiglu=swiglu)
             if not count:
                 return 0, None
             try:
-                fused = _probe_logits(model, precision)
+                fused = probe_logits(model, precision)
             except Exception as error:  # noqa: BLE001 - any upstream change that breaks the patched forwards
                 uninstall_fused_projections(model)
                 return 0, f"the fused forward failed on this transformers/PEFT ({type(error).__name__}: {error})"
@@ -580,7 +580,7 @@ def install_checked(model: torch.nn.Module, precision, swiglu: bool = True) -> t
     return count, None
 
 
-def _probe_logits(model: torch.nn.Module, precision) -> torch.Tensor:
+def probe_logits(model: torch.nn.Module, precision) -> torch.Tensor:
     """Logits on 16 fixed random token ids, in eval mode (no dropout); the global RNG is not touched."""
     training = model.training
     embeddings = model.get_input_embeddings()
