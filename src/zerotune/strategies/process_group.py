@@ -66,8 +66,14 @@ def join_process_group(use_cpu: bool, need_group: bool) -> WorkerPlace:
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
+        # One process needs no network store: a HashStore in memory (a TCP store here would bind a port, and a
+        # later group in the same process could find it still taken).
+        if world_size == 1:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback_interface())
+        store = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world_size == 1 else _store_arguments()
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
-                                **_store_arguments())
+                                **store)
     if dist.is_initialized():
         return WorkerPlace(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return WorkerPlace(0, 1, 0, device)
