@@ -9,6 +9,7 @@ import contextlib
 import pytest
 import torch
 
+from zerotune.speed import fused_check
 from zerotune.speed import fused_projections as fp
 from zerotune.speed.compile import compile_layers, graph_breaks, new_graph_breaks, without_hub_kernel_dispatch
 from zerotune.tiny import build_model
@@ -30,13 +31,13 @@ def _logits(model):
 def test_fused_projections_kept_when_they_compute_what_peft_computes(checkpointing):
     reference, fused = _llama(checkpointing), _llama(checkpointing)
     fused.eval(), reference.eval()
-    b_before = [w.detach().clone() for w in fp._lora_b_weights(fused)]
-    count, why_not = fp.install_checked(fused, contextlib.nullcontext)
+    b_before = [w.detach().clone() for w in fused_check._lora_b_weights(fused)]
+    count, why_not = fused_check.install_checked(fused, contextlib.nullcontext)
     assert (count, why_not) == (8, None)
     assert any(hasattr(m, "_zerotune_group") for m in fused.modules())
     torch.testing.assert_close(_logits(fused), _logits(reference), rtol=1e-5, atol=1e-5)
     # the check drew B at random for a while and put the adapters' own B matrices back
-    assert all(torch.equal(w, b) for w, b in zip(fp._lora_b_weights(fused), b_before))
+    assert all(torch.equal(w, b) for w, b in zip(fused_check._lora_b_weights(fused), b_before))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -48,7 +49,7 @@ def test_fused_projections_fall_back_to_peft_when_an_upstream_change_makes_them_
     wide = fp._wide_output
     monkeypatch.setattr(fp, "_wide_output", lambda self, group, name, x: wide(self, group, name, x) -
                         torch.nn.functional.linear(x, self._zerotune_fused_weight) * 0.5)
-    count, why_not = fp.install_checked(fused, contextlib.nullcontext)
+    count, why_not = fused_check.install_checked(fused, contextlib.nullcontext)
     assert count == 0 and "differ from PEFT's" in why_not
     assert not any(hasattr(m, "_zerotune_group") or "_zerotune_qkv_view" in m.__dict__ for m in fused.modules())
     assert fused._zerotune_fused_hooks == []
@@ -63,7 +64,7 @@ def test_fused_projections_fall_back_when_the_patched_forward_fails(monkeypatch)
         raise TypeError("forward() got an unexpected keyword argument 'position_embeddings'")
 
     monkeypatch.setattr(fp, "_qkv_attention_forward", broken)
-    count, why_not = fp.install_checked(fused, contextlib.nullcontext)
+    count, why_not = fused_check.install_checked(fused, contextlib.nullcontext)
     assert count == 0 and "TypeError" in why_not and "position_embeddings" in why_not
     torch.testing.assert_close(_logits(fused), _logits(reference), rtol=1e-6, atol=1e-6)
 

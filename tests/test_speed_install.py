@@ -10,7 +10,7 @@ import torch
 
 import zerotune.speed.chunked_loss as chunked_loss
 import zerotune.speed.compile as speed_compile
-import zerotune.speed.fused_projections as fused_projections
+import zerotune.speed.fused_check as fused_check
 import zerotune.speed.nf4 as nf4
 import zerotune.speed.plain_causal as plain_causal
 from zerotune import speed
@@ -35,7 +35,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(speed_compile, "without_hub_kernel_dispatch", lambda model: calls.append("bypass") or 0)
     monkeypatch.setattr(chunked_loss, "install_chunked_loss",
                         lambda model, compiled: calls.append("chunked_loss") or ("head", None))
-    monkeypatch.setattr(fused_projections, "install_checked",
+    monkeypatch.setattr(fused_check, "install_checked",
                         lambda model, precision, swiglu: calls.append("fused_projections") or (8, None))
     monkeypatch.setattr(plain_causal, "install_plain_causal_hint",
                         lambda model: calls.append("plain_causal_hint") or model.config._attn_implementation == "sdpa")

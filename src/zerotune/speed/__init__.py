@@ -2,7 +2,8 @@
 after the model and its adapters are built and before the engine wraps it.
 
     compile.py            regional torch.compile of the decoder layers; graph-break check after the first step
-    fused_projections.py  q/k/v and gate/up as one matmul with the LoRA matrices stacked in (checked at install)
+    fused_projections.py  q/k/v and gate/up as one matmul with the LoRA matrices stacked in
+    fused_check.py        the fused projections' install-time check against PEFT's path, and their removal
     swiglu.py             silu(gate) * up with its backward as one kernel (used by fused projections)
     chunked_loss.py       cross-entropy from the last hidden states in chunks: no full fp32 logits
     nf4.py                QLoRA's 4-bit matmul in torch ops, so it compiles with its layer
@@ -70,7 +71,7 @@ def install(model: torch.nn.Module, config: RunConfig, strategy, *, compiled: bo
     # 3. fused projections (and the SwiGLU kernel), kept only if a logits probe equals PEFT's path; before
     #    compiling, so the compiled layers trace the fused forwards
     if fuse:
-        from zerotune.speed.fused_projections import install_checked
+        from zerotune.speed.fused_check import install_checked
 
         installed.fused_groups, why_not = install_checked(model, precision, swiglu=config.adapter.swiglu_kernel)
         installed.notes.append(
