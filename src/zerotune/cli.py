@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an optional YAML config, then dotted overrides such as train.lr=1e-4")
     _add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the inputs, print how every auto setting resolves on this machine, and exit")
 
     generate = commands.add_parser("generate", help="generate responses with a base model and an adapter")
     generate.add_argument("--model", required=True, help="base model: hub id or local directory")
@@ -170,11 +172,20 @@ def command_train(args: argparse.Namespace):
     from zerotune.preflight import preflight
     from zerotune.run_dir import prepare_output_dir
 
+    from zerotune.launchers import absolute_paths, settings_for
+    from zerotune.preflight import one_batch_shape
+
     config = config_from_args(args)
-    preflight(config)
+    data = preflight(config)
+    # Every "auto" decided once, here, for every worker (zerotune.resolve); the loop logs the table again.
+    settings = settings_for(absolute_paths(config), fixed_shapes=lambda: one_batch_shape(config, data))
+    if args.dry_run:
+        print(settings.table())
+        print("dry run: inputs checked, nothing trained or written")
+        return 0
     # This process holds the directory's lock while training runs: a second run into it fails at once.
     with prepare_output_dir(Path(config.output.dir), config.output.overwrite, config.checkpoint.resume):
-        result = launch(config, show_progress=not args.quiet)
+        result = launch(config, show_progress=not args.quiet, settings=settings)
     if result.preempted:
         from zerotune.stopping import EXIT_PREEMPTED
 
@@ -238,7 +249,29 @@ def command_plan(args: argparse.Namespace) -> None:
         tokens, note = count_dataset_tokens(config)
     plan = make_plan(config, gpu, gpus, args.nodes, args.price_per_gpu_hour, tokens, note,
                      internode_gbs=args.internode_gbps / 8)
-    print(json.dumps(plan, indent=1) if args.json else render(plan))
+    settings = planned_settings(config, gpu, gpus, args.nodes)
+    plan["settings"] = [vars(decision) for decision in settings.decisions]
+    print(json.dumps(plan, indent=1) if args.json else render(plan) + "\nsettings as train would resolve them "
+          "on these GPUs:\n" + settings.table())
+
+
+def planned_settings(config, gpu, gpus_per_node: int, nodes: int):
+    """What `zerotune train` would decide for every "auto" (zerotune.resolve) on the planned GPUs."""
+    from dataclasses import replace
+
+    from zerotune.preflight import one_batch_shape
+    from zerotune.resolve import Machine, resolve
+
+    machine = Machine("cuda", gpu.name.replace("-40g", " 40gb"), int(gpu.memory_gib * 2**30), gpus_per_node, gpu.bf16)
+
+    def fixed_shapes():  # known where the model's tokenizer and the data are local
+        try:
+            return one_batch_shape(config) if config.data.packing or Path(config.model.name).is_dir() else None
+        except ZerotuneError:
+            return None
+
+    workers = replace(config.distributed, num_workers=gpus_per_node * nodes)
+    return resolve(replace(config, distributed=workers), machine, gpus_per_node * nodes, fixed_shapes)
 
 
 def command_bench(args: argparse.Namespace) -> None:
