@@ -122,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     from zerotune.bench import WORKLOADS
 
     bench = commands.add_parser(
-        "bench", help="time a workload: stock HF+PEFT and zerotune, same run, same data",
-        description="Run a named workload twice in one run, the stock HF+PEFT eager baseline and zerotune's own "
+        "bench", help="time a workload: stock HF+PEFT (or TRL, Liger, Unsloth) and zerotune, same run, same data",
+        description="Run a named workload in one run: the baselines (the stock HF+PEFT eager loop unless --baseline "
+                    "names others: TRL, Liger, Unsloth, each in a process of its own) and zerotune's own "
                     "training loop, on the same random-weight architecture, data and settings. Prints tokens/s, "
-                    "LoRA-MFU, peak memory and the ratio, and on NVIDIA GPUs each side's mean power, SM clock and "
+                    "LoRA-MFU, peak memory and the ratio against each, and on NVIDIA GPUs each side's mean power, SM clock and "
                     "joules per step (NVML, GPU 0), with a note when zerotune's steps ran at the power cap; writes "
                     "OUT_DIR/<date>-<gpu>-<workload>.json.",
         epilog="workloads: " + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
@@ -143,7 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "new temporary directory)")
     bench.add_argument("--seed", type=checked_number(int, "[0, 4294967295]", "--seed"), default=0,
                        help="weights, data and LoRA seed (default 0)")
+    bench.add_argument("--baseline", type=baseline_names, action="extend", default=None, metavar="NAME[,NAME]",
+                       help="baselines to measure against, repeatable or comma-separated: hf (stock HF+PEFT, the "
+                            "default), trl, liger, unsloth")
     return parser
+
+
+def baseline_names(value: str) -> list[str]:
+    from zerotune.bench.harness import BASELINES
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(BASELINES)}")
+    return names
 
 
 def split_train_inputs(inputs: list[str]) -> tuple[str | None, list[str]]:
@@ -281,7 +295,7 @@ def command_bench(args: argparse.Namespace) -> None:
     command = "zerotune bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.workload])
     run_bench(args.workload, tiny=args.tiny, steps=args.steps, warmup=args.warmup_steps, out_dir=args.out_dir,
               work_dir=args.work_dir, seed=args.seed, ours_overrides=parse_overrides(args.overrides),
-              command=command)
+              command=command, baselines=tuple(args.baseline or ["hf"]))
 
 
 def with_bare_switches(argv: list[str]) -> list[str]:
