@@ -43,11 +43,9 @@ def preflight(config: RunConfig) -> None:
 
         device_type = "cuda" if torch.cuda.is_available() and not config.distributed.use_cpu else "cpu"
         qlora_quantization_config(resolve_dtype(config.model.dtype, device_type), device_type)
-    from zerotune.data.prepare import load_and_check
+    from zerotune.data.prepare import check_data
 
-    load_and_check(config.data, config.data.path)  # data errors first: they need no model files
-    if config.data.eval_path:
-        load_and_check(config.data, config.data.eval_path)
+    check_data(config.data, config.train.seed)  # data errors first: they need no model files
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config.data, tokenizer, config.train.seed)

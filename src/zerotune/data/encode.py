@@ -36,6 +36,7 @@ class EncodeReport:
     dropped: int = 0
     templates: dict[str, int] = field(default_factory=dict)
     fewest_to_keep: int = 0  # of the dropped examples, the smallest max_seq_len that keeps one (0: none dropped)
+    sources: list[str] = field(default_factory=list)  # of a mixture: per dataset, what it contributed
 
     def merge(self, other: "EncodeReport") -> None:
         self.total += other.total
@@ -48,9 +49,10 @@ class EncodeReport:
 
     def summary(self) -> str:
         used = ", ".join(f"{name}: {count}" for name, count in sorted(self.templates.items()))
+        mixture = f"; mixture: {'; '.join(self.sources)}" if self.sources else ""
         return (
             f"{self.kept} of {self.total} examples kept ({self.truncated} truncated, {self.dropped} dropped "
-            f"as too long); templates {used}"
+            f"as too long); templates {used}{mixture}"
         )
 
 
@@ -97,14 +99,16 @@ def _extend(tokenizer, text: str, input_ids: list[int], labels: list[int], learn
     labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
 
 
-def encode_records(tokenizer, records, where, template: str, max_seq_len: int, overlong: str,
+def encode_records(tokenizer, records, where, template: str | list[str], max_seq_len: int, overlong: str,
                    keep_dropped: bool = False):
-    """Encode all records. Returns (examples, report); raises DataError if none survive.
-    With keep_dropped, dropped records stay in the list as None (positions preserved) and nothing raises."""
+    """Encode all records with one configured template, or one per record (a mixture's). Returns (examples,
+    report); raises DataError if none survive. With keep_dropped, dropped records stay in the list as None
+    (positions preserved) and nothing raises."""
     report = EncodeReport(total=len(records))
     examples = []
-    for record in records:
-        name = template_for_record(record, template)
+    templates = [template] * len(records) if isinstance(template, str) else template
+    for record, configured in zip(records, templates):
+        name = template_for_record(record, configured)
         report.templates[name] = report.templates.get(name, 0) + 1
         if name == "tokens":  # pre-tokenized: taken as is; labels default to the inputs
             example = EncodedExample(list(record["input_ids"]), list(record.get("labels") or record["input_ids"]))
