@@ -161,7 +161,8 @@ def _prepare(config: RunConfig, strategy, show_progress: bool, session: RunSessi
                    start_step=start_step, state=state)
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
-        source = config.data.path or "the bundled English+Spanish sample (no --data given)"
+        source = config.data.path or ("of the mixture" if config.data.mix else
+                                      "the bundled English+Spanish sample (no --data given)")
         tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
                      + (f"; {data.packing.summary()}" if data.packing else ""))
         if config.distributed.strategy == "auto":
