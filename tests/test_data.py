@@ -92,7 +92,7 @@ def test_sharded_tokenization_reassembles_the_same_examples(tiny_llama, alpaca_f
     records, where = read_records(str(alpaca_file))
     lengths = sorted(len(e.input_ids) for e in encode_records(tokenizer, records, where, "auto", 10**6, "drop")[0])
     limit = lengths[len(lengths) // 2]  # about half the records are dropped
-    config = DataConfig(path=str(alpaca_file), max_seq_len=limit, overlong="drop", eval_fraction=0.25)
+    config = DataConfig(path=str(alpaca_file), max_seq_len=limit, overlong="drop", eval_fraction=0.25, cache=False)
     whole = prepare_data(config, tokenizer, seed=0)
     shards = {}
 

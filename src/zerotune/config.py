@@ -138,6 +138,12 @@ class DataConfig:
         False, "Pack several training examples into each row of max_seq_len tokens, attention and loss kept per "
                "example, to cut padding on short data.", "--packing",
     )
+    cache: bool = option(
+        True, "Keep the prepared data (tokenized, packed) memory-mapped on disk, keyed by everything that changes "
+              "it, for reruns, resumes and every worker.", "--data-cache")
+    cache_dir: str = option(
+        "", "Where the data cache lives; empty: $ZEROTUNE_DATA_CACHE, else ~/.cache/zerotune/data (shared storage "
+            "serves several nodes).", "--data-cache-dir")
 
 
 @dataclass

@@ -75,10 +75,18 @@ def load_training_records(config: DataConfig, seed: int) -> LoadedRecords:
 
 
 def check_data(config: DataConfig, seed: int) -> None:
-    """Preflight: every dataset read and checked before any model file is touched."""
-    load_training_records(config, seed)
-    if config.eval_path:
-        load_and_check(config, config.eval_path)
+    """Preflight: every dataset read and checked before any model file is touched (once per content, with
+    the data cache on)."""
+    def check() -> None:
+        load_training_records(config, seed)
+        if config.eval_path:
+            load_and_check(config, config.eval_path)
+
+    if not config.cache:
+        return check()
+    from zerotune.data.cache import check_once
+
+    check_once(config, seed, check)
 
 
 def single_process_gather(value: Any) -> list[Any]:
@@ -123,6 +131,18 @@ def mixture_line(loaded: LoadedRecords, position: int, examples: list[EncodedExa
 
 def prepare_data(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
                  gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
+    """Train and eval examples. With the data cache on (the default) one process prepares them and every
+    other reads the memory-mapped result (zerotune.data.cache); off, each worker tokenizes its share."""
+    if config.cache:
+        from zerotune.data.cache import cached
+
+        data, _ = cached(config, tokenizer, seed, lambda: prepare_uncached(config, tokenizer, seed))
+        return data
+    return prepare_uncached(config, tokenizer, seed, rank, world_size, gather)
+
+
+def prepare_uncached(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
+                     gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
     loaded = load_training_records(config, seed)
     examples, report = encode_sharded(config, tokenizer, loaded.records, loaded.where, rank, world_size, gather,
                                       loaded)
