@@ -119,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_config_flags(plan)
 
+    data = commands.add_parser("data", help="inspect training data before a run")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    preview = data_commands.add_parser(
+        "preview", help="show examples exactly as training sees them, with the tokens that carry labels marked",
+        description="Prepare the data as train would (same config and flags; only the tokenizer is loaded) and "
+                    "print the first examples of the first epoch, the text that carries labels in «...», then "
+                    "how many examples were kept, truncated and dropped.")
+    preview.add_argument("inputs", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
+                         help="an optional YAML config, then dotted overrides, as for train")
+    preview.add_argument("-n", "--num-examples", type=checked_number(int, "[1, inf)", "--num-examples"), default=3,
+                         help="how many examples (packed rows with --packing) to show (default 3)")
+    preview.add_argument("--show-ids", action="store_true", help="also print each example's token ids and labels")
+    _add_config_flags(preview)
+
     from zerotune.bench import WORKLOADS
 
     bench = commands.add_parser(
@@ -288,6 +302,12 @@ def planned_settings(config, gpu, gpus_per_node: int, nodes: int):
     return resolve(replace(config, distributed=workers), machine, gpus_per_node * nodes, fixed_shapes)
 
 
+def command_data(args: argparse.Namespace) -> None:
+    from zerotune.data.preview import preview
+
+    print(preview(config_from_args(args), args.num_examples, args.show_ids))
+
+
 def command_bench(args: argparse.Namespace) -> None:
     from zerotune.bench import run_bench
     from zerotune.config import parse_overrides
@@ -318,7 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like parse_args, but overrides of train and bench may come after flags (argparse stops at the first flag)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(with_bare_switches(sys.argv[1:] if argv is None else list(argv)))
-    takes_more = {"train": "inputs", "plan": "inputs", "bench": "overrides"}.get(args.command)
+    takes_more = {"train": "inputs", "plan": "inputs", "bench": "overrides", "data": "inputs"}.get(args.command)
     unknown = [item for item in extra if item.startswith("-") or not takes_more]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see zerotune {args.command} --help)")
@@ -331,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
                 "quickstart": command_quickstart, "bench": command_bench,
-                "plan": command_plan}
+                "plan": command_plan, "data": command_data}
     try:
         args = parse_args(argv)  # a number out of its range fails here, as a ConfigError
         status = handlers[args.command](args)

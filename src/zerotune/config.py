@@ -108,11 +108,22 @@ class AdapterConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    path: str = option("", "Local .json, .jsonl or .parquet file, a datasets save_to_disk directory or a hub dataset "
-                           "id; empty: the bundled English+Spanish demo sample.", "--data")
+    path: str = option("", "Local .json/.jsonl/.parquet/.csv/.tsv file, a folder of such shards, a datasets "
+                           "save_to_disk directory or a hub dataset id; empty: the bundled demo sample.", "--data")
+    subset: str = option("", "Configuration (subset) name of a hub dataset, or of a local dataset repository folder "
+                             "that defines several.", "--subset")
+    mix: list[str] = option(
+        [], "Datasets to mix instead of --data, each 'PATH key=value ...' with keys weight, examples, template, "
+            "split, subset (see docs/data.md).", "--mix")
+    columns: list[str] = option(
+        [], "Rename record fields before use, each 'source=target', e.g. question=instruction,answer=output.",
+        "--columns")
+    system_prompt: str = option(
+        "", "System message put first in chat records (messages, ShareGPT conversations) that have none.",
+        "--system-prompt")
     template: Literal["auto", "alpaca", "alpaca_es", "chat", "tokens"] = option(
         "auto", "Prompt template; auto: tokens for pre-tokenized records (input_ids, optional labels), chat for "
-                "records with messages, else alpaca.", "--template"
+                "records with messages or conversations, else alpaca.", "--template"
     )
     eval_path: str = option("", "Separate evaluation file; empty: hold out eval_fraction of the data.", "--eval-data")
     eval_fraction: float = option(0.05, "Fraction held out for evaluation when no eval file is given.", "--eval-fraction",
@@ -127,6 +138,12 @@ class DataConfig:
         False, "Pack several training examples into each row of max_seq_len tokens, attention and loss kept per "
                "example, to cut padding on short data.", "--packing",
     )
+    cache: bool = option(
+        True, "Keep the prepared data (tokenized, packed) memory-mapped on disk, keyed by everything that changes "
+              "it, for reruns, resumes and every worker.", "--data-cache")
+    cache_dir: str = option(
+        "", "Where the data cache lives; empty: $ZEROTUNE_DATA_CACHE, else ~/.cache/zerotune/data (shared storage "
+            "serves several nodes).", "--data-cache-dir")
 
 
 @dataclass

@@ -37,11 +37,9 @@ def preflight(config: RunConfig) -> PreparedData:
     tokenized data (for the settings' rules that read its shape)."""
     check_output_dir(config)
     check_workers(config)
-    from zerotune.data.prepare import load_and_check
+    from zerotune.data.prepare import check_data
 
-    load_and_check(config.data, config.data.path)  # data errors first: they need no model files
-    if config.data.eval_path:
-        load_and_check(config.data, config.data.eval_path)
+    check_data(config.data, config.train.seed)  # data errors first: they need no model files
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config.data, tokenizer, config.train.seed)

@@ -173,7 +173,8 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
         (output_dir / "config.yaml").write_text(dump_yaml(config))
         (output_dir / RESOLVED_FILE).write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
         tracker.note("settings as resolved (resolved.yaml):\n" + settings.table())
-        source = config.data.path or "the bundled English+Spanish sample (no --data given)"
+        source = config.data.path or ("of the mixture" if config.data.mix else
+                                      "the bundled English+Spanish sample (no --data given)")
         tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
                      + (f"; {data.packing.summary()}" if data.packing else ""))
         tracker.note(f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global "

@@ -9,8 +9,23 @@ import torch
 
 from zerotune.config import DataConfig
 from zerotune.data.encode import EncodedExample, EncodeReport, all_dropped_error, encode_records
+from zerotune.data.formats import normalize_records, parse_columns
+from zerotune.data.mixture import Source, training_sources
 from zerotune.data.records import check_records, read_records
 from zerotune.data.templates import check_template_name
+
+
+@dataclass
+class LoadedRecords:
+    """Checked records of one or more datasets, each with its place (for errors), its configured template and
+    the index of the dataset it came from."""
+
+    records: list[Any]
+    where: list[str]
+    templates: list[str]
+    origins: list[int]
+    sources: list[Source]
+    available: list[int]  # records in each dataset before the mixture's draw
 
 
 @dataclass
@@ -31,12 +46,47 @@ def packed(config: DataConfig, data: PreparedData) -> PreparedData:
     return PreparedData(rows, data.eval, data.report, report)
 
 
-def load_and_check(config: DataConfig, path: str):
-    check_template_name(config.template)
-    flag = "--eval-data" if path and path == config.eval_path and path != config.path else "--data"
-    records, where = read_records(path, config.split, flag)
-    check_records(records, where, config.template, path)
+def load_and_check(config: DataConfig, path: str, source: Source | None = None):
+    """Read, normalize (columns, ShareGPT, system prompt) and check one dataset's records."""
+    source = source or Source(path, config.template, config.split, config.subset)
+    check_template_name(source.template)
+    flag = ("--eval-data" if path and path == config.eval_path and path != config.path else
+            "--mix" if config.mix else "--data")
+    columns = parse_columns(config.columns)  # a config error before any file is read
+    records, where = read_records(path, source.split, flag, source.subset)
+    records = normalize_records(records, where, columns, config.system_prompt)
+    check_records(records, where, source.template, path)
     return records, where
+
+
+def load_training_records(config: DataConfig, seed: int) -> LoadedRecords:
+    """Every training dataset read and checked, then drawn as the mixture asks (all records of a lone one)."""
+    sources = training_sources(config)
+    loaded = LoadedRecords([], [], [], [], sources, [])
+    for position, source in enumerate(sources):
+        records, where = load_and_check(config, source.path, source)
+        chosen = source.draw(len(records), seed, position)
+        loaded.records += [records[i] for i in chosen]
+        loaded.where += [where[i] for i in chosen]
+        loaded.templates += [source.template] * len(chosen)
+        loaded.origins += [position] * len(chosen)
+        loaded.available.append(len(records))
+    return loaded
+
+
+def check_data(config: DataConfig, seed: int) -> None:
+    """Preflight: every dataset read and checked before any model file is touched (once per content, with
+    the data cache on)."""
+    def check() -> None:
+        load_training_records(config, seed)
+        if config.eval_path:
+            load_and_check(config, config.eval_path)
+
+    if not config.cache:
+        return check()
+    from zerotune.data.cache import check_once
+
+    check_once(config, seed, check)
 
 
 def single_process_gather(value: Any) -> list[Any]:
@@ -44,12 +94,15 @@ def single_process_gather(value: Any) -> list[Any]:
 
 
 def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, world_size: int,
-                   gather: Callable[[Any], list[Any]]) -> tuple[list[EncodedExample], EncodeReport]:
+                   gather: Callable[[Any], list[Any]], loaded: LoadedRecords | None = None,
+                   ) -> tuple[list[EncodedExample], EncodeReport]:
     """Each worker tokenizes records rank, rank + world_size, ...; ``gather`` (an all-gather supplied by
-    the engine) gives every worker the whole list back in the original order."""
+    the engine) gives every worker the whole list back in the original order. ``loaded`` (training data) adds
+    per-record templates and, for a mixture, what each dataset contributed to the report."""
     mine = list(range(rank, len(records), world_size))
+    templates = [loaded.templates[i] for i in mine] if loaded else config.template
     encoded, report = encode_records(tokenizer, [records[i] for i in mine], [where[i] for i in mine],
-                                     config.template, config.max_seq_len, config.overlong, keep_dropped=True)
+                                     templates, config.max_seq_len, config.overlong, keep_dropped=True)
     shards = gather((encoded, report))
     examples: list[EncodedExample | None] = [None] * len(records)
     total = EncodeReport()
@@ -59,15 +112,40 @@ def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, wor
         total.merge(shard_report)
     kept = [example for example in examples if example is not None]
     total.kept = len(kept)
+    if loaded and len(loaded.sources) > 1:
+        total.sources = [mixture_line(loaded, position, examples) for position in range(len(loaded.sources))]
     if not kept:
         raise all_dropped_error(total, config.max_seq_len, config.overlong)
     return kept, total
 
 
+def mixture_line(loaded: LoadedRecords, position: int, examples: list[EncodedExample | None]) -> str:
+    source = loaded.sources[position]
+    drawn = [i for i, origin in enumerate(loaded.origins) if origin == position]
+    kept = sum(examples[i] is not None for i in drawn)
+    share = (f"weight {source.weight:g}" if source.weight is not None else
+             f"examples={source.examples}" if source.examples is not None else "all")
+    return (f"{source.name} ({source.template}) {kept} examples ({len(drawn)} drawn, {share}, of "
+            f"{loaded.available[position]} records)")
+
+
 def prepare_data(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
                  gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
-    records, where = load_and_check(config, config.path)
-    examples, report = encode_sharded(config, tokenizer, records, where, rank, world_size, gather)
+    """Train and eval examples. With the data cache on (the default) one process prepares them and every
+    other reads the memory-mapped result (zerotune.data.cache); off, each worker tokenizes its share."""
+    if config.cache:
+        from zerotune.data.cache import cached
+
+        data, _ = cached(config, tokenizer, seed, lambda: prepare_uncached(config, tokenizer, seed))
+        return data
+    return prepare_uncached(config, tokenizer, seed, rank, world_size, gather)
+
+
+def prepare_uncached(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
+                     gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
+    loaded = load_training_records(config, seed)
+    examples, report = encode_sharded(config, tokenizer, loaded.records, loaded.where, rank, world_size, gather,
+                                      loaded)
     if config.eval_path:
         eval_records, eval_where = load_and_check(config, config.eval_path)
         eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather)
