@@ -139,26 +139,8 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
               out_dir: str = "benchmarks/results", work_dir: str | None = None, seed: int = 0,
               ours_overrides: dict | None = None, command: str = "") -> dict:
     """Run one workload: baseline first, then ours, in this process (and its workers). Returns the result."""
-    from zerotune.errors import ConfigError
-
-    if name not in WORKLOADS:
-        raise ConfigError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
-    workload = WORKLOADS[name]
-    if tiny:
-        workload = tiny_version(workload)
-    elif not torch.cuda.is_available():
-        raise ConfigError(f"workload {name} needs a CUDA GPU; on CPU pass --tiny to test the harness")
-    elif torch.cuda.device_count() < workload.gpus:
-        raise ConfigError(f"workload {name} needs {workload.gpus} GPUs, this machine has {torch.cuda.device_count()}")
-    steps = steps or (4 if tiny else 30)
-    warmup = warmup if warmup is not None else (1 if tiny else 5)
-    if steps <= warmup:
-        raise ConfigError(f"--steps {steps} must be more than --warmup-steps {warmup}")
+    workload, steps, warmup = _checked_request(name, tiny, steps, warmup, ours_overrides or {})
     arch = ARCHITECTURES[workload.architecture]
-    claimed = {key: value for key, value in (ours_overrides or {}).items() if key in BENCH_OWNED}
-    if claimed:
-        raise ConfigError(f"{', '.join(claimed)}: bench decides these itself (its run goes under its work "
-                          f"directory); drop the override, and pass --work-dir to choose where it goes")
     work = Path(work_dir or tempfile.mkdtemp(prefix="zerotune-bench-"))
     claim_work_dir(work)
     model_dir = write_model_dir(work / "model", arch, torch.float32 if tiny else torch.bfloat16,
@@ -207,15 +189,45 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
         "peak_memory_ratio": (ours["peak_gib"] / baseline["peak_gib"]) if ours["peak_gib"] and baseline["peak_gib"]
         else None,
     }
-    target = Path(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    slug = gpu.replace("NVIDIA", "").strip().split()[0].lower() if gpu != "cpu" else "cpu"
-    slug += f"x{workload.gpus}" if workload.gpus > 1 else ""
-    path = target / f"{result['date']}-{slug}-{result['workload']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    result["path"] = str(path)
+    result["path"] = str(_write_result(result, Path(out_dir), gpu, workload.gpus))
     print(summary(result), flush=True)
     return result
+
+
+def _checked_request(name: str, tiny: bool, steps: int | None, warmup: int | None,
+                     ours_overrides: dict) -> tuple[Workload, int, int]:
+    """The workload (its tiny version with ``tiny``) and the step counts, or a ConfigError before anything runs:
+    an unknown name, too few GPUs, no more steps than warm-up steps, an override of what bench decides."""
+    from zerotune.errors import ConfigError
+
+    if name not in WORKLOADS:
+        raise ConfigError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
+    workload = WORKLOADS[name]
+    if tiny:
+        workload = tiny_version(workload)
+    elif not torch.cuda.is_available():
+        raise ConfigError(f"workload {name} needs a CUDA GPU; on CPU pass --tiny to test the harness")
+    elif torch.cuda.device_count() < workload.gpus:
+        raise ConfigError(f"workload {name} needs {workload.gpus} GPUs, this machine has {torch.cuda.device_count()}")
+    steps = steps or (4 if tiny else 30)
+    warmup = warmup if warmup is not None else (1 if tiny else 5)
+    if steps <= warmup:
+        raise ConfigError(f"--steps {steps} must be more than --warmup-steps {warmup}")
+    claimed = {key: value for key, value in ours_overrides.items() if key in BENCH_OWNED}
+    if claimed:
+        raise ConfigError(f"{', '.join(claimed)}: bench decides these itself (its run goes under its work "
+                          f"directory); drop the override, and pass --work-dir to choose where it goes")
+    return workload, steps, warmup
+
+
+def _write_result(result: dict, target: Path, gpu: str, gpus: int) -> Path:
+    """``result`` as target/<date>-<gpu>-<workload>.json (the GPU's short name, with xN for N > 1 GPUs)."""
+    target.mkdir(parents=True, exist_ok=True)
+    slug = gpu.replace("NVIDIA", "").strip().split()[0].lower() if gpu != "cpu" else "cpu"
+    slug += f"x{gpus}" if gpus > 1 else ""
+    path = target / f"{result['date']}-{slug}-{result['workload']}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
 
 
 def summary(result: dict) -> str:
