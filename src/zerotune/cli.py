@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from zerotune.errors import ZerotuneError
+from zerotune.ranges import checked_number
 
 EXIT_USER_ERROR = 2
 
@@ -40,14 +41,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zerotune.ranges import checked_number
-
     parser = argparse.ArgumentParser(
         prog="zerotune",
         description="Fine-tune LLMs with LoRA, QLoRA or full training, on one CPU or many GPUs.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in (_add_train_parser, _add_generate_parser, _add_merge_parser, _add_quickstart_parser,
+                       _add_plan_parser, _add_bench_parser):
+        add_parser(commands)
+    return parser
 
+
+def _add_train_parser(commands) -> None:
     train = commands.add_parser(
         "train", help="fine-tune a model",
         description="Fine-tune a model. Settings come from CONFIG.yaml, then flags, then section.key=value "
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_generate_parser(commands) -> None:
     generate = commands.add_parser("generate", help="generate responses with a base model and an adapter")
     generate.add_argument("--model", required=True, help="base model: hub id or local directory")
     generate.add_argument("--adapter", help="adapter directory written by train (output_dir/adapter)")
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cpu, cuda or auto (default: cuda when available)")
     generate.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
 
+
+def _add_merge_parser(commands) -> None:
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model and save it")
     merge.add_argument("--model", required=True, help="base model: hub id or local directory")
     merge.add_argument("--adapter", required=True, help="adapter directory written by train")
@@ -87,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the merged weights (default fp32)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
+
+def _add_quickstart_parser(commands) -> None:
     quickstart = commands.add_parser(
         "quickstart", help="offline demo: build a tiny model, fine-tune it on bundled EN+ES data, compare outputs")
     quickstart.add_argument("--output-dir", default="quickstart-output", help="where the run goes")
@@ -95,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--tracking", choices=["mlflow", "none"], default=None,
                             help="mlflow (default when installed) or none")
 
+
+def _add_plan_parser(commands) -> None:
     plan = commands.add_parser(
         "plan", help="predict memory, speed and cost of a training setup before launching it",
         description="Predict per-GPU memory (broken down), tokens/s, wall time and cost for the same config and "
@@ -117,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_config_flags(plan)
 
+
+def _add_bench_parser(commands) -> None:
     from zerotune.bench import WORKLOADS
 
     bench = commands.add_parser(
@@ -141,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "new temporary directory)")
     bench.add_argument("--seed", type=checked_number(int, "[0, 4294967295]", "--seed"), default=0,
                        help="weights, data and LoRA seed (default 0)")
-    return parser
 
 
 def split_train_inputs(inputs: list[str]) -> tuple[str | None, list[str]]:
