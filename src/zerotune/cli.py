@@ -62,6 +62,8 @@ def _add_train_parser(commands) -> None:
                        help="an optional YAML config, then dotted overrides such as train.lr=1e-4")
     _add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the inputs, print how every auto setting resolves on this machine, and exit")
 
 
 def _add_generate_parser(commands) -> None:
@@ -135,10 +137,11 @@ def _add_bench_parser(commands) -> None:
     from zerotune.bench import WORKLOADS
 
     bench = commands.add_parser(
-        "bench", help="time a workload: stock HF+PEFT and zerotune, same run, same data",
-        description="Run a named workload twice in one run, the stock HF+PEFT eager baseline and zerotune's own "
+        "bench", help="time a workload: stock HF+PEFT (or TRL, Liger, Unsloth) and zerotune, same run, same data",
+        description="Run a named workload in one run: the baselines (the stock HF+PEFT eager loop unless --baseline "
+                    "names others: TRL, Liger, Unsloth, each in a process of its own) and zerotune's own "
                     "training loop, on the same random-weight architecture, data and settings. Prints tokens/s, "
-                    "LoRA-MFU, peak memory and the ratio, and on NVIDIA GPUs each side's mean power, SM clock and "
+                    "LoRA-MFU, peak memory and the ratio against each, and on NVIDIA GPUs each side's mean power, SM clock and "
                     "joules per step (NVML, GPU 0), with a note when zerotune's steps ran at the power cap; writes "
                     "OUT_DIR/<date>-<gpu>-<workload>.json.",
         epilog="workloads: " + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
@@ -156,6 +159,19 @@ def _add_bench_parser(commands) -> None:
                                                         "new temporary directory)")
     bench.add_argument("--seed", type=checked_number(int, "[0, 4294967295]", "--seed"), default=0,
                        help="weights, data and LoRA seed (default 0)")
+    bench.add_argument("--baseline", type=baseline_names, action="extend", default=None, metavar="NAME[,NAME]",
+                       help="baselines to measure against, repeatable or comma-separated: hf (stock HF+PEFT, the "
+                            "default), trl, liger, unsloth")
+
+
+def baseline_names(value: str) -> list[str]:
+    from zerotune.bench.harness import BASELINES
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(BASELINES)}")
+    return names
 
 
 def split_train_inputs(inputs: list[str]) -> tuple[str | None, list[str]]:
@@ -184,11 +200,20 @@ def command_train(args: argparse.Namespace):
     from zerotune.preflight import preflight
     from zerotune.run_dir import prepare_output_dir
 
+    from zerotune.launchers import absolute_paths, settings_for
+    from zerotune.preflight import one_batch_shape
+
     config = config_from_args(args)
-    preflight(config)
+    data = preflight(config)
+    # Every "auto" decided once, here, for every worker (zerotune.resolve); the loop logs the table again.
+    settings = settings_for(absolute_paths(config), fixed_shapes=lambda: one_batch_shape(config, data))
+    if args.dry_run:
+        print(settings.table())
+        print("dry run: inputs checked, nothing trained or written")
+        return 0
     # This process holds the directory's lock while training runs: a second run into it fails at once.
     with prepare_output_dir(Path(config.output.dir), config.output.overwrite, config.checkpoint.resume):
-        result = launch(config, show_progress=not args.quiet)
+        result = launch(config, show_progress=not args.quiet, settings=settings)
     if result.preempted:
         from zerotune.stopping import EXIT_PREEMPTED
 
@@ -252,7 +277,29 @@ def command_plan(args: argparse.Namespace) -> None:
         tokens, note = count_dataset_tokens(config)
     plan = make_plan(config, gpu, gpus, args.nodes, args.price_per_gpu_hour, tokens, note,
                      internode_gbs=args.internode_gbps / 8)
-    print(json.dumps(plan, indent=1) if args.json else render(plan))
+    settings = planned_settings(config, gpu, gpus, args.nodes)
+    plan["settings"] = [vars(decision) for decision in settings.decisions]
+    print(json.dumps(plan, indent=1) if args.json else render(plan) + "\nsettings as train would resolve them "
+          "on these GPUs:\n" + settings.table())
+
+
+def planned_settings(config, gpu, gpus_per_node: int, nodes: int):
+    """What `zerotune train` would decide for every "auto" (zerotune.resolve) on the planned GPUs."""
+    from dataclasses import replace
+
+    from zerotune.preflight import one_batch_shape
+    from zerotune.resolve import Machine, resolve
+
+    machine = Machine("cuda", gpu.name.replace("-40g", " 40gb"), int(gpu.memory_gib * 2**30), gpus_per_node, gpu.bf16)
+
+    def fixed_shapes():  # known where the model's tokenizer and the data are local
+        try:
+            return one_batch_shape(config) if config.data.packing or Path(config.model.name).is_dir() else None
+        except ZerotuneError:
+            return None
+
+    workers = replace(config.distributed, num_workers=gpus_per_node * nodes)
+    return resolve(replace(config, distributed=workers), machine, gpus_per_node * nodes, fixed_shapes)
 
 
 def command_bench(args: argparse.Namespace) -> None:
@@ -262,7 +309,7 @@ def command_bench(args: argparse.Namespace) -> None:
     command = "zerotune bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.workload])
     run_bench(args.workload, tiny=args.tiny, steps=args.steps, warmup=args.warmup_steps, out_dir=args.out_dir,
               work_dir=args.work_dir, seed=args.seed, ours_overrides=parse_overrides(args.overrides),
-              command=command)
+              command=command, baselines=tuple(args.baseline or ["hf"]))
 
 
 def with_bare_switches(argv: list[str]) -> list[str]:

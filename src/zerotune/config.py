@@ -9,14 +9,14 @@ Precedence, lowest to highest: defaults, YAML, flags, dotted overrides.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from zerotune.config_values import coerce
 from zerotune.errors import ConfigError
 from zerotune.ranges import Interval
 
@@ -275,68 +275,6 @@ def field_specs() -> list[tuple[str, dataclasses.Field, Any]]:
     return specs
 
 
-def coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against ``annotation``; convert strings from the command line. Raises ConfigError."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML reads a bare on/off as a bool
-            value = "on" if value else "off"
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(key, value, inner[0])
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [coerce(key, v, args[0]) for v in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
-
-
 def _flatten(tree: dict[str, Any], source: str) -> dict[str, Any]:
     """Nested YAML mapping -> {'section.field': value}, naming unknown keys."""
     flat: dict[str, Any] = {}
@@ -407,23 +345,6 @@ def uses_deepspeed(config: RunConfig) -> bool:
     """DeepSpeed is asked for by name, or by a JSON under --strategy auto (unless --no-deepspeed)."""
     d = config.distributed
     return d.strategy == "deepspeed" or (d.strategy == "auto" and bool(d.deepspeed_config) and not d.no_deepspeed)
-
-
-def compile_enabled(model: ModelConfig, device_type: str, strategy: str, zero3: bool = False) -> bool:
-    """model.compile auto: on for CUDA GPUs under one process, DDP, FSDP2 and DeepSpeed ZeRO-1/2 (where it was
-    measured); off on CPU and under ZeRO-3. There DeepSpeed fetches each module's parameters in hooks that run
-    inside a compiled layer: torch.compile traces them and recompiles past its limit, so the run is right but
-    slower than eager, and ``on`` is refused (check_compile_allowed)."""
-    check_compile_allowed(model, zero3)
-    return model.compile == "on" or (model.compile == "auto" and device_type == "cuda" and not zero3)
-
-
-def check_compile_allowed(model: ModelConfig, zero3: bool) -> None:
-    """A ConfigError for --compile on under ZeRO-3 (see compile_enabled); preflight calls it before any worker."""
-    if zero3 and model.compile == "on":
-        raise ConfigError("model.compile: on does not work under DeepSpeed ZeRO-3 (its per-module parameter hooks "
-                          "run inside the compiled layers, which then recompile past torch.compile's limit); drop "
-                          "--compile, or use --zero-stage 2 or --strategy fsdp")
 
 
 def check_ranges(config: RunConfig) -> None:
