@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from zerotune import checkpoints
+from zerotune.checkpoints import manifest
 from zerotune.config import build_config
 from zerotune.strategies.single import SingleDeviceStrategy
 
@@ -90,16 +91,16 @@ def no_digest(path: Path) -> None:
 def timed_save(strategy, model, directory: Path, step: int, hashing: bool) -> float:
     shutil.rmtree(directory, ignore_errors=True)
     os.sync()  # each save starts with nothing of the last one still to write back
-    checkpoints.file_digest = REAL_DIGEST if hashing else no_digest
+    manifest.file_digest = REAL_DIGEST if hashing else no_digest
     try:
         start = time.perf_counter()
         checkpoints.save_checkpoint(strategy, model, directory, step, {"step": step}, keep=1)
         return time.perf_counter() - start
     finally:
-        checkpoints.file_digest = REAL_DIGEST
+        manifest.file_digest = REAL_DIGEST
 
 
-REAL_DIGEST = checkpoints.file_digest
+REAL_DIGEST = manifest.file_digest
 
 
 def run_case(name: str, tensors: dict[str, torch.Tensor], base: Path, repeats: int) -> dict:
@@ -120,7 +121,7 @@ def run_case(name: str, tensors: dict[str, torch.Tensor], base: Path, repeats: i
     verify = []
     for _ in range(repeats):
         start = time.perf_counter()
-        assert checkpoints.problem_with(saved) is None
+        assert manifest.problem_with(saved) is None
         verify.append(time.perf_counter() - start)
     shutil.rmtree(directory, ignore_errors=True)
     with_hash, without = statistics.median(times["with_hashing"]), statistics.median(times["without_hashing"])
@@ -173,7 +174,7 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip()
     report = {"date": date.today().isoformat(), "commit": commit, "machine": machine(args.dir),
               "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
-              "checksum": checkpoints.CHECKSUM, "cases": results}
+              "checksum": manifest.CHECKSUM, "cases": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 

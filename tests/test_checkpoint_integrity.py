@@ -21,9 +21,12 @@ import pytest
 import torch
 
 from helpers import adapter_weights
-from zerotune import checkpoints
-from zerotune.checkpoints import (CheckpointSpaceError, MANIFEST, TRAINER_STATE, commit, newest_checkpoint,
-                                  out_of_space, problem_with, prune, save_checkpoint, step_name, verified_restore)
+from zerotune.checkpoints import (CheckpointSpaceError, newest_checkpoint, save_checkpoint, step_name, step_of,
+                                  verified_restore)
+from zerotune.checkpoints import save as checkpoint_save
+from zerotune.checkpoints.manifest import MANIFEST, TRAINER_STATE, problem_with, share_of
+from zerotune.checkpoints.resume import resumable_checkpoint
+from zerotune.checkpoints.save import commit, out_of_space, prune
 from zerotune.cli import main
 from zerotune.errors import ConfigError
 
@@ -58,7 +61,7 @@ def stopped_after(reference: Path, target: Path, step: int) -> Path:
     """The run directory as an interruption right after checkpoint ``step`` leaves it."""
     shutil.copytree(reference, target)
     for directory in (target / "checkpoints").iterdir():
-        if checkpoints.step_of(directory) > step:
+        if step_of(directory) > step:
             shutil.rmtree(directory)
     shutil.rmtree(target / "adapter")
     (target / "loss.png").unlink(missing_ok=True)
@@ -243,8 +246,8 @@ def test_ranks_hash_their_share_and_agree(tmp_path, capsys):
     assert all(len(entry["sha256"]) == 64 for entry in entries.values())
     # Damage a file in rank 1's share: rank 0, which says what was skipped, never reads it.
     sizes = {name: entry["size"] for name, entry in entries.items()}
-    victim = checkpoints.share_of(sizes, 1, 2)[0]
-    assert victim not in checkpoints.share_of(sizes, 0, 2)
+    victim = share_of(sizes, 1, 2)[0]
+    assert victim not in share_of(sizes, 0, 2)
     overwrite(checkpoint(out, 4) / victim, 0, b"\x07")
     capsys.readouterr()
     chosen = on_ranks(2, lambda rank: verified_restore(checkpoint(out, 4), out, rank))
@@ -373,7 +376,7 @@ def test_full_disk_during_a_save_for_real(room_for, reference, small_disk, tiny_
              json.loads((checkpoint(reference, 4) / MANIFEST).read_text())["files"].items()}
     leave = sum(-(-sizes[name] // PAGE) * PAGE for name in room_for)
     errors: list[BaseException] = []
-    real_open, real_check = checkpoints._Save.open_staging, checkpoints.out_of_space
+    real_open, real_check = checkpoint_save._Save.open_staging, checkpoint_save.out_of_space
     filler = []
 
     def filled_at_step_4(self, trainer_state):
@@ -385,8 +388,8 @@ def test_full_disk_during_a_save_for_real(room_for, reference, small_disk, tiny_
         errors.append(error)
         return real_check(error)
 
-    monkeypatch.setattr(checkpoints._Save, "open_staging", filled_at_step_4)
-    monkeypatch.setattr(checkpoints, "out_of_space", recorded)
+    monkeypatch.setattr(checkpoint_save._Save, "open_staging", filled_at_step_4)
+    monkeypatch.setattr(checkpoint_save, "out_of_space", recorded)
     assert main(run_args(tiny_llama, alpaca_file, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"zerotune: error: no space left on {out / 'checkpoints'} while saving checkpoint "
@@ -463,7 +466,7 @@ def test_a_save_clears_only_its_own_stale_staging(tmp_path):
 def test_verified_restore_without_candidate_is_a_fresh_start(tmp_path):
     assert verified_restore(None, tmp_path, object()) is None
     with pytest.raises(ConfigError, match="no complete checkpoint to resume from"):
-        checkpoints.resumable_checkpoint(tmp_path)
+        resumable_checkpoint(tmp_path)
 
 
 def flip_byte(path: Path, offset: int) -> None:

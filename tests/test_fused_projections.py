@@ -12,6 +12,7 @@ from zerotune import adapters
 from zerotune.config import AdapterConfig
 import zerotune.speed.fused_projections as fp
 from zerotune.speed.fused_projections import install_fused_projections
+from zerotune.speed.stacked_matmuls import StackedLinear, WideLinear
 from zerotune.tiny import build_model
 
 IDS = torch.arange(3, 35).reshape(2, 16)
@@ -31,7 +32,7 @@ def stacked_calls(monkeypatch):
     """The stacked weight's dtype for every stacked matmul the fused model runs."""
 
     calls = []
-    for function in (fp._StackedLinear, fp._WideLinear):  # LoRA-A in rows; LoRA-B in columns
+    for function in (StackedLinear, WideLinear):  # LoRA-A in rows; LoRA-B in columns
         monkeypatch.setattr(function, "apply", functools.partial(
             lambda real, *args: calls.append(args[1].dtype) or real(*args), function.apply))
     return calls

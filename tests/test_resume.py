@@ -17,8 +17,9 @@ import torch
 
 from conftest import make_config
 from helpers import adapter_weights, train
-from zerotune.checkpoints import (check_resumable, commit, complete_checkpoints, newest_checkpoint, step_name,
-                                  TRAINER_STATE)
+from zerotune.checkpoints import check_resumable, complete_checkpoints, newest_checkpoint, step_name
+from zerotune.checkpoints.manifest import TRAINER_STATE
+from zerotune.checkpoints.save import commit
 from zerotune.cli import main
 from zerotune.config import dump_yaml
 from zerotune.errors import ConfigError
@@ -215,13 +216,13 @@ def test_sigterm_checkpoints_then_resume_matches(tiny_llama, alpaca_file, tmp_pa
 
 SLOW_COMMIT = """
 import sys, time
-import zerotune.checkpoints as checkpoints
-original = checkpoints.commit
+import zerotune.checkpoints.save as checkpoint_save
+original = checkpoint_save.commit
 def slow_commit(staging, final, step, *rest):
     if step >= 4:
         time.sleep(600)  # the test kills the process here, inside the save of step 4
     original(staging, final, step, *rest)
-checkpoints.commit = slow_commit
+checkpoint_save.commit = slow_commit
 from zerotune.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import train
-from zerotune import tracking
+from zerotune import mlflow_sink
 from zerotune.config import build_config, dump_yaml
 from zerotune.errors import ZerotuneError
 from zerotune.stopping import StopSignals
@@ -141,7 +141,7 @@ def test_required_tracking_raises_one_line(tmp_path):
 
 
 def test_a_store_that_never_opens_the_run_is_left_behind(health_only_server, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tracking, "START_SECONDS", 1.0)
+    monkeypatch.setattr(mlflow_sink, "START_SECONDS", 1.0)
     started = time.monotonic()
     tracker = tracker_for(health_only_server, tmp_path)
     assert time.monotonic() - started < 5
@@ -180,8 +180,8 @@ def test_a_failing_call_is_one_line_and_mlflow_is_dropped(tmp_path, capsys, monk
         sink.run_id = "run-1"
         return FailingClient()
 
-    monkeypatch.setattr(tracking, "probe_store", lambda uri: None)
-    monkeypatch.setattr(tracking.MlflowSink, "_open_run", open_run)
+    monkeypatch.setattr(mlflow_sink, "probe_store", lambda uri: None)
+    monkeypatch.setattr(mlflow_sink.MlflowSink, "_open_run", open_run)
     uri = "http://127.0.0.1:1"
     tracker = tracker_for(uri, tmp_path)
     assert tracker.run_id == "run-1"

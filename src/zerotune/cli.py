@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from zerotune.errors import ZerotuneError
+from zerotune.ranges import checked_number
 
 EXIT_USER_ERROR = 2
 
@@ -40,14 +41,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zerotune.ranges import checked_number
-
     parser = argparse.ArgumentParser(
         prog="zerotune",
         description="Fine-tune LLMs with LoRA, QLoRA or full training, on one CPU or many GPUs.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in (_add_train_parser, _add_generate_parser, _add_merge_parser, _add_quickstart_parser,
+                       _add_plan_parser, _add_data_parser, _add_bench_parser):
+        add_parser(commands)
+    return parser
 
+
+def _add_train_parser(commands) -> None:
     train = commands.add_parser(
         "train", help="fine-tune a model",
         description="Fine-tune a model. Settings come from CONFIG.yaml, then flags, then section.key=value "
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="check the inputs, print how every auto setting resolves on this machine, and exit")
 
+
+def _add_generate_parser(commands) -> None:
     generate = commands.add_parser("generate", help="generate responses with a base model and an adapter")
     generate.add_argument("--model", required=True, help="base model: hub id or local directory")
     generate.add_argument("--adapter", help="adapter directory written by train (output_dir/adapter)")
@@ -81,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cpu, cuda or auto (default: cuda when available)")
     generate.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
 
+
+def _add_merge_parser(commands) -> None:
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model and save it")
     merge.add_argument("--model", required=True, help="base model: hub id or local directory")
     merge.add_argument("--adapter", required=True, help="adapter directory written by train")
@@ -89,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the merged weights (default fp32)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
+
+def _add_quickstart_parser(commands) -> None:
     quickstart = commands.add_parser(
         "quickstart", help="offline demo: build a tiny model, fine-tune it on bundled EN+ES data, compare outputs")
     quickstart.add_argument("--output-dir", default="quickstart-output", help="where the run goes")
@@ -97,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--tracking", choices=["mlflow", "none"], default=None,
                             help="mlflow (default when installed) or none")
 
+
+def _add_plan_parser(commands) -> None:
     plan = commands.add_parser(
         "plan", help="predict memory, speed and cost of a training setup before launching it",
         description="Predict per-GPU memory (broken down), tokens/s, wall time and cost for the same config and "
@@ -119,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_config_flags(plan)
 
+
+def _add_data_parser(commands) -> None:
     data = commands.add_parser("data", help="inspect training data before a run")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     preview = data_commands.add_parser(
@@ -133,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--show-ids", action="store_true", help="also print each example's token ids and labels")
     _add_config_flags(preview)
 
+
+def _add_bench_parser(commands) -> None:
     from zerotune.bench import WORKLOADS
 
     bench = commands.add_parser(
@@ -161,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline", type=baseline_names, action="extend", default=None, metavar="NAME[,NAME]",
                        help="baselines to measure against, repeatable or comma-separated: hf (stock HF+PEFT, the "
                             "default), trl, liger, unsloth")
-    return parser
 
 
 def baseline_names(value: str) -> list[str]:

@@ -34,7 +34,7 @@ TOKENIZER_FILES = frozenset({
     "chat_template.json", "additional_chat_templates", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
     "vocab.json", "merges.txt", "vocab.txt",
 })
-# Top-level names a training run writes (train.py, tracking.py, checkpoints.py, the Ray launcher).
+# Top-level names a training run writes (train.py, tracking.py, checkpoints/, the Ray launcher).
 TRAIN_OUTPUTS = TOKENIZER_FILES | {"adapter", "model", "checkpoints", "config.yaml", "resolved.yaml", "metrics.jsonl",
                                    "loss.png", "ray"}
 # What save_pretrained writes for a merged model; weight shards are matched by prefix (is_merge_output).

@@ -155,30 +155,8 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
               ours_overrides: dict | None = None, command: str = "", baselines: tuple[str, ...] = ("hf",)) -> dict:
     """Run one workload: the baselines first (HF+PEFT in this process and its workers, each peer in a process of
     its own), then ours. Returns the result."""
-    from zerotune.errors import ConfigError
-
-    if name not in WORKLOADS:
-        raise ConfigError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
-    workload = WORKLOADS[name]
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown or not baselines:
-        raise ConfigError(f"--baseline {','.join(unknown)}: choose from {', '.join(BASELINES)}")
-    baselines = tuple(dict.fromkeys(baselines))
-    if tiny:
-        workload = tiny_version(workload)
-    elif not torch.cuda.is_available():
-        raise ConfigError(f"workload {name} needs a CUDA GPU; on CPU pass --tiny to test the harness")
-    elif torch.cuda.device_count() < workload.gpus:
-        raise ConfigError(f"workload {name} needs {workload.gpus} GPUs, this machine has {torch.cuda.device_count()}")
-    steps = steps or (4 if tiny else 30)
-    warmup = warmup if warmup is not None else (1 if tiny else 5)
-    if steps <= warmup:
-        raise ConfigError(f"--steps {steps} must be more than --warmup-steps {warmup}")
+    workload, steps, warmup, baselines = _checked_request(name, tiny, steps, warmup, baselines, ours_overrides or {})
     arch = ARCHITECTURES[workload.architecture]
-    claimed = {key: value for key, value in (ours_overrides or {}).items() if key in BENCH_OWNED}
-    if claimed:
-        raise ConfigError(f"{', '.join(claimed)}: bench decides these itself (its run goes under its work "
-                          f"directory); drop the override, and pass --work-dir to choose where it goes")
     work = Path(work_dir or tempfile.mkdtemp(prefix="zerotune-bench-"))
     claim_work_dir(work)
     model_dir = write_model_dir(work / "model", arch, torch.float32 if tiny else torch.bfloat16,
@@ -194,18 +172,7 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
     gpu = gpu_name()
     print(f"[bench] {workload.description}\n[bench] {gpu}; {steps} steps, first {warmup} not timed", flush=True)
     with PowerSampler(period=0.02) as sampler:  # GPU 0's watts and clock (nothing on CPU or without NVML)
-        sides = {}
-        for baseline in baselines:
-            print(f"[bench] baseline: {baseline_label(baseline)} ...", flush=True)
-            if baseline == "hf":
-                sides["hf"] = run_baseline(workload, spec)
-            else:
-                sides[baseline] = ({"not_measured": cannot_do(baseline, workload.gpus)}
-                                   if cannot_do(baseline, workload.gpus) else run_peer(baseline, spec))
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+        sides = _run_baselines(baselines, workload, spec)
         print("[bench] zerotune ...", flush=True)
         config = run_config(workload, model_dir, data, work / "ours", steps, tiny, seed, ours_overrides or {})
         ours = run_ours(config, warmup, workload.gpus)
@@ -236,15 +203,68 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
              for peer, side in sides.items() if peer != "hf"}
     if peers:
         result["peers"] = peers
-    target = Path(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    slug = gpu.replace("NVIDIA", "").strip().split()[0].lower() if gpu != "cpu" else "cpu"
-    slug += f"x{workload.gpus}" if workload.gpus > 1 else ""
-    path = target / f"{result['date']}-{slug}-{result['workload']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    result["path"] = str(path)
+    result["path"] = str(_write_result(result, Path(out_dir), gpu, workload.gpus))
     print(summary(result), flush=True)
     return result
+
+
+def _checked_request(name: str, tiny: bool, steps: int | None, warmup: int | None, baselines: tuple[str, ...],
+                     ours_overrides: dict) -> tuple[Workload, int, int, tuple[str, ...]]:
+    """The workload (its tiny version with ``tiny``), the step counts and the baselines without repeats, or a
+    ConfigError before anything runs: an unknown workload or baseline, too few GPUs, no more steps than warm-up
+    steps, an override of what bench decides."""
+    from zerotune.errors import ConfigError
+
+    if name not in WORKLOADS:
+        raise ConfigError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
+    workload = WORKLOADS[name]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown or not baselines:
+        raise ConfigError(f"--baseline {','.join(unknown)}: choose from {', '.join(BASELINES)}")
+    baselines = tuple(dict.fromkeys(baselines))
+    if tiny:
+        workload = tiny_version(workload)
+    elif not torch.cuda.is_available():
+        raise ConfigError(f"workload {name} needs a CUDA GPU; on CPU pass --tiny to test the harness")
+    elif torch.cuda.device_count() < workload.gpus:
+        raise ConfigError(f"workload {name} needs {workload.gpus} GPUs, this machine has {torch.cuda.device_count()}")
+    steps = steps or (4 if tiny else 30)
+    warmup = warmup if warmup is not None else (1 if tiny else 5)
+    if steps <= warmup:
+        raise ConfigError(f"--steps {steps} must be more than --warmup-steps {warmup}")
+    claimed = {key: value for key, value in ours_overrides.items() if key in BENCH_OWNED}
+    if claimed:
+        raise ConfigError(f"{', '.join(claimed)}: bench decides these itself (its run goes under its work "
+                          f"directory); drop the override, and pass --work-dir to choose where it goes")
+    return workload, steps, warmup, baselines
+
+
+def _run_baselines(baselines: tuple[str, ...], workload: Workload, spec: dict) -> dict[str, dict]:
+    """Each baseline's measurements, in order: HF+PEFT in this process (and its workers), each peer in a process
+    of its own, or {"not_measured": why} for a peer that cannot run this workload. Memory is freed after each."""
+    sides = {}
+    for baseline in baselines:
+        print(f"[bench] baseline: {baseline_label(baseline)} ...", flush=True)
+        if baseline == "hf":
+            sides["hf"] = run_baseline(workload, spec)
+        else:
+            sides[baseline] = ({"not_measured": cannot_do(baseline, workload.gpus)}
+                               if cannot_do(baseline, workload.gpus) else run_peer(baseline, spec))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return sides
+
+
+def _write_result(result: dict, target: Path, gpu: str, gpus: int) -> Path:
+    """``result`` as target/<date>-<gpu>-<workload>.json (the GPU's short name, with xN for N > 1 GPUs)."""
+    target.mkdir(parents=True, exist_ok=True)
+    slug = gpu.replace("NVIDIA", "").strip().split()[0].lower() if gpu != "cpu" else "cpu"
+    slug += f"x{gpus}" if gpus > 1 else ""
+    path = target / f"{result['date']}-{slug}-{result['workload']}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
 
 
 def ratios(ours: dict, baseline: dict) -> dict:

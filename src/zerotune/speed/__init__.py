@@ -7,6 +7,7 @@ after the model and its adapters are built and before the engine wraps it.
     swiglu.py             silu(gate) * up with its backward as one kernel (used by fused projections)
     chunked_loss.py       cross-entropy from the last hidden states in chunks: no full fp32 logits
     nf4.py                QLoRA's 4-bit matmul in torch ops, so it compiles with its layer
+    stacked_matmuls.py    the stacked matmuls (autograd Functions and custom ops) the fused projections run
     plain_causal.py       the host's "no mask needed" hint to transformers' SDPA mask builder (for step graphs)
     step_graphs.py        a whole training step captured and replayed as one CUDA graph
 
