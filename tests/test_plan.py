@@ -261,31 +261,46 @@ def test_unreadable_model_config_names_the_file(tmp_path, capsys):
     assert str(tmp_path / "config.json") in capsys.readouterr().err
 
 
-def test_70b_qlora_memory_is_predicted_and_its_speed_underestimated():
-    """The one stored measurement outside 7-8B: Llama-2-70B QLoRA, mb 1, checkpointing, one H200.
-    Memory lands within 2%; speed is predicted about half the measured (the efficiency model and the
-    dequantization cost were fitted on 7B, where fixed per-layer costs weigh more): docs/planner.md says so."""
-    measured = json.loads((RESULTS / "2026-11-28-h200-qlora-70b.json").read_text())
-    result = estimate(Scenario(gpu=gpu_from_device_name(measured["gpu"]), arch=ARCHITECTURES["llama-2-70b"],
-                               method="qlora", checkpointing=True, compile=True))
-    assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.02)
-    assert 0.4 < result.tokens_per_second_per_gpu / measured["tokens_per_second"] < 0.65
+FALCON_36 = replace(ARCHITECTURES["falcon-180b"], layers=36, name="falcon-180b-36-layers")
 
 
-@pytest.mark.parametrize("name, strategy, fetch, compiled, speed", [
-    ("h200x2-lora-70b-fsdp", "fsdp", "layer", True, (0.75, 0.85)),
-    ("h200x2-lora-70b-zero3", "deepspeed", "module", False, (0.65, 0.8)),
-    ("h200x4-lora-70b-fsdp", "fsdp", "layer", True, (0.75, 0.85)),
-    ("h200x4-lora-70b-zero3", "deepspeed", "layer", False, (1.05, 1.2)),
-    ("h200x4-lora-70b-zero3-module-fetch", "deepspeed", "module", False, (1.0, 1.12)),
+@pytest.mark.parametrize("name, arch", [("2026-11-28-h200-qlora-70b.json", ARCHITECTURES["llama-2-70b"]),
+                                        ("2026-12-07-h100-qlora-falcon-180b-36-layers-at-dee25bc.json", FALCON_36)])
+def test_large_qlora_is_predicted(name, arch):
+    """QLoRA beyond 7B, mb 1, checkpointing, compiled layers, one GPU: Llama-2-70B on an H200, and 36 of
+    Falcon-180B's 80 layers on an H100 (numbers copied from the issue tracker's report). Neither set a constant.
+    Before the fixed cost per micro-batch was counted per layer (not per weight) and the 4-bit dequantisation at
+    its profiled kernel rate (not the 7B's host-bound step), both were predicted at less than half their speed."""
+    measured = json.loads((RESULTS / name).read_text())
+    result = estimate(Scenario(gpu=gpu_from_device_name(measured["gpu"]), arch=arch, method="qlora",
+                               checkpointing=True, compile=True))
+    assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.10)
+    assert result.tokens_per_second_per_gpu == pytest.approx(measured["tokens_per_second"], rel=0.25)
+    assert not result.notes  # the GPU's work, not the host's launches, sets these steps
+
+
+def test_qlora_7b_step_is_host_bound_and_wide_layers_are_not():
+    """The 7B QLoRA step launched op by op waits on the host (its profile: enqueue time = wall time); Falcon-180B's
+    layers are wide enough that the GPU's matmuls and dequantisation take far longer than their launches."""
+    small = estimate(Scenario(gpu=GPUS["h200"], arch=L7, method="qlora", checkpointing=True, compile=True))
+    assert any("host-bound" in note for note in small.notes)
+    falcon = estimate(Scenario(gpu=GPUS["h200"], arch=ARCHITECTURES["falcon-180b"], method="qlora",
+                               checkpointing=True, compile=True))
+    assert not falcon.notes and falcon.memory_gib["dequantised matrix"] == pytest.approx(14848 * 59392 * 2 / 2**30)
+
+
+@pytest.mark.parametrize("name, strategy, fetch, compiled", [
+    ("h200x2-lora-70b-fsdp", "fsdp", "layer", True),
+    ("h200x2-lora-70b-zero3", "deepspeed", "module", False),
+    ("h200x4-lora-70b-fsdp", "fsdp", "layer", True),
+    ("h200x4-lora-70b-zero3", "deepspeed", "layer", False),
+    ("h200x4-lora-70b-zero3-module-fetch", "deepspeed", "module", False),
 ])
-def test_70b_lora_sharded_is_predicted(name, strategy, fetch, compiled, speed):
+def test_70b_lora_sharded_is_predicted(name, strategy, fetch, compiled):
     """Llama-2-70B LoRA, --init random --sharded-loading, 2 and 4 H200s, mb 1 per GPU, checkpointing
-    (benchmarks/gpu_70b.py). Memory per GPU within 5% everywhere (FSDP2 on 4 GPUs is the 5%, under).
-    Speed, predicted over measured, lies in the stated band: FSDP2 (compiled) about 20% slow on 2 and 4 GPUs;
-    ZeRO-3 with per-module hooks 27% slow on 2 GPUs and 6% fast on 4; ZeRO-3 by decoder layer (fitted on 7B
-    at 0.92 of one GPU) 12% fast on 4 GPUs. The constants come from 7B, where fixed per-layer costs weigh
-    more. docs/planner.md says so."""
+    (benchmarks/gpu_70b.py). Memory per GPU within 5% (FSDP2 on 4 GPUs is the 5%, under). Speed within 25%: FSDP2
+    about 8% slow; the ZeRO-3 runs set ZERO3_GATHER_LINK_SHARE with the 7B's (per module 13% slow on 2 GPUs,
+    17% fast on 4; a layer at a time within 1%)."""
     import statistics
 
     measured = json.loads((RESULTS / f"2026-11-28-{name}.json").read_text())
@@ -295,7 +310,7 @@ def test_70b_lora_sharded_is_predicted(name, strategy, fetch, compiled, speed):
                                method="lora", checkpointing=True, compile=compiled, gpus_per_node=workers,
                                strategy=strategy, sharded_loading=True, zero3_fetch=fetch))
     assert result.peak_allocated_gib == pytest.approx(measured["peak_gpu_gib"], rel=0.05)
-    assert speed[0] < result.tokens_per_second_per_gpu / per_gpu < speed[1]
+    assert result.tokens_per_second_per_gpu == pytest.approx(per_gpu, rel=0.25)
 
 
 def test_a_json_stage_is_read_as_training_reads_it(tmp_path):

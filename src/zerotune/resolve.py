@@ -287,7 +287,7 @@ def _explain_checkpoint_placement(config: RunConfig) -> tuple[str, str]:
     if config.adapter.method == "qlora":
         return "around each layer", "4-bit layers: torch 2.11's compiler keeps activations a checkpoint inside " \
                                     "would drop"
-    if config.adapter.lora_dropout > 0:
+    if config.adapter.dropout > 0:
         return "around each layer", "--lora-dropout draws random numbers inside the layer"
     return "inside each compiled layer", "the compiler then recomputes only what the backward reads " \
                                          "(layers with attention dropout keep it around)"

@@ -55,6 +55,7 @@ def build_model(architecture: str, vocab_size: int, hidden_size: int = 64, layer
     intermediate_size = intermediate_size or hidden_size * 3
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=heads,
                   bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    common.update((key, extra.pop(key)) for key in list(extra) if key in common)  # e.g. a tied head, as Falcon's
     if architecture == "llama":
         config = LlamaConfig(num_hidden_layers=layers, intermediate_size=intermediate_size,
                              num_key_value_heads=kv_heads or heads, max_position_embeddings=2048, **common, **extra)

@@ -36,9 +36,18 @@ ENGINE_FACTOR = {
     # predicts 12,841 against 11,681-12,918 measured, so no separate factor.
     ("deepspeed", 1, None): 1.107,
     ("deepspeed", 2, None): 1.107,
-    ("deepspeed", 3, "module"): 0.42,
-    ("deepspeed", 3, "layer"): 0.92,
+    # ZeRO-3's compute, its gathers counted apart (ZERO3_GATHER_LINK_SHARE): fitted with them below
+    ("deepspeed", 3, "module"): 0.49,
+    ("deepspeed", 3, "layer"): 0.99,
 }
+
+# ZeRO-3 gathers every layer's bf16 weights in each pass, (world - 1) / world of them through the GPU links, and
+# the step waits for them: as a share of the link's bandwidth. Fitted with the ZeRO-3 factors above on the 7B
+# on 2 H200s (engines-verification, zero-variants, zero3-layer-fetch) and Llama-2-70B LoRA on 2 and 4 H200s
+# (2026-11-28-h200x{2,4}-lora-70b-zero3*.json): per-module hooks ran 5.65 s per step on 2 GPUs and 8.15 s on
+# 4, the per-GPU compute being the same, which a factor alone cannot say. Per module: 228 GB/s (all five within
+# 15%); a decoder layer at a time: 262 GB/s (both within 1%).
+ZERO3_GATHER_LINK_SHARE = {"module": 228 / 450, "layer": 262 / 450}
 
 # DeepSpeed's step has a host-side floor (its hooks and optimizer bookkeeping per micro-batch, per decoder
 # layer): W1 (micro-batch 1) under ZeRO-2 with compiled layers ran at 12,789 tok/s, 0.160 s per micro-batch,
@@ -51,10 +60,14 @@ DEEPSPEED_HOST_SECONDS_PER_LAYER = 0.160 / 32
 # checkpointing, 6,956 tok/s eager and 8,493 compiled (2026-11-28-h200-full-finetune-{eager,compiled}.json).
 FULL_FACTOR = {"eager": 1.426, "compiled": 1.138}
 
-# QLoRA: dequantising the 4-bit weights costs a fixed time per pass over them. qlora (mb 1) and qlora-mb4
-# runs: the compute part is the LoRA path's, plus 0.133 s per step for 3 passes over 6.48e9 weights on an
-# H200 (4.8 TB/s): 1.46e11 weights/s, scaled by memory bandwidth.
-DEQUANT_WEIGHTS_PER_S_PER_TBS = 1.46e11 / 4.8
+# QLoRA. The GPU dequantises each 4-bit weight once per pass: the dequantisation kernels took 30.7 ms per step
+# for 3 passes over 6.48e9 weights on an H200 (2026-11-29-h200-qlora-profile-layer-groups.json, 672 kernels):
+# 6.33e11 weights/s, scaled by memory bandwidth. Launched op by op, the 7B step is host-bound (enqueue time =
+# wall time, 0.31 s against 0.19 s of GPU work, 2026-11-29-h200-qlora-profile-graphed-step.json): its host
+# cost per decoder layer and pass is fitted on 2026-11-28-h200-qlora.json (6,043 tok/s, 0.339 s, 32 layers,
+# 3 passes). Up to 80 layers of 8192 or 14848 the GPU's work is the longer one.
+DEQUANT_WEIGHTS_PER_S_PER_TBS = 6.33e11 / 4.8
+QLORA_HOST_SECONDS_PER_LAYER_PASS = 0.339 / (32 * 3)
 QLORA_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + double-quantised absmax
 
 # DeepSpeed parameter offload (the tutorial's JSON), 3 passes over each GPU's 6.7 GB share of the weights per

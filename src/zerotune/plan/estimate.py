@@ -6,7 +6,9 @@ import itertools
 from dataclasses import asdict, dataclass, replace
 
 from zerotune.plan import calibration as cal
-from zerotune.plan.catalog import GPU, Architecture
+from zerotune.plan.catalog import ARCHITECTURES, GPU, Architecture
+
+REFERENCE = ARCHITECTURES["llama-2-7b"]  # the architecture the efficiency constants were fitted on
 
 GIB = 2**30
 
@@ -134,6 +136,8 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
             host += weights * s.gpus_per_node / world
     else:
         parts["weights"] = weights
+    if s.method == "qlora":  # each 4-bit matrix is dequantised whole to bf16 for its matmul: the largest one's copy
+        parts["dequantised matrix"] = max(a * b for a, b in arch.linears()) * 2.0
     trainable = _trainable(s)
     if s.strategy == "deepspeed":  # bf16 params and grads, fp32 master, Adam m and v
         param, grad, optim = 2.0, 2.0, 12.0
@@ -198,8 +202,12 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
                          "with checkpointing: 1.38-1.43x its eager layers)")
     if s.method == "full":
         factor *= cal.FULL_FACTOR[path]
-    efficiency = cal.E_MAX * s.tokens / (s.tokens + cal.T_HALF) * factor
-    seconds = s.tokens * hardware_flops_per_token(s) / (s.gpu.bf16_tflops * 1e12 * efficiency)
+    # The GPU's fixed cost per micro-batch (small kernels, gaps between launches) is per decoder layer, not per
+    # weight: T_HALF tokens of a Llama-2-7B layer's work (where it was fitted), whatever this layer's width. A
+    # wide layer (Falcon-180B: 14848) thus runs its matmuls closer to E_MAX than a 7B layer at the same tokens.
+    reference_layer_flops = hardware_flops_per_token(replace(s, arch=REFERENCE)) / REFERENCE.layers
+    fixed_flops = cal.T_HALF * s.arch.layers * reference_layer_flops
+    seconds = (s.tokens * hardware_flops_per_token(s) + fixed_flops) / (s.gpu.bf16_tflops * 1e12 * cal.E_MAX * factor)
     if s.strategy == "deepspeed":
         host = cal.DEEPSPEED_HOST_SECONDS_PER_LAYER * s.arch.layers
         if host > seconds:
@@ -207,8 +215,18 @@ def step_time(s: Scenario) -> tuple[float, list[str]]:
                          f"host) outlasts the GPU's {seconds:.2f} s; a larger micro-batch hides it")
             seconds = host
     passes = 2 + s.recompute_fraction
+    if s.strategy == "deepspeed" and s.zero_stage == 3 and s.world > 1:
+        gathered = passes * s.arch.total_params * 2.0 * (s.world - 1) / s.world  # bf16 bytes per GPU per step
+        seconds += gathered / (cal.ZERO3_GATHER_LINK_SHARE[s.zero3_fetch] * s.gpu.link_gbs * 1e9)
     if s.method == "qlora":
+        # the GPU dequantises every 4-bit weight once per pass; launched op by op, a QLoRA step's host work per
+        # layer (more kernels and inputs than LoRA's) can outlast the GPU's, and then sets the step time
         seconds += passes * s.arch.linear_params / (cal.DEQUANT_WEIGHTS_PER_S_PER_TBS * s.gpu.bandwidth_tbs)
+        host = passes * s.arch.layers * cal.QLORA_HOST_SECONDS_PER_LAYER_PASS
+        if host > seconds:
+            notes.append(f"host-bound: launching QLoRA's kernels one by one takes ~{host:.2f} s per micro-batch, "
+                         f"more than the GPU's {seconds:.2f} s")
+            seconds = host
     weight_bytes = s.arch.total_params * (cal.QLORA_BYTES_PER_WEIGHT if s.method == "qlora" else s.weight_bytes)
     if s.offload_params:
         seconds += passes * weight_bytes / s.world / (cal.OFFLOAD_GBS[s.zero3_fetch] * 1e9)

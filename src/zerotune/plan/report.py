@@ -187,7 +187,8 @@ def render(plan: dict) -> str:
     for note in plan["notes"]:
         lines.append(f"note: {note}")
     lines.append("accuracy: memory within 10% and speed within 25% of the measurements in benchmarks/results for "
-                 "7B-8B models on H100/H200 (tests/test_plan.py); other sizes and GPUs are extrapolated")
+                 "7B-8B models, and of 70B and Falcon-180B (36 layers) QLoRA, on H100/H200 (tests/test_plan.py); other "
+                 "sizes and GPUs are extrapolated")
     return "\n".join(lines)
 
 

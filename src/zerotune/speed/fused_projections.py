@@ -32,8 +32,8 @@ The members' frozen weights become views of the stacked tensor (its rows, or its
 each member as a non-persistent buffer, so nothing is stored twice and the state dict is unchanged; the
 adapters stay PEFT's own modules, saved as before.
 
-Covered: PEFT LoRA Linear layers over plain ``nn.Linear`` bases of one dtype and device, one active adapter,
-no DoRA or other variant, no LoRA bias; base biases all present or all absent. In a layer with gradient
+Covered: PEFT LoRA Linear layers over plain ``nn.Linear`` bases (or Falcon's FalconLinear) of one dtype and
+device, one active adapter, no DoRA or other variant, no LoRA bias; base biases all present or all absent. In a layer with gradient
 checkpointing no group keeps a memo (a compiled checkpoint cannot hold its Python state), so a group is fused
 there only where one call computes its whole output: o_proj and down_proj; gate/up where the MLP's forward is
 replaced; q/k/v where the attention's forward is wrapped (QKV_ATTENTIONS: the module's own forward runs on a
@@ -55,7 +55,17 @@ import torch
 from zerotune.speed.stacked_matmuls import StackedLinear, WideLinear, lora_linear, wide_linear
 from zerotune.speed.swiglu import silu_mul
 
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",),
+          # Falcon: q/k/v already one matrix (query_key_value), no gate; each a group of one, stacked with its adapter
+          ("query_key_value",), ("dense_h_to_4h",), ("dense",), ("dense_4h_to_h",))
+# base layers computing x @ W^T + b exactly as nn.Linear does (Falcon's subclass only spells the matmul out; a
+# transformers without it leaves Falcon's layers to PEFT's path, which the install-time check then reports)
+try:
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+except ImportError:
+    LINEAR_BASES = {torch.nn.Linear}
+else:
+    LINEAR_BASES = {torch.nn.Linear, FalconLinear}
 # groups whose parts are returned as views of one output: a gated MLP, act(gate) * up, keeps both for its backward
 VIEWS = {("gate_proj", "up_proj")}
 B_IN_COLUMNS = True  # groups wider than their input hold LoRA-B in columns (else LoRA-A in rows, as the others)
@@ -83,7 +93,7 @@ def _adapter(module) -> str | None:
 def _fusable(members) -> bool:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if not all(type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear for m in members):
+    if not all(type(m) is LoraLinear and type(m.base_layer) in LINEAR_BASES for m in members):
         return False
     names = {_adapter(m) for m in members}
     weights = [m.base_layer.weight for m in members]
