@@ -2,8 +2,8 @@
 and torch's ``F.linear_cross_entropy`` (torch >= 2.13), on the same hidden states, head weight and labels.
 
 Variants (each the summed loss over labels that are not -100, as the training loop takes it):
-  stock                   F.linear, the logits upcast to fp32 (.float()), F.cross_entropy: zerotune's path with
-                          --no-chunked-loss (step.token_loss_sum)
+  stock                   F.linear, the logits upcast to fp32 (.float(); fp64 stays fp64), F.cross_entropy:
+                          zerotune's path with --no-chunked-loss (step.token_loss_sum)
   zerotune                speed.chunked_loss.linear_cross_entropy_sum, default chunk (chunk_tokens_for(vocab)
                           label rows), the label count given as the loop gives it
   torch-reference         F.linear_cross_entropy with its default options=None: the reference path, full logits
@@ -57,7 +57,8 @@ HAS_TORCH_LINEAR_CROSS_ENTROPY = hasattr(F, "linear_cross_entropy")
 
 
 def stock(hidden, weight, labels):
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # .float() as the loop does; fp64 stays
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -249,8 +250,8 @@ def main() -> None:
     if HAS_TORCH_LINEAR_CROSS_ENTROPY:  # what "auto" picks here (a private method: the one the function calls)
         auto = torch.nn.LinearCrossEntropyOptions()._adjust(args.tokens, args.hidden, args.vocab, DTYPES[args.dtype],
                                                             torch.device(args.device))
-        report["shape"]["torch_auto_options"] = {"acc_policy": auto.acc_policy, "batch_chunk_size": auto.batch_chunk_size,
-                                                 "acc_dtype": str(auto.acc_dtype)}
+        report["shape"]["torch_auto_options"] = {"acc_policy": auto.acc_policy, "acc_dtype": str(auto.acc_dtype),
+                                                 "batch_chunk_size": auto.batch_chunk_size}
     report["equality"] = equality(args, args.device)
     report["time_and_memory"] = {case: {} for case in CASES}
     for case in CASES:
