@@ -22,11 +22,12 @@ in fp64 (where every variant should agree to about 1e-12), and in --dtype agains
 
 Time and memory: each (variant, case) in a fresh subprocess, so one variant's allocations never count for
 another: one warm-up call, then --repeats calls of forward+backward (gradients dropped between calls); the
-median is reported. Peak memory above the inputs: on CUDA torch.cuda.max_memory_allocated minus the memory
-allocated before the first call; on CPU (torch's CPU allocator keeps no counter) the process's RSS high-water
-(VmHWM in /proc/self/status, the figure getrusage's ru_maxrss reports, reset through /proc/self/clear_refs once
-the inputs are made, so torch's import does not set it) minus the RSS at that moment. glibc returns large
-blocks to the system on free, so that RSS figure tracks what was live at the peak, plus allocator slack.
+median is reported. Peak memory above the inputs, in one more call after the timed ones (gradients dropped
+first, so they count as made): on CUDA torch.cuda.max_memory_allocated minus the memory allocated before it;
+on CPU, where torch's allocator keeps no counter, the running sum of the torch profiler's memory events
+(every tensor allocation and free) at its highest. Also on CPU, the process's RSS high-water over all calls
+(VmHWM, the figure getrusage's ru_maxrss reports, reset through /proc/self/clear_refs once the inputs are
+made) minus the RSS then: it adds allocator slack and the library code the first call pages in.
 
 Usage: python benchmarks/linear_cross_entropy.py --out DIR [--device cpu|cuda] [--vocab 32000] [--tokens 2048]
        [--hidden 4096] [--dtype fp32|bf16] [--repeats 5] [--ignored 0.25]
@@ -156,6 +157,17 @@ def reset_rss_high_water() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS (Linux >= 4.0)
 
 
+def profiled_peak_bytes(profiler) -> int:
+    """The highest running sum of the profiler's memory events (allocations positive, frees negative)."""
+    events = sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
+                    key=lambda event: event.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def measure(args) -> dict:
     """One (variant, case), in this fresh process: time per forward+backward and peak memory above inputs."""
     device = args.device
@@ -166,12 +178,9 @@ def measure(args) -> dict:
             torch.cuda.synchronize()
 
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
+    if device == "cpu":
         reset_rss_high_water()
-        before = process_memory_bytes("VmRSS")
+        rss_before = process_memory_bytes("VmRSS")
     seconds = []
     for call in range(1 + args.repeats):
         start = time.perf_counter()
@@ -179,9 +188,20 @@ def measure(args) -> dict:
         sync()
         if call:  # the first call warms up
             seconds.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else process_memory_bytes("VmHWM")) - before
-    return {"seconds_median": round(statistics.median(seconds), 4), "seconds_all": [round(s, 4) for s in seconds],
-            "peak_memory_above_inputs_mib": round(peak / 2**20, 1)}
+    result = {"seconds_median": round(statistics.median(seconds), 4), "seconds_all": [round(s, 4) for s in seconds]}
+    hidden.grad = weight.grad = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss_and_grads(args.worker, hidden, weight, labels)
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        result["rss_high_water_above_inputs_mib"] = round((process_memory_bytes("VmHWM") - rss_before) / 2**20, 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+            loss_and_grads(args.worker, hidden, weight, labels)
+        peak = profiled_peak_bytes(profiler)
+    result["peak_memory_above_inputs_mib"] = round(peak / 2**20, 1)
+    return result
 
 
 def measure_in_subprocess(args, variant: str, case: str) -> dict:
@@ -242,10 +262,11 @@ def main() -> None:
               "shape": {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype,
                         "ignored_fraction": args.ignored, "zerotune_chunk_rows": chunk_tokens_for(args.vocab),
                         "full_fp32_logits_mib": round(args.tokens * args.vocab * 4 / 2**20, 1)},
-              "peak_memory_method": ("torch.cuda.max_memory_allocated minus memory_allocated before the first call"
+              "peak_memory_method": ("torch.cuda.max_memory_allocated minus memory_allocated before the call"
                                      if args.device == "cuda" else
-                                     "RSS high-water (VmHWM, reset via /proc/self/clear_refs after the inputs were "
-                                     "made) of a fresh subprocess per variant after all calls, minus the RSS then"),
+                                     "highest running sum of the torch profiler's memory events in one call; "
+                                     "rss_high_water: VmHWM over all calls (reset via /proc/self/clear_refs after "
+                                     "the inputs were made) minus the RSS then; a fresh subprocess per variant"),
               "variants": list(VARIANTS)}
     if HAS_TORCH_LINEAR_CROSS_ENTROPY:  # what "auto" picks here (a private method: the one the function calls)
         auto = torch.nn.LinearCrossEntropyOptions()._adjust(args.tokens, args.hidden, args.vocab, DTYPES[args.dtype],
