@@ -46,6 +46,33 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(weight_trains, host
     assert not torch.equal(ours_grads[0][0], torch.zeros(16, dtype=torch.float64)) or labels[0] == -100
 
 
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="F.linear_cross_entropy is new in torch 2.13")
+@pytest.mark.parametrize("weight_trains", [False, True])
+@pytest.mark.parametrize("torch_chunks", [False, True])
+def test_chunked_loss_equals_torch_linear_cross_entropy(weight_trains, torch_chunks):
+    """Ours against torch's own fused loss, its reference path (options=None) and its chunked op (4 rows a
+    chunk), in fp64: what benchmarks/linear_cross_entropy.py compares computes the same thing."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_trains)
+    labels = torch.randint(0, 50, (37,))
+    labels[::4] = -100
+
+    def loss_and_grads(loss_of):
+        hidden.grad = weight.grad = None
+        loss = loss_of()
+        loss.mul(0.37).backward()
+        return [loss.detach(), hidden.grad] + ([weight.grad] if weight_trains else [])
+
+    ours = loss_and_grads(lambda: linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=5))
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=4) if torch_chunks else None
+    theirs = loss_and_grads(lambda: F.linear_cross_entropy(hidden, weight, labels, reduction="sum",
+                                                           ignore_index=-100, options=options))
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-12)
+    assert ours[0] > 0 and ours[1].abs().sum() > 0
+
+
 def test_compiled_chunk_math_equals_eager_in_bf16():
     """The compiled chunk math reads bf16 logits and writes the bf16 gradient without an fp32 copy in memory;
     its values are the eager path's: the loss to fp32 reordering, the gradient to one bf16 rounding."""
