@@ -112,3 +112,14 @@ def test_plan_prints_what_train_would_decide_on_the_planned_gpus(capsys):
     rows = {row["key"]: row for row in plan["settings"]}
     assert rows["distributed.strategy"]["decided"] == "single" and rows["model.dtype"]["decided"] == "bf16"
     assert rows["model.compile"]["decided"] == "on"
+
+
+@pytest.mark.parametrize("settings, placement", [
+    ({"adapter.dropout": 0.0}, "inside each compiled layer"),
+    ({"adapter.dropout": 0.05}, "around each layer"),
+    ({"adapter.method": "qlora", "adapter.dropout": 0.0}, "around each layer"),
+])
+def test_checkpoint_placement_with_compiled_layers(settings, placement):
+    config = build_config({"model.gradient_checkpointing": True, **settings})
+    assert decided(resolve(config, H100))["gradient checkpoint placement"] == placement
+    assert "gradient checkpoint placement" not in decided(resolve(config, Machine("cpu")))  # nothing compiled
