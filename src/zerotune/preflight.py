@@ -45,12 +45,13 @@ def preflight(config: RunConfig) -> None:
         qlora_quantization_config(resolve_dtype(config.model.dtype, device_type), device_type)
     from zerotune.data.prepare import load_and_check
 
-    load_and_check(config.data, config.data.path)  # data errors first: they need no model files
+    pairs = config.objective.name != "sft"  # preference pairs (zerotune.data.pairs)
+    load_and_check(config.data, config.data.path, pairs)  # data errors first: they need no model files
     if config.data.eval_path:
-        load_and_check(config.data, config.data.eval_path)
+        load_and_check(config.data, config.data.eval_path, pairs)
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, config.train.seed)
+    data = prepare_data(config.data, tokenizer, config.train.seed, pairs=pairs)
     workers = config.distributed.num_workers
     BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, workers,
               config.train.seed).check(config.data.path)

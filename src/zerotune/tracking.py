@@ -92,10 +92,10 @@ class Tracker(NullTracker):
                     tok_s=f"{metrics.get('tokens_per_second', 0):,.0f}", refresh=False,
                 )
                 self.progress.refresh()
-            if "eval_loss" in metrics:
-                self.progress.write(
-                    f"step {step}: eval_loss {metrics['eval_loss']:.4f}  perplexity {metrics['eval_perplexity']:.2f}"
-                )
+            if "eval_loss" in metrics:  # perplexity for SFT, preference accuracy for pairs
+                detail = (f"perplexity {metrics['eval_perplexity']:.2f}" if "eval_perplexity" in metrics else
+                          f"accuracy {metrics.get('eval_rewards/accuracies', math.nan):.3f}")
+                self.progress.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f}  {detail}")
 
     def note(self, message: str) -> None:
         if self.progress is not None:

@@ -9,6 +9,7 @@ import torch
 
 from zerotune.config import DataConfig
 from zerotune.data.encode import EncodedExample, EncodeReport, all_dropped_error, encode_records
+from zerotune.data.pairs import check_pairs, encode_pairs
 from zerotune.data.records import check_records, read_records
 from zerotune.data.templates import check_template_name
 
@@ -31,11 +32,12 @@ def packed(config: DataConfig, data: PreparedData) -> PreparedData:
     return PreparedData(rows, data.eval, data.report, report)
 
 
-def load_and_check(config: DataConfig, path: str):
+def load_and_check(config: DataConfig, path: str, pairs: bool = False):
+    """Read and check the records; ``pairs``: preference pairs (a preference objective), else SFT records."""
     check_template_name(config.template)
     flag = "--eval-data" if path and path == config.eval_path and path != config.path else "--data"
     records, where = read_records(path, config.split, flag)
-    check_records(records, where, config.template, path)
+    (check_pairs if pairs else check_records)(records, where, config.template, path)
     return records, where
 
 
@@ -44,11 +46,12 @@ def single_process_gather(value: Any) -> list[Any]:
 
 
 def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, world_size: int,
-                   gather: Callable[[Any], list[Any]]) -> tuple[list[EncodedExample], EncodeReport]:
+                   gather: Callable[[Any], list[Any]], pairs: bool = False) -> tuple[list, EncodeReport]:
     """Each worker tokenizes records rank, rank + world_size, ...; ``gather`` (an all-gather supplied by
-    the engine) gives every worker the whole list back in the original order."""
+    the engine) gives every worker the whole list back in the original order. ``pairs``: EncodedPairs."""
     mine = list(range(rank, len(records), world_size))
-    encoded, report = encode_records(tokenizer, [records[i] for i in mine], [where[i] for i in mine],
+    encode = encode_pairs if pairs else encode_records
+    encoded, report = encode(tokenizer, [records[i] for i in mine], [where[i] for i in mine],
                                      config.template, config.max_seq_len, config.overlong, keep_dropped=True)
     shards = gather((encoded, report))
     examples: list[EncodedExample | None] = [None] * len(records)
@@ -65,12 +68,14 @@ def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, wor
 
 
 def prepare_data(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
-                 gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
-    records, where = load_and_check(config, config.path)
-    examples, report = encode_sharded(config, tokenizer, records, where, rank, world_size, gather)
+                 gather: Callable[[Any], list[Any]] = single_process_gather, pairs: bool = False) -> PreparedData:
+    """``pairs``: the records are preference pairs (zerotune.data.pairs), for a preference objective."""
+    records, where = load_and_check(config, config.path, pairs)
+    examples, report = encode_sharded(config, tokenizer, records, where, rank, world_size, gather, pairs)
     if config.eval_path:
-        eval_records, eval_where = load_and_check(config, config.eval_path)
-        eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather)
+        eval_records, eval_where = load_and_check(config, config.eval_path, pairs)
+        eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather,
+                                          pairs)
         return packed(config, PreparedData(examples, eval_examples, report))
     if config.eval_fraction == 0 or len(examples) < 2:
         return packed(config, PreparedData(examples, [], report))
