@@ -152,3 +152,46 @@ def test_generate_and_merge_work_on_a_preference_adapter(tiny_llama, pairs_file,
         adapted = PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_docs_examples_train(tiny_llama, tmp_path, monkeypatch):
+    """Each command on docs/preference.md runs (with the tiny model for the quickstart's, one step, no MLflow)
+    on the example files it names."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "preference.md").read_text()
+    commands = [block.split("```")[0].replace("\\\n", " ") for block in page.split("```bash\n")[1:]]
+    assert len(commands) == 3
+    monkeypatch.chdir(root)
+    for command in commands:
+        argv = shlex.split(command.replace("quickstart-output/base-pretrain/model", str(tiny_llama))
+                           .replace("runs/", f"{tmp_path}/"))
+        assert argv[:2] == ["zerotune", "train"]
+        assert main([*argv[1:], "--max-steps", "1", "--tracking", "none", "--quiet"]) == 0, command
+    assert {p.name for p in tmp_path.iterdir()} == {"dpo", "orpo", "simpo"}
+
+
+@pytest.mark.slow
+def test_preference_demo_raises_held_out_accuracy(tmp_path):
+    """The quickstart's model (its architecture and tokenizer, before its pre-training) tuned with SimPO on counting
+    pairs (the right count chosen, an overshoot rejected): on the 40 held-out pairs, whose numbers training never
+    saw, the share the model prefers correctly rises from chance to nearly all (measured: 0.525 -> 1.0)."""
+    from conftest import read_jsonl, write_jsonl
+    from zerotune.config import build_config
+    from zerotune.quickstart import MODEL_SIZE, counting_pairs, resource, tokenizer_corpus
+    from zerotune.tiny import save_tiny_model
+
+    records, held_out = read_jsonl(resource("quickstart_train.jsonl")), read_jsonl(resource("quickstart_eval.jsonl"))
+    model = save_tiny_model(tmp_path / "base-model", tokenizer_corpus(records + held_out), "llama", **MODEL_SIZE)
+    config = build_config({
+        "model.name": str(model), "model.dtype": "fp32", "objective.name": "simpo", "objective.beta": 2.0,
+        "data.path": str(write_jsonl(tmp_path / "train.jsonl", counting_pairs(records))),
+        "data.eval_path": str(write_jsonl(tmp_path / "eval.jsonl", counting_pairs(held_out))),
+        "data.max_seq_len": 128, "train.max_steps": 15, "train.batch_size": 8, "train.lr": 2e-3, "train.seed": 0,
+        "train.eval_every": 15, "adapter.dropout": 0.0, "tracking.backend": "none", "output.dir": str(tmp_path / "run")})
+    train(config)
+    before, after = [e for e in events_of(tmp_path / "run") if "eval_loss" in e]
+    assert before["eval_rewards/accuracies"] <= 0.6 and after["eval_rewards/accuracies"] >= 0.9
+    assert after["eval_rewards/margins"] > before["eval_rewards/margins"] and after["eval_loss"] < before["eval_loss"]
