@@ -35,6 +35,11 @@ class EncodedPair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
     @property
+    def num_input_tokens(self) -> int:
+        """Tokens of both sequences, as the forward sees them."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
     def num_label_tokens(self) -> int:
         return len(self.chosen_ids) + len(self.rejected_ids)
 
