@@ -333,3 +333,5 @@ def test_a_preference_objective_costs_two_sequences_a_pair_and_dpo_a_reference_p
     assert dpo["pairs_per_second"] == pytest.approx(dpo["estimate"]["tokens_per_second_per_gpu"] / 2048)
     full = plan(**{"objective.name": "dpo", "adapter.method": "full", "train.batch_size": 1})
     assert full["estimate"]["memory_gib"]["reference copy"] == full["estimate"]["memory_gib"]["weights"]
+    precomputed = plan(**{"objective.name": "dpo", "objective.reference": "precomputed"})  # no reference forward
+    assert precomputed["estimate"]["tokens_per_second_per_gpu"] == simpo["estimate"]["tokens_per_second_per_gpu"]

@@ -195,3 +195,36 @@ def test_preference_demo_raises_held_out_accuracy(tmp_path):
     before, after = [e for e in events_of(tmp_path / "run") if "eval_loss" in e]
     assert before["eval_rewards/accuracies"] <= 0.6 and after["eval_rewards/accuracies"] >= 0.9
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"] and after["eval_loss"] < before["eval_loss"]
+
+
+@pytest.mark.slow
+def test_precomputed_reference_gives_the_live_losses(tiny_llama, pairs_file, tmp_path):
+    """--reference precomputed: the reference log-probs scored once before training (kept in the run directory)
+    give the losses and rewards of scoring them in every step; full fine-tuning needs no frozen copy then."""
+    settings = {"data.eval_fraction": 0.2, "train.eval_every": 3}
+    live = train(pair_config(tiny_llama, pairs_file, tmp_path / "live", **settings))
+    stored = train(pair_config(tiny_llama, pairs_file, tmp_path / "stored", **settings,
+                               **{"objective.reference": "precomputed"}))
+    assert (tmp_path / "stored" / "reference_logps.safetensors").is_file()
+    torch.testing.assert_close(torch.tensor(stored.losses), torch.tensor(live.losses), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(stored.eval_losses), torch.tensor(live.eval_losses), rtol=1e-5, atol=1e-7)
+    full = train(pair_config(tiny_llama, pairs_file, tmp_path / "full", **{
+        "objective.reference": "precomputed", "adapter.method": "full", "train.lr": 1e-3}))
+    frozen = train(pair_config(tiny_llama, pairs_file, tmp_path / "frozen", **{"adapter.method": "full",
+                                                                              "train.lr": 1e-3}))
+    torch.testing.assert_close(torch.tensor(full.losses), torch.tensor(frozen.losses), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_is_read_back_on_resume(tiny_llama, pairs_file, tmp_path):
+    settings = {"train.max_steps": 4, "checkpoint.save_steps": 2, "objective.reference": "precomputed",
+                "adapter.method": "full", "train.lr": 1e-3}
+    expected = train(pair_config(tiny_llama, pairs_file, tmp_path / "run", **settings))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / step_name(4))
+    shutil.rmtree(tmp_path / "run" / "model")
+    resumed = train(pair_config(tiny_llama, pairs_file, tmp_path / "run", **settings, **{"checkpoint.resume": True}))
+    assert resumed.resumed_from == 2 and resumed.losses == expected.losses
+    shutil.rmtree(tmp_path / "run" / "model")
+    (tmp_path / "run" / "reference_logps.safetensors").unlink()
+    with pytest.raises(Exception, match="reference_logps.safetensors: missing, and the checkpoint's model has trained"):
+        train(pair_config(tiny_llama, pairs_file, tmp_path / "run", **settings, **{"checkpoint.resume": True}))

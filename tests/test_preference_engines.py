@@ -44,3 +44,19 @@ def test_engine_matches_single_process(engine, objective, reference, tiny_llama,
     assert result.strategy == ENGINES[engine]["distributed.strategy"]
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
     assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_full_finetune_dpo_with_precomputed_reference_under_sharding_engines(engine, tiny_llama, pairs_file,
+                                                                             tmp_path):
+    """Full fine-tuning's DPO under FSDP2 and ZeRO-3: the reference log-probs precomputed by the sharded model
+    (each worker a share, every worker the same number of forwards) give the one-process run's losses."""
+    pytest.importorskip("deepspeed") if engine == "zero3" else None
+    settings = {"adapter.method": "full", "objective.reference": "precomputed", "train.lr": 1e-3,
+                "data.eval_fraction": 0.1}
+    single = train(config(tiny_llama, pairs_file, tmp_path / "single", "dpo", **settings, **{"train.grad_accum": 4}))
+    sharded = train(config(tiny_llama, pairs_file, tmp_path / "sharded", "dpo", **settings, **ENGINES[engine], **{
+        "train.grad_accum": 2, "distributed.num_workers": 2, "distributed.use_cpu": True}))
+    torch.testing.assert_close(torch.tensor(sharded.losses), torch.tensor(single.losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(sharded.eval_losses), torch.tensor(single.eval_losses), rtol=1e-5,
+                               atol=0)

@@ -176,6 +176,9 @@ class ObjectiveConfig:
              "every pair.", "--label-smoothing", valid="[0, 0.5)")
     simpo_gamma: float = option(0.5, "SimPO: the target margin between the chosen and rejected rewards.",
                                 "--simpo-gamma", valid="[0, inf)")
+    reference: Literal["live", "precomputed"] = option(
+        "live", "DPO's reference log-probs: live scores each batch again in its step; precomputed scores every pair "
+                "once before training, kept in the run directory.", "--reference")
 
 
 @dataclass

@@ -29,7 +29,8 @@ from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
 from zerotune.objectives import create_objective, speed_settings
-from zerotune.objectives.step import PreferenceStep, Reference, evaluate_pairs, frozen_reference
+from zerotune.objectives.step import REFERENCE_FILE, PreferenceStep, Reference, attach_reference, evaluate_pairs, \
+    frozen_reference
 from zerotune.model import load_tokenizer, resolve_attention, resolve_dtype
 from zerotune.resolve import Machine, choose_strategy, explain_strategy
 from zerotune.speed.step_graphs import graph_learning_rate, wanted
@@ -131,6 +132,8 @@ def setup(config: RunConfig, strategy, show_progress: bool, session: RunSession,
     torch.manual_seed(config.train.seed)
     training = _prepare(config, strategy, show_progress, session, strategy_reason)
     _build_model(training)
+    if training.objective and training.objective.uses_reference and config.objective.reference == "precomputed":
+        _attach_reference(training)  # before _restore: a fresh start scores with the model as loaded
     if training.state:
         _restore(training)
     training.tracker.start(training.total_steps, initial_step=training.start_step)
@@ -193,7 +196,8 @@ def _build_model(training: Run) -> None:
     if device_type == "cuda":
         tracker.note(graphs_reason)
     model = strategy.load_base_model(resolve_dtype(config.model.dtype, device_type), training.total_steps)
-    frozen = frozen_reference(training.objective, model, config.adapter.method, strategy.name)
+    frozen = frozen_reference(training.objective, model, config.adapter.method, strategy.name,
+                              config.objective.reference)
     model = adapters.apply_method(model, config.adapter, config.train.seed)
     # chunked loss, fused projections, the step graphs' attention hint, compiled 4-bit matmuls and layers: one
     # call, in the order speed.install documents (it says, one line each, what it left out and why)
@@ -232,6 +236,17 @@ def _build_model(training: Run) -> None:
         return
     training.step = TrainStep(model, strategy, loss_head=speedups.loss_head, precision=precision, graphs=graphs,
                               pad_token_id=training.tokenizer.pad_token_id, pad_to=pad_to, note=tracker.note)
+
+
+def _attach_reference(training: Run) -> None:
+    """--reference precomputed: the reference log-probs of every pair, scored once (read back on resume)."""
+    path = training.output_dir / REFERENCE_FILE
+    if training.state and not path.is_file():
+        raise ZerotuneError(f"{path}: missing, and the checkpoint's model has trained, so it cannot score the "
+                            "reference again; start a new run in another --output-dir")
+    attach_reference(training.model, training.strategy, training.data, training.config.train.batch_size,
+                     training.tokenizer.pad_token_id, training.precision, training.output_dir,
+                     is_lora=training.config.adapter.method != "full", note=training.tracker.note)
 
 
 def _restore(training: Run) -> None:

@@ -28,6 +28,7 @@ class EncodedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    reference: tuple[float, float] | None = None  # precomputed reference log-probs of (chosen, rejected)
 
     @property
     def longest(self) -> int:
@@ -198,4 +199,7 @@ def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict[str, torc
         input_ids[row, :length] = torch.tensor(prompt + response)
         labels[row, len(prompt):length] = torch.tensor(response)
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if pairs[0].reference is not None:  # precomputed (zerotune.objectives.step.attach_reference): chosen, rejected
+        batch["reference_logps"] = torch.tensor([p.reference[0] for p in pairs] + [p.reference[1] for p in pairs])
+    return batch

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 
 import torch
 
 from zerotune.data.batches import eval_batches
 from zerotune.data.pairs import collate_pairs
 from zerotune.errors import ConfigError
-from zerotune.objectives.logps import PairLoss, score_pairs
+from zerotune.objectives.logps import PairLoss, PairScores, score_pairs
 from zerotune.step import count_label_tokens
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device
 
@@ -27,10 +28,10 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
                 "logps/rejected")
 
 
-def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_name: str):
-    """For full fine-tuning under a reference objective: a frozen copy of the base ``model`` (before any
-    update), else None (LoRA and QLoRA switch their adapters off instead)."""
-    if objective is None or not objective.uses_reference or method != "full":
+def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_name: str, reference: str = "live"):
+    """For full fine-tuning under a reference objective scored live: a frozen copy of the base ``model`` (before
+    any update), else None (LoRA and QLoRA switch their adapters off; precomputed values need no model)."""
+    if objective is None or not objective.uses_reference or method != "full" or reference == "precomputed":
         return None
     if strategy_name not in ("single", "ddp"):
         raise ConfigError(f"objective.name {objective.name} with --method full keeps a frozen reference copy, which "
@@ -47,6 +48,10 @@ class Reference:
         self.strategy, self.frozen = strategy, frozen
 
     def scores(self, model, batch):
+        if "reference_logps" in batch:  # precomputed before training (attach_reference)
+            chosen, rejected = batch["reference_logps"].chunk(2)
+            unused = torch.zeros_like(chosen)
+            return PairScores(chosen, rejected, unused, unused, unused.sum())
         with torch.no_grad():
             if self.frozen is not None:
                 return score_pairs(self.frozen, batch)
@@ -144,3 +149,59 @@ def evaluate_pairs(model, strategy, objective, reference: Reference, examples, b
     values = [sum(terms), *(terms if term_count > 1 else []),
               *(value / max(totals[term_count], 1) for value in totals[2 * term_count:])]
     return {f"eval_{name}": value for name, value in zip(names, values)}
+
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, precision, output_dir, is_lora: bool,
+                     note=print) -> None:
+    """--reference precomputed: every train and eval pair's reference log-probs, attached to the pairs. Scored
+    once at a fresh start by the model as loaded (LoRA switched off; full fine-tuning: before any update), each
+    worker a share, and kept in the run directory, which a resumed run reads back (its model has trained)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(output_dir) / REFERENCE_FILE
+    splits = {"train": data.train, "eval": data.eval}
+    if path.is_file():
+        values = load_file(str(path))
+        note(f"reference log-probs read from {path}")
+    else:
+        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora)
+                  for name, pairs in splits.items() if pairs}
+        if strategy.is_main:
+            save_file(values, str(path))
+        strategy.barrier()
+        note(f"reference log-probs of {sum(len(p) for p in splits.values())} pairs computed once, kept in {path}")
+    for name, pairs in splits.items():
+        if pairs and (name not in values or len(values[name]) != len(pairs)):
+            raise ConfigError(f"{path}: holds reference log-probs for other data; delete it or start a new "
+                              "--output-dir")
+        for pair, (chosen, rejected) in zip(pairs, values.get(name, torch.zeros(0, 2)).tolist()):
+            pair.reference = (chosen, rejected)
+
+
+@torch.no_grad()
+def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, precision, is_lora: bool) -> torch.Tensor:
+    """(len(pairs), 2) reference log-probs, each worker scoring a share. Every worker runs the same number of
+    forwards (a sharding engine gathers weights in each), the short ones scoring a filler batch."""
+    batches = eval_batches(len(pairs), batch_size, strategy.rank, strategy.world_size)
+    rounds = -(-len(pairs) // batch_size)  # batches in all
+    rounds = -(-rounds // strategy.world_size)  # the most any worker has
+    mine = {}
+    model.eval()
+    off = strategy.unwrap(model).disable_adapter() if is_lora else contextlib.nullcontext()
+    with off:
+        for round_index in range(rounds):
+            indices = batches[round_index] if round_index < len(batches) else [0]  # a filler: scored, not kept
+            batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id), strategy.device)
+            with (precision or contextlib.nullcontext)():
+                scores = score_pairs(model, batch)
+            if round_index < len(batches):
+                mine.update(zip(indices, zip(scores.chosen.tolist(), scores.rejected.tolist())))
+    model.train()
+    values = torch.zeros(len(pairs), 2)
+    for shard in strategy.all_gather_object(mine):
+        for index, pair_values in shard.items():
+            values[index] = torch.tensor(pair_values)
+    return values

@@ -36,6 +36,7 @@ class Scenario:
     sharded_loading: bool = False  # --sharded-loading (FSDP2, ZeRO-3): no worker ever holds the whole model
     internode_gbs: float = 12.5  # per node, for FSDP/ZeRO-3 parameter traffic between nodes
     objective: str = "sft"  # sft, or a preference objective: micro_batch then counts pairs (two sequences each)
+    reference: str = "live"  # DPO: live (a reference forward in every step) or precomputed (once, before)
 
     @property
     def sequences(self) -> int:  # per micro-batch per GPU: a pair is a chosen and a rejected sequence
@@ -43,7 +44,7 @@ class Scenario:
 
     @property
     def reference_pass(self) -> bool:  # DPO scores every sequence again without gradient, with LoRA off or a copy
-        return self.objective == "dpo"
+        return self.objective == "dpo" and self.reference == "live"
 
     @property
     def world(self) -> int:

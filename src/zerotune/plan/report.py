@@ -40,7 +40,7 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
                                 zero3=strategy == "deepspeed" and stage == 3),
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
         weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading,
-        zero3_fetch=zero3_fetch, objective=config.objective.name)
+        zero3_fetch=zero3_fetch, objective=config.objective.name, reference=config.objective.reference)
 
 
 def pick_engine(base: Scenario) -> tuple[Scenario, str]:
