@@ -112,18 +112,29 @@ def gpu_name(result: dict) -> str:
     return result["gpu"].replace("NVIDIA ", "") + (f" x{result['gpus']}" if result.get("gpus", 1) > 1 else "")
 
 
+def measured_peers(results: list[tuple[str, dict]]) -> list[str]:
+    """The peers (`zerotune bench --baseline`) with figures in any of these results, in bench's order."""
+    from zerotune.bench.peers import PEER_NAMES
+
+    return [peer for peer in PEER_NAMES if any("ratio" in r.get("peers", {}).get(peer, {}) for _, r in results)]
+
+
 def table(results: list[tuple[str, dict]], with_commit: bool = True) -> str:
-    """One markdown row per results file."""
+    """One markdown row per results file; a column per peer measured in any of them (ours over the peer)."""
     when = "commit" if with_commit else "date"
+    peers = measured_peers(results)
     lines = ["| workload | GPU | HF+PEFT tok/s (per GPU) | HF step spread | zerotune tok/s (per GPU) | ratio | "
-             f"LoRA-MFU ours | peak GiB HF / ours | {when} | command | file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             + "".join(f"ratio vs {peer} | " for peer in peers)
+             + f"LoRA-MFU ours | peak GiB HF / ours | {when} | command | file |",
+             "|---|---|---|---|---|---|" + "---|" * len(peers) + "---|---|---|---|---|"]
     for name, r in results:
         ours, base = r["ours"], r["baseline"]
         mfu = f"{ours['lora_mfu']:.1%}" if ours.get("lora_mfu") else "-"
+        against = "".join(f"**{r['peers'][peer]['ratio']:.2f}x** | " if "ratio" in r.get("peers", {}).get(peer, {})
+                          else "- | " for peer in peers)
         lines.append(f"| {r['workload']} | {gpu_name(r)} | {base['tokens_per_second_per_gpu']:,.0f} | "
                      f"{step_spread(base)} | {ours['tokens_per_second_per_gpu']:,.0f} | **{r['ratio']:.2f}x** | "
-                     f"{mfu} | {base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | "
+                     f"{against}{mfu} | {base['peak_gib']:.1f} / {ours['peak_gib']:.1f} | "
                      f"{r['commit'][:7] if with_commit else r['date']} | `{shown_command(r['command'])}` | "
                      f"`{name}` |")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The data cache of a test session lives and dies with it (never the user's ~/.cache).
+os.environ.setdefault("ZEROTUNE_DATA_CACHE", tempfile.mkdtemp(prefix="zerotune-data-cache-"))
 
 from zerotune.config import build_config  # noqa: E402
 from zerotune.quickstart import resource, tokenizer_corpus  # noqa: E402

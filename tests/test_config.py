@@ -74,18 +74,20 @@ def test_help_lists_every_flag(capsys):
 def test_compile_auto_rule_and_yaml_on_off(tmp_path):
     """model.compile: auto compiles on CUDA except under DeepSpeed ZeRO-3, where on is refused; YAML's bare
     on/off (read as booleans) and the flag's values all land on the same three settings."""
-    from zerotune.config import compile_enabled
+    from zerotune.resolve import explain_compile
+
+    def compile_enabled(model, device_type, zero3=False):
+        return explain_compile(model.compile, device_type, zero3)[0]
 
     auto = parse([]).model
     assert auto.compile == "auto"
-    assert compile_enabled(auto, "cuda", "single") and compile_enabled(auto, "cuda", "fsdp")
-    assert compile_enabled(auto, "cuda", "deepspeed") and not compile_enabled(auto, "cuda", "deepspeed", zero3=True)
-    assert not compile_enabled(auto, "cpu", "ddp") and not compile_enabled(auto, "cpu", "deepspeed")
-    assert not compile_enabled(parse(["--compile", "off"]).model, "cuda", "deepspeed", zero3=True)
+    assert compile_enabled(auto, "cuda") and not compile_enabled(auto, "cuda", zero3=True)
+    assert not compile_enabled(auto, "cpu")
+    assert not compile_enabled(parse(["--compile", "off"]).model, "cuda", zero3=True)
     with pytest.raises(ConfigError, match="model.compile: on does not work under DeepSpeed ZeRO-3"):
-        compile_enabled(parse(["--compile", "on"]).model, "cuda", "deepspeed", zero3=True)
-    assert compile_enabled(parse(["--compile", "on"]).model, "cpu", "single")
-    assert not compile_enabled(parse(["--compile", "off"]).model, "cuda", "single")
+        compile_enabled(parse(["--compile", "on"]).model, "cuda", zero3=True)
+    assert compile_enabled(parse(["--compile", "on"]).model, "cpu")
+    assert not compile_enabled(parse(["--compile", "off"]).model, "cuda")
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  compile: off\n")  # YAML 1.1 reads this as False
     assert parse([str(path)]).model.compile == "off"

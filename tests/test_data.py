@@ -92,7 +92,7 @@ def test_sharded_tokenization_reassembles_the_same_examples(tiny_llama, alpaca_f
     records, where = read_records(str(alpaca_file))
     lengths = sorted(len(e.input_ids) for e in encode_records(tokenizer, records, where, "auto", 10**6, "drop")[0])
     limit = lengths[len(lengths) // 2]  # about half the records are dropped
-    config = DataConfig(path=str(alpaca_file), max_seq_len=limit, overlong="drop", eval_fraction=0.25)
+    config = DataConfig(path=str(alpaca_file), max_seq_len=limit, overlong="drop", eval_fraction=0.25, cache=False)
     whole = prepare_data(config, tokenizer, seed=0)
     shards = {}
 
@@ -105,3 +105,27 @@ def test_sharded_tokenization_reassembles_the_same_examples(tiny_llama, alpaca_f
     assert [e.labels for e in sharded.eval] == [e.labels for e in whole.eval]
     assert (sharded.report.kept, sharded.report.dropped) == (whole.report.kept, whole.report.dropped)
     assert whole.report.dropped > 0  # the case where dropping shifts positions is exercised
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_pad_eos"])
+def test_batched_tokenization_gives_the_per_record_ids(fixture, request, alpaca_file):
+    """encode_records tokenizes Alpaca records a batch at a time: exactly the ids and labels of encode_alpaca
+    record by record, in order, with chat and pre-tokenized records interleaved."""
+    from conftest import read_jsonl
+    from zerotune.data import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
+    records = read_jsonl(alpaca_file)
+    records.insert(3, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+    records.insert(7, {"input_ids": [5, 6, 7]})
+    records.append({"instruction": "Say nothing.", "output": ""})
+    request.getfixturevalue("monkeypatch").setattr(encode, "BATCH_RECORDS", 5)  # several batches, one partial
+    examples, _ = encode_records(tokenizer, records, [""] * len(records), "auto", 10**6, "drop")
+    for record, example in zip(records, examples, strict=True):
+        if "messages" in record:
+            expected = encode_chat(tokenizer, record)
+        elif "input_ids" in record:
+            expected = type(example)(record["input_ids"], record["input_ids"])
+        else:
+            expected = encode_alpaca(tokenizer, record, template_for_record(record, "auto"))
+        assert (example.input_ids, example.labels) == (expected.input_ids, expected.labels)

@@ -18,8 +18,13 @@ from zerotune.config import build_config
 from zerotune.errors import ConfigError
 
 
-def _strategy(name="single", device="cpu"):
-    return SimpleNamespace(name=name, device=torch.device(device), gathers_per_module=False)
+def _settings(compiled=True, graphs=False, fused=False, nf4=False):
+    """Settings as zerotune.resolve decides them (these tests cover what install does with them)."""
+    from zerotune.resolve import Settings
+
+    return Settings(launcher="inprocess", device_type="cuda", strategy="single", zero_stage=None, dtype="bf16",
+                    attention="sdpa", compile=compiled, fused_projections=fused, cuda_graph=graphs,
+                    compiled_nf4=nf4)
 
 
 def _model(attention="sdpa"):
@@ -48,8 +53,7 @@ def calls(monkeypatch):
 
 def test_lora_installs_in_order_and_says_what(calls):
     config = build_config({"adapter.fused_projections": "on"})
-    installed = speed.install(_model(), config, _strategy(), compiled=True, graphs=True,
-                              precision=contextlib.nullcontext)
+    installed = speed.install(_model(), config, _settings(graphs=True, fused=True), precision=contextlib.nullcontext)
     assert calls == ["bypass", "chunked_loss", "fused_projections", "plain_causal_hint", "compile"]
     assert installed.notes == ["adapter.fused_projections: 8 groups of projections fused (q/k/v, gate/up, o, down)",
                                "compiling 2 decoder layers (torch.compile; the first steps are slow)"]
@@ -58,22 +62,18 @@ def test_lora_installs_in_order_and_says_what(calls):
     assert installed.graph_breaks_before == {"before": 1}
 
 
-def test_qlora_compiles_its_matmul_before_the_layers_and_says_why_nothing_fused(calls):
-    config = build_config({"adapter.method": "qlora", "adapter.fused_projections": "on"})
-    installed = speed.install(_model(), config, _strategy(), compiled=True, graphs=True,
-                              precision=contextlib.nullcontext)
+def test_qlora_compiles_its_matmul_before_the_layers(calls):
+    config = build_config({"adapter.method": "qlora"})
+    installed = speed.install(_model(), config, _settings(graphs=True, nf4=True), precision=contextlib.nullcontext)
     assert calls == ["bypass", "chunked_loss", "plain_causal_hint", "nf4", "compile"]
     assert installed.notes == [
-        "adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under DDP (this run: "
-        "qlora, single)",
         "QLoRA: 14 4-bit matmuls compiled with their layers (zerotune.speed.nf4)",
         "compiling 2 decoder layers (torch.compile; the first steps are slow)"]
     assert installed.nf4_matmuls == 14
 
 
 def test_eager_run_without_graphs_touches_nothing_but_the_loss(calls):
-    installed = speed.install(_model(), build_config({}), _strategy(), compiled=False, graphs=False,
-                              precision=contextlib.nullcontext)
+    installed = speed.install(_model(), build_config({}), _settings(compiled=False), precision=contextlib.nullcontext)
     assert calls == ["chunked_loss"]  # no bypass either: nothing wraps or traces the attention
     assert installed.notes == [] and installed.new_graph_breaks() is None
 
@@ -88,25 +88,31 @@ def test_eager_run_without_graphs_touches_nothing_but_the_loss(calls):
     ("on", True, "cuda", "full", "single", False),
     ("off", True, "cuda", "lora", "single", False),
 ])
-def test_fused_projections_decision(calls, setting, compiled, device, method, strategy, fused):
+def test_fused_projections_decision(setting, compiled, device, method, strategy, fused):
+    """The rule is resolve's; install fuses exactly when the settings say so, and says so."""
+    from zerotune.resolve import explain_fused_projections
+
     config = build_config({"adapter.fused_projections": setting, "adapter.method": method})
-    installed = speed.install(_model(), config, _strategy(strategy, device), compiled=compiled, graphs=False,
+    decided, why = explain_fused_projections(config, strategy, compiled, device)
+    assert decided == fused and why
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_install_fuses_as_the_settings_say(calls, fused):
+    installed = speed.install(_model(), build_config({}), _settings(compiled=False, fused=fused),
                               precision=contextlib.nullcontext)
-    assert ("fused_projections" in calls) == fused
-    assert calls[0] == ("bypass" if fused or compiled else "chunked_loss")
-    said = [note for note in installed.notes if note.startswith("adapter.fused_projections")]
-    assert len(said) == (1 if fused or setting == "on" else 0)  # on, refused, says why
+    assert ("fused_projections" in calls) == fused and calls[0] == ("bypass" if fused else "chunked_loss")
+    assert len([note for note in installed.notes if note.startswith("adapter.fused_projections")]) == fused
 
 
 def test_step_graphs_need_sdpa_attention(calls):
-    auto = speed.install(_model("eager"), build_config({}), _strategy(), compiled=True, graphs=True,
-                         precision=contextlib.nullcontext)
+    auto = speed.install(_model("eager"), build_config({}), _settings(graphs=True), precision=contextlib.nullcontext)
     assert auto.graphs is False
     assert "train.cuda_graph auto: off, the model loaded with eager attention, not SDPA" in auto.notes
     with pytest.raises(ConfigError, match="train.cuda_graph: .*: the model loaded with eager attention, not SDPA; "
                                           "drop --cuda-graph"):
-        speed.install(_model("eager"), build_config({"train.cuda_graph": "on"}), _strategy(), compiled=True,
-                      graphs=True, precision=contextlib.nullcontext)
+        speed.install(_model("eager"), build_config({"train.cuda_graph": "on"}), _settings(graphs=True),
+                      precision=contextlib.nullcontext)
 
 
 def test_install_on_a_tiny_llama():
@@ -114,8 +120,8 @@ def test_install_on_a_tiny_llama():
     from test_fused_projections import _model as lora_llama
 
     model = lora_llama("llama")
-    installed = speed.install(model, build_config({"adapter.fused_projections": "on"}), _strategy(),
-                              compiled=False, graphs=False, precision=contextlib.nullcontext)
+    installed = speed.install(model, build_config({"adapter.fused_projections": "on"}),
+                              _settings(compiled=False, fused=True), precision=contextlib.nullcontext)
     assert isinstance(installed.loss_head, chunked_loss.ChunkedLossHead)
     assert installed.fused_groups == 8 and sum(hasattr(m, "_zerotune_group") for m in model.modules()) == 2 * 7
     assert installed.notes == ["adapter.fused_projections: 8 groups of projections fused (q/k/v, gate/up, o, down)"]

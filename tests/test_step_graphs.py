@@ -51,15 +51,20 @@ def test_cuda_graph_flag_alone_means_on_and_takes_no_following_argument():
     ({"fixed_shapes": False}, "unpacked examples of varying length"),
 ])
 def test_cuda_graph_auto_takes_graphs_only_where_tested(change, reason):
-    from zerotune.speed.step_graphs import wanted
+    from zerotune.config import build_config
+    from zerotune.resolve import explain_cuda_graph
+
+    def wanted(setting, *, method, fixed_shapes, **rest):
+        config = build_config({"train.cuda_graph": setting, "adapter.method": method})
+        return explain_cuda_graph(config, fixed_shapes=lambda: fixed_shapes, **rest)
 
     run = dict(device_type="cuda", strategy="single", compiled=True, method="qlora", attention="sdpa",
                fixed_shapes=True) | change
     on, why = wanted("auto", **run)
     if reason is None:
-        assert on and why == "train.cuda_graph auto: on"
+        assert on and why.startswith("LoRA/QLoRA on one CUDA worker with one batch shape")
     else:
-        assert not on and why.startswith("train.cuda_graph auto: off, ") and reason in why
+        assert not on and why.startswith(reason)
     assert wanted("off", **run)[0] is False
     if reason is None or "full" in reason or "unpacked" in reason:  # on takes these (and needs no more)
         assert wanted("on", **run)[0] is True
@@ -177,10 +182,10 @@ def test_cuda_graph_on_with_flash_attention_is_refused_before_the_model_loads(co
     model loads (auto would leave graphs off and say why)."""
     from helpers import train
 
+    import zerotune.resolve as resolve
     import zerotune.strategies.base as base
-    import zerotune.train as loop
 
-    monkeypatch.setattr(loop, "resolve_attention", lambda name, device_type: "flash_attention_2")
+    monkeypatch.setattr(resolve, "explain_attention", lambda name, device_type: ("flash_attention_2", "a test"))
     monkeypatch.setattr(base.Strategy, "load_base_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=re.escape("train.cuda_graph: needs SDPA attention (this run would use "
                                                     "flash_attention_2; pass --attn-implementation sdpa)")):

@@ -308,7 +308,8 @@ def test_plain_directory_is_not_a_data_file(tmp_path):
     from zerotune.data.records import read_records
 
     (tmp_path / "somewhere").mkdir()
-    with pytest.raises(DataError, match="somewhere: a directory, not a data file; give --data a .json"):
+    with pytest.raises(DataError, match="somewhere: a directory with no .json, .jsonl, .parquet, .csv or .tsv "
+                                        "files; give --data a data file"):
         read_records(str(tmp_path / "somewhere"))
 
 

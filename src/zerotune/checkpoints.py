@@ -392,7 +392,7 @@ def save_checkpoint(strategy, model, output_dir: Path, step: int, trainer_state:
 RESUME_FIELDS = (
     "model.name", "adapter.method", "adapter.r", "adapter.alpha", "adapter.target_modules", "data.path",
     "data.eval_path", "data.template", "data.max_seq_len", "data.overlong", "data.eval_fraction", "data.packing",
-    "train.seed",
+    "data.subset", "data.mix", "data.columns", "data.system_prompt", "train.seed",
 )
 
 
@@ -442,6 +442,8 @@ def check_resumable(config, output_dir: Path) -> Path:
     current = config.to_dict()
     for key in RESUME_FIELDS:
         before, now = _lookup(saved, key), _lookup(current, key)
+        if before is None and now in ("", []):  # a field added since that run, left at its empty default
+            continue
         if before != now:
             raise ConfigError(f"cannot resume {output_dir}: {key} was {before!r} in its config.yaml, now {now!r}; "
                               "resume with the same value or start a new --output-dir")

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an optional YAML config, then dotted overrides such as train.lr=1e-4")
     _add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the inputs, print how every auto setting resolves on this machine, and exit")
 
     generate = commands.add_parser("generate", help="generate responses with a base model and an adapter")
     generate.add_argument("--model", required=True, help="base model: hub id or local directory")
@@ -117,13 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_config_flags(plan)
 
+    data = commands.add_parser("data", help="inspect training data before a run")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    preview = data_commands.add_parser(
+        "preview", help="show examples exactly as training sees them, with the tokens that carry labels marked",
+        description="Prepare the data as train would (same config and flags; only the tokenizer is loaded) and "
+                    "print the first examples of the first epoch, the text that carries labels in «...», then "
+                    "how many examples were kept, truncated and dropped.")
+    preview.add_argument("inputs", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
+                         help="an optional YAML config, then dotted overrides, as for train")
+    preview.add_argument("-n", "--num-examples", type=checked_number(int, "[1, inf)", "--num-examples"), default=3,
+                         help="how many examples (packed rows with --packing) to show (default 3)")
+    preview.add_argument("--show-ids", action="store_true", help="also print each example's token ids and labels")
+    _add_config_flags(preview)
+
     from zerotune.bench import WORKLOADS
 
     bench = commands.add_parser(
-        "bench", help="time a workload: stock HF+PEFT and zerotune, same run, same data",
-        description="Run a named workload twice in one run, the stock HF+PEFT eager baseline and zerotune's own "
+        "bench", help="time a workload: stock HF+PEFT (or TRL, Liger, Unsloth) and zerotune, same run, same data",
+        description="Run a named workload in one run: the baselines (the stock HF+PEFT eager loop unless --baseline "
+                    "names others: TRL, Liger, Unsloth, each in a process of its own) and zerotune's own "
                     "training loop, on the same random-weight architecture, data and settings. Prints tokens/s, "
-                    "LoRA-MFU, peak memory and the ratio, and on NVIDIA GPUs each side's mean power, SM clock and "
+                    "LoRA-MFU, peak memory and the ratio against each, and on NVIDIA GPUs each side's mean power, SM clock and "
                     "joules per step (NVML, GPU 0), with a note when zerotune's steps ran at the power cap; writes "
                     "OUT_DIR/<date>-<gpu>-<workload>.json.",
         epilog="workloads: " + "; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
@@ -141,7 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "new temporary directory)")
     bench.add_argument("--seed", type=checked_number(int, "[0, 4294967295]", "--seed"), default=0,
                        help="weights, data and LoRA seed (default 0)")
+    bench.add_argument("--baseline", type=baseline_names, action="extend", default=None, metavar="NAME[,NAME]",
+                       help="baselines to measure against, repeatable or comma-separated: hf (stock HF+PEFT, the "
+                            "default), trl, liger, unsloth")
     return parser
+
+
+def baseline_names(value: str) -> list[str]:
+    from zerotune.bench.harness import BASELINES
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(BASELINES)}")
+    return names
 
 
 def split_train_inputs(inputs: list[str]) -> tuple[str | None, list[str]]:
@@ -170,11 +200,20 @@ def command_train(args: argparse.Namespace):
     from zerotune.preflight import preflight
     from zerotune.run_dir import prepare_output_dir
 
+    from zerotune.launchers import absolute_paths, settings_for
+    from zerotune.preflight import one_batch_shape
+
     config = config_from_args(args)
-    preflight(config)
+    data = preflight(config)
+    # Every "auto" decided once, here, for every worker (zerotune.resolve); the loop logs the table again.
+    settings = settings_for(absolute_paths(config), fixed_shapes=lambda: one_batch_shape(config, data))
+    if args.dry_run:
+        print(settings.table())
+        print("dry run: inputs checked, nothing trained or written")
+        return 0
     # This process holds the directory's lock while training runs: a second run into it fails at once.
     with prepare_output_dir(Path(config.output.dir), config.output.overwrite, config.checkpoint.resume):
-        result = launch(config, show_progress=not args.quiet)
+        result = launch(config, show_progress=not args.quiet, settings=settings)
     if result.preempted:
         from zerotune.stopping import EXIT_PREEMPTED
 
@@ -238,7 +277,35 @@ def command_plan(args: argparse.Namespace) -> None:
         tokens, note = count_dataset_tokens(config)
     plan = make_plan(config, gpu, gpus, args.nodes, args.price_per_gpu_hour, tokens, note,
                      internode_gbs=args.internode_gbps / 8)
-    print(json.dumps(plan, indent=1) if args.json else render(plan))
+    settings = planned_settings(config, gpu, gpus, args.nodes)
+    plan["settings"] = [vars(decision) for decision in settings.decisions]
+    print(json.dumps(plan, indent=1) if args.json else render(plan) + "\nsettings as train would resolve them "
+          "on these GPUs:\n" + settings.table())
+
+
+def planned_settings(config, gpu, gpus_per_node: int, nodes: int):
+    """What `zerotune train` would decide for every "auto" (zerotune.resolve) on the planned GPUs."""
+    from dataclasses import replace
+
+    from zerotune.preflight import one_batch_shape
+    from zerotune.resolve import Machine, resolve
+
+    machine = Machine("cuda", gpu.name.replace("-40g", " 40gb"), int(gpu.memory_gib * 2**30), gpus_per_node, gpu.bf16)
+
+    def fixed_shapes():  # known where the model's tokenizer and the data are local
+        try:
+            return one_batch_shape(config) if config.data.packing or Path(config.model.name).is_dir() else None
+        except ZerotuneError:
+            return None
+
+    workers = replace(config.distributed, num_workers=gpus_per_node * nodes)
+    return resolve(replace(config, distributed=workers), machine, gpus_per_node * nodes, fixed_shapes)
+
+
+def command_data(args: argparse.Namespace) -> None:
+    from zerotune.data.preview import preview
+
+    print(preview(config_from_args(args), args.num_examples, args.show_ids))
 
 
 def command_bench(args: argparse.Namespace) -> None:
@@ -248,7 +315,7 @@ def command_bench(args: argparse.Namespace) -> None:
     command = "zerotune bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.workload])
     run_bench(args.workload, tiny=args.tiny, steps=args.steps, warmup=args.warmup_steps, out_dir=args.out_dir,
               work_dir=args.work_dir, seed=args.seed, ours_overrides=parse_overrides(args.overrides),
-              command=command)
+              command=command, baselines=tuple(args.baseline or ["hf"]))
 
 
 def with_bare_switches(argv: list[str]) -> list[str]:
@@ -271,7 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like parse_args, but overrides of train and bench may come after flags (argparse stops at the first flag)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(with_bare_switches(sys.argv[1:] if argv is None else list(argv)))
-    takes_more = {"train": "inputs", "plan": "inputs", "bench": "overrides"}.get(args.command)
+    takes_more = {"train": "inputs", "plan": "inputs", "bench": "overrides", "data": "inputs"}.get(args.command)
     unknown = [item for item in extra if item.startswith("-") or not takes_more]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see zerotune {args.command} --help)")
@@ -284,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {"train": command_train, "generate": command_generate, "merge": command_merge,
                 "quickstart": command_quickstart, "bench": command_bench,
-                "plan": command_plan}
+                "plan": command_plan, "data": command_data}
     try:
         args = parse_args(argv)  # a number out of its range fails here, as a ConfigError
         status = handlers[args.command](args)

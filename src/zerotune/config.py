@@ -9,14 +9,14 @@ Precedence, lowest to highest: defaults, YAML, flags, dotted overrides.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from zerotune.config_values import coerce
 from zerotune.errors import ConfigError
 from zerotune.ranges import Interval
 
@@ -108,11 +108,22 @@ class AdapterConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    path: str = option("", "Local .json, .jsonl or .parquet file, a datasets save_to_disk directory or a hub dataset "
-                           "id; empty: the bundled English+Spanish demo sample.", "--data")
+    path: str = option("", "Local .json/.jsonl/.parquet/.csv/.tsv file, a folder of such shards, a datasets "
+                           "save_to_disk directory or a hub dataset id; empty: the bundled demo sample.", "--data")
+    subset: str = option("", "Configuration (subset) name of a hub dataset, or of a local dataset repository folder "
+                             "that defines several.", "--subset")
+    mix: list[str] = option(
+        [], "Datasets to mix instead of --data, each 'PATH key=value ...' with keys weight, examples, template, "
+            "split, subset (see docs/data.md).", "--mix")
+    columns: list[str] = option(
+        [], "Rename record fields before use, each 'source=target', e.g. question=instruction,answer=output.",
+        "--columns")
+    system_prompt: str = option(
+        "", "System message put first in chat records (messages, ShareGPT conversations) that have none.",
+        "--system-prompt")
     template: Literal["auto", "alpaca", "alpaca_es", "chat", "tokens"] = option(
         "auto", "Prompt template; auto: tokens for pre-tokenized records (input_ids, optional labels), chat for "
-                "records with messages, else alpaca.", "--template"
+                "records with messages or conversations, else alpaca.", "--template"
     )
     eval_path: str = option("", "Separate evaluation file; empty: hold out eval_fraction of the data.", "--eval-data")
     eval_fraction: float = option(0.05, "Fraction held out for evaluation when no eval file is given.", "--eval-fraction",
@@ -127,6 +138,12 @@ class DataConfig:
         False, "Pack several training examples into each row of max_seq_len tokens, attention and loss kept per "
                "example, to cut padding on short data.", "--packing",
     )
+    cache: bool = option(
+        True, "Keep the prepared data (tokenized, packed) memory-mapped on disk, keyed by everything that changes "
+              "it, for reruns, resumes and every worker.", "--data-cache")
+    cache_dir: str = option(
+        "", "Where the data cache lives; empty: $ZEROTUNE_DATA_CACHE, else ~/.cache/zerotune/data (shared storage "
+            "serves several nodes).", "--data-cache-dir")
 
 
 @dataclass
@@ -296,68 +313,6 @@ def field_specs() -> list[tuple[str, dataclasses.Field, Any]]:
     return specs
 
 
-def coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against ``annotation``; convert strings from the command line. Raises ConfigError."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML reads a bare on/off as a bool
-            value = "on" if value else "off"
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(key, value, inner[0])
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [coerce(key, v, args[0]) for v in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
-
-
 def _flatten(tree: dict[str, Any], source: str) -> dict[str, Any]:
     """Nested YAML mapping -> {'section.field': value}, naming unknown keys."""
     flat: dict[str, Any] = {}
@@ -428,23 +383,6 @@ def uses_deepspeed(config: RunConfig) -> bool:
     """DeepSpeed is asked for by name, or by a JSON under --strategy auto (unless --no-deepspeed)."""
     d = config.distributed
     return d.strategy == "deepspeed" or (d.strategy == "auto" and bool(d.deepspeed_config) and not d.no_deepspeed)
-
-
-def compile_enabled(model: ModelConfig, device_type: str, strategy: str, zero3: bool = False) -> bool:
-    """model.compile auto: on for CUDA GPUs under one process, DDP, FSDP2 and DeepSpeed ZeRO-1/2 (where it was
-    measured); off on CPU and under ZeRO-3. There DeepSpeed fetches each module's parameters in hooks that run
-    inside a compiled layer: torch.compile traces them and recompiles past its limit, so the run is right but
-    slower than eager, and ``on`` is refused (check_compile_allowed)."""
-    check_compile_allowed(model, zero3)
-    return model.compile == "on" or (model.compile == "auto" and device_type == "cuda" and not zero3)
-
-
-def check_compile_allowed(model: ModelConfig, zero3: bool) -> None:
-    """A ConfigError for --compile on under ZeRO-3 (see compile_enabled); preflight calls it before any worker."""
-    if zero3 and model.compile == "on":
-        raise ConfigError("model.compile: on does not work under DeepSpeed ZeRO-3 (its per-module parameter hooks "
-                          "run inside the compiled layers, which then recompile past torch.compile's limit); drop "
-                          "--compile, or use --zero-stage 2 or --strategy fsdp")
 
 
 def check_ranges(config: RunConfig) -> None:

@@ -17,25 +17,6 @@ from zerotune.errors import ConfigError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_dtype(name: str, device_type: str) -> torch.dtype:
-    """auto: bf16 where the GPU supports it, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    if name != "auto":
-        return DTYPES[name]
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def resolve_attention(name: str, device_type: str) -> str:
-    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package; use sdpa")
-    if name != "auto":
-        return name
-    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def check_model_source(config: ModelConfig):
     """Read the model's config.json (no weights) so a bad id fails before anything heavy happens."""
     from transformers import AutoConfig
@@ -75,16 +56,19 @@ def load_tokenizer(config: ModelConfig):
 
 
 def load_model(config: ModelConfig, method: str, device: torch.device, dtype: torch.dtype, on_meta: bool = False,
-               partitioned: bool = False):
+               partitioned: bool = False, attention: str | None = None):
     """Load the base model onto ``device``. QLoRA loads 4-bit NF4 weights through bitsandbytes.
     ``on_meta``: parameters on the meta device (no memory; the engine materialises its shards and loads them),
     buffers such as rotary frequencies computed for real. ``partitioned``: the caller has switched on
-    transformers' ZeRO-3 loading, which partitions parameters as they are created; they stay where it put them."""
+    transformers' ZeRO-3 loading, which partitions parameters as they are created; they stay where it put them.
+    ``attention``: as resolved (zerotune.resolve); None resolves model.attn_implementation here."""
     from transformers import AutoModelForCausalLM
+
+    from zerotune.resolve import explain_attention
 
     kwargs = dict(
         dtype=dtype,
-        attn_implementation=resolve_attention(config.attn_implementation, device.type),
+        attn_implementation=attention or explain_attention(config.attn_implementation, device.type)[0],
         trust_remote_code=config.trust_remote_code,
     )
     if on_meta:

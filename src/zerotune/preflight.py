@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zerotune.config import RunConfig, check_compile_allowed, uses_deepspeed
+from zerotune.config import RunConfig, uses_deepspeed
 from zerotune.data.batches import BatchPlan
-from zerotune.data.prepare import prepare_data
+from zerotune.data.prepare import PreparedData, prepare_data
 from zerotune.errors import ConfigError
 from zerotune.model import check_model_source, load_tokenizer
 
@@ -32,29 +32,42 @@ def check_output_dir(config: RunConfig) -> None:
     probe_writable(output_dir)
 
 
-def preflight(config: RunConfig) -> None:
-    """Output dir, data (read, checked, tokenized), batch plan and model source, in that order."""
+def preflight(config: RunConfig) -> PreparedData:
+    """Output dir, data (read, checked, tokenized), batch plan and model source, in that order. Returns the
+    tokenized data (for the settings' rules that read its shape)."""
     check_output_dir(config)
     check_workers(config)
-    if config.adapter.method == "qlora":
-        import torch
-
-        from zerotune.model import qlora_quantization_config, resolve_dtype
-
-        device_type = "cuda" if torch.cuda.is_available() and not config.distributed.use_cpu else "cpu"
-        qlora_quantization_config(resolve_dtype(config.model.dtype, device_type), device_type)
-    from zerotune.data.prepare import load_and_check
+    from zerotune.data.prepare import check_data
 
     pairs = config.objective.name != "sft"  # preference pairs (zerotune.data.pairs)
-    load_and_check(config.data, config.data.path, pairs)  # data errors first: they need no model files
-    if config.data.eval_path:
-        load_and_check(config.data, config.data.eval_path, pairs)
+    check_data(config.data, config.train.seed, pairs)  # data errors first: they need no model files
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config.data, tokenizer, config.train.seed, pairs=pairs)
     workers = config.distributed.num_workers
     BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, workers,
               config.train.seed).check(config.data.path)
+    return data
+
+
+def one_batch_shape(config: RunConfig, data: PreparedData | None = None) -> bool:
+    """Whether every batch has one shape without packing's help: every tokenized training example fills
+    data.max_seq_len (packing's rows always do). ``data``: already tokenized, else tokenized here."""
+    if config.data.packing:
+        return True
+    if config.objective.name != "sft":  # pairs are padded to the longest sequence of their micro-batch
+        return False
+    if data is None:
+        data = prepare_data(config.data, load_tokenizer(config.model), config.train.seed)
+    return all(len(example.input_ids) == config.data.max_seq_len for example in data.train)
+
+
+def check_quantization(config: RunConfig, settings) -> None:
+    """QLoRA's needs on the resolved device and dtype (bitsandbytes, a GPU or --use-cpu), before any weight loads."""
+    if config.adapter.method == "qlora":
+        from zerotune.model import DTYPES, qlora_quantization_config
+
+        qlora_quantization_config(DTYPES[settings.dtype], settings.device_type)
 
 
 def check_workers(config: RunConfig) -> None:
@@ -65,6 +78,7 @@ def check_workers(config: RunConfig) -> None:
     import torch
 
     from zerotune.launchers import choose_launcher
+    from zerotune.resolve import check_compile_allowed
 
     workers = config.distributed.num_workers
     launcher = choose_launcher(config)
@@ -83,7 +97,7 @@ def check_workers(config: RunConfig) -> None:
             stage, where = zero_stage(ds, config.distributed.zero_stage), config.distributed.deepspeed_config
         else:
             stage, where = config.distributed.zero_stage, "distributed.zero_stage"
-        check_compile_allowed(config.model, zero3=stage == 3)
+        check_compile_allowed(config.model.compile, zero3=stage == 3)
         if config.distributed.sharded_loading and stage != 3:
             raise ConfigError(f"distributed.sharded_loading under DeepSpeed needs ZeRO stage 3 ({where} gives stage "
                               f"{stage}, which keeps whole weights on every worker); use --zero-stage 3")

@@ -20,20 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from zerotune import adapters, speed
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
     save_checkpoint, verified_restore
-from zerotune.config import RunConfig, compile_enabled, dump_yaml
+from zerotune.config import RunConfig, dump_yaml
 from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
+from zerotune.model import DTYPES, load_tokenizer
 from zerotune.objectives import create_objective, speed_settings
 from zerotune.objectives.step import REFERENCE_FILE, PreferenceStep, Reference, attach_reference, evaluate_pairs, \
     frozen_reference
-from zerotune.model import load_tokenizer, resolve_attention, resolve_dtype
-from zerotune.resolve import Machine, choose_strategy, explain_strategy
-from zerotune.speed.step_graphs import graph_learning_rate, wanted
+from zerotune.resolve import Machine, Settings, choose_strategy, resolve
+from zerotune.speed.step_graphs import graph_learning_rate
 from zerotune.step import TrainStep, forward_precision, learning_rate_factor, token_loss_sum
 from zerotune.step_io import LaunchedStep, WorkDone, to_device
 from zerotune.stopping import StopSignals
@@ -42,6 +43,7 @@ from zerotune.strategies.process_group import join_process_group, leave_process_
 from zerotune.tracking import NullTracker, Tracker
 
 RUN_METADATA = "zerotune.json"
+RESOLVED_FILE = "resolved.yaml"
 
 
 @dataclass
@@ -77,7 +79,8 @@ class RunSession:
 class Run:
     """One worker's training, as setup() builds it: what the loop reads and the result it fills."""
 
-    config: RunConfig
+    config: RunConfig  # the user's, as config.yaml holds it
+    settings: Settings  # what every "auto" became (zerotune.resolve), as resolved.yaml holds it
     strategy: object  # a zerotune.strategies Strategy
     output_dir: Path
     tokenizer: object
@@ -104,15 +107,22 @@ class Run:
         return [[self.data.train[i] for i in indices] for indices in micro]
 
 
-def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None) -> RunResult:
-    """Train with ``config`` in this process, which is one worker of possibly many."""
-    place = join_process_group(config.distributed.use_cpu, need_group=choose_strategy(config, 1) not in ("single",))
-    strategy_name, strategy_reason = explain_strategy(config, place.world_size, Machine.of(place.device))
-    strategy = create_strategy(strategy_name, config, place.device, place.rank, place.world_size)
+def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None,
+        settings: Settings | None = None) -> RunResult:
+    """Train with ``config`` in this process, which is one worker of possibly many. ``settings``: as the
+    launcher resolved them (zerotune.resolve); None resolves them here, for a caller that is its own launcher."""
+    need_group = (settings.strategy if settings else choose_strategy(config, 1)) != "single"
+    place = join_process_group(config.distributed.use_cpu, need_group=need_group)
+    if settings is None:
+        from zerotune.preflight import one_batch_shape
+
+        settings = resolve(config, Machine.of(place.device), place.world_size,
+                           fixed_shapes=lambda: one_batch_shape(config))
+    strategy = create_strategy(settings.strategy, config, place.device, place.rank, place.world_size)
     session = session or RunSession()
     try:
         with StopSignals() as signals:
-            training = setup(config, strategy, show_progress, session, strategy_reason)
+            training = setup(config, settings, strategy, show_progress, session)
             return train_loop(training, signals, session)
     except BaseException as error:
         # The traceback would keep the loop's locals (a DDP model holds the process group) alive past
@@ -127,10 +137,10 @@ def run(config: RunConfig, show_progress: bool = True, session: RunSession | Non
         leave_process_group()
 
 
-def setup(config: RunConfig, strategy, show_progress: bool, session: RunSession, strategy_reason: str = "") -> Run:
+def setup(config: RunConfig, settings: Settings, strategy, show_progress: bool, session: RunSession) -> Run:
     """Data, resume point and tracker, then the model with its adapters, speed features and engine."""
     torch.manual_seed(config.train.seed)
-    training = _prepare(config, strategy, show_progress, session, strategy_reason)
+    training = _prepare(config, settings, strategy, show_progress, session)
     _build_model(training)
     if training.objective and training.objective.uses_reference and config.objective.reference == "precomputed":
         _attach_reference(training)  # before _restore: a fresh start scores with the model as loaded
@@ -142,7 +152,7 @@ def setup(config: RunConfig, strategy, show_progress: bool, session: RunSession,
     return training
 
 
-def _prepare(config: RunConfig, strategy, show_progress: bool, session: RunSession, strategy_reason: str) -> Run:
+def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: bool, session: RunSession) -> Run:
     output_dir = Path(config.output.dir)
     tokenizer = load_tokenizer(config.model)
     seed = config.train.seed
@@ -165,15 +175,16 @@ def _prepare(config: RunConfig, strategy, show_progress: bool, session: RunSessi
     result = RunResult(output_dir=output_dir, strategy=strategy.name, mlflow_run_id=tracker.run_id,
                        losses=list(state.get("losses", [])), eval_losses=list(state.get("eval_losses", [])),
                        skipped_steps=state.get("skipped_steps", 0), resumed_from=start_step if restore else None)
-    training = Run(config, strategy, output_dir, tokenizer, data, plan, total_steps, tracker, result,
+    training = Run(config, settings, strategy, output_dir, tokenizer, data, plan, total_steps, tracker, result,
                    start_step=start_step, state=state, objective=create_objective(config.objective))
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
-        source = config.data.path or "the bundled English+Spanish sample (no --data given)"
+        (output_dir / RESOLVED_FILE).write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+        tracker.note("settings as resolved (resolved.yaml):\n" + settings.table())
+        source = config.data.path or ("of the mixture" if config.data.mix else
+                                      "the bundled English+Spanish sample (no --data given)")
         tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
                      + (f"; {data.packing.summary()}" if data.packing else ""))
-        if config.distributed.strategy == "auto":
-            tracker.note(f"--strategy auto: {strategy_reason}")
         tracker.note(f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global "
                      f"batch {plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum "
                      f"{plan.grad_accum} x workers {plan.world_size}; {total_steps} steps")
@@ -182,30 +193,18 @@ def _prepare(config: RunConfig, strategy, show_progress: bool, session: RunSessi
 
 def _build_model(training: Run) -> None:
     """Load the base model, apply the adapters, install the speed features, and let the engine wrap it."""
-    config, strategy, tracker = training.config, training.strategy, training.tracker
-    device_type = strategy.device.type
-    compiled = compile_enabled(config.model, device_type, strategy.name, zero3=strategy.gathers_per_module)
-    fixed_shapes = not training.objective and (config.data.packing or all(len(e.input_ids) == config.data.max_seq_len
-                                                                          for e in training.data.train))
-    # Before the model loads: --cuda-graph on stops here when a need is missing (auto may pick flash-attn).
-    graphs, graphs_reason = wanted(config.train.cuda_graph, device_type=device_type, strategy=strategy.name,
-                                   compiled=compiled, method=config.adapter.method, fixed_shapes=fixed_shapes,
-                                   attention=resolve_attention(config.model.attn_implementation, device_type))
-    if training.objective:  # pairs: no step graphs, chunked loss or fused projections (zerotune.objectives.step)
-        graphs, graphs_reason = False, f"train.cuda_graph: off for --objective {config.objective.name}"
-    if device_type == "cuda":
-        tracker.note(graphs_reason)
-    model = strategy.load_base_model(resolve_dtype(config.model.dtype, device_type), training.total_steps)
+    config, settings, strategy, tracker = training.config, training.settings, training.strategy, training.tracker
+    model = strategy.load_base_model(DTYPES[settings.dtype], training.total_steps, settings.attention)
     frozen = frozen_reference(training.objective, model, config.adapter.method, strategy.name,
                               config.objective.reference)
     model = adapters.apply_method(model, config.adapter, config.train.seed)
     # chunked loss, fused projections, the step graphs' attention hint, compiled 4-bit matmuls and layers: one
     # call, in the order speed.install documents (it says, one line each, what it left out and why)
-    speedups = speed.install(model, speed_settings(config), strategy, compiled=compiled, graphs=graphs,
+    speedups = speed.install(model, speed_settings(config), settings,
                              precision=forward_precision(strategy, config, model))
     for note in speedups.notes:
         tracker.note(note)
-    graphs = speedups.graphs
+    compiled, graphs = speedups.compiled, speedups.graphs
     training.trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
 
     def build_optimizer(params):
@@ -219,7 +218,7 @@ def _build_model(training: Run) -> None:
 
     model = strategy.wrap(model, build_optimizer, build_scheduler, training.total_steps)
     model.train()
-    if device_type == "cuda":  # what the model, its shards and the optimizer hold before any step
+    if strategy.device.type == "cuda":  # what the model, its shards and the optimizer hold before any step
         tracker.note(f"GPU memory after setup: {torch.cuda.memory_allocated(strategy.device) / 2**30:.2f} GiB "
                      f"on worker {strategy.rank}")
     precision = forward_precision(strategy, config, model, graphs)

@@ -16,10 +16,39 @@ from zerotune.bench.workloads import Workload
 from zerotune.strategies.process_group import free_port, join_process_group, leave_process_group
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config():
+    """LoRA r16 on every linear layer of a block, as on zerotune's side; every baseline uses this one."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=LORA_TARGETS)
+
+
+def base_model(spec: dict, device: torch.device):
+    """The workload's model before LoRA: random weights drawn from the seed in the run's dtype on ``device``
+    (zerotune's ``model.init=random`` draws the same ones), or, for QLoRA, the saved random weights in NF4 with
+    double quantization and bf16 compute. Every baseline starts from this model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.float32 if spec["tiny"] else torch.bfloat16
+    torch.manual_seed(spec["seed"])
+    if spec["method"] == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=quant, dtype=dtype,
+                                                    device_map={"": device}, attn_implementation="sdpa")
+    config = AutoConfig.from_pretrained(spec["model_dir"])
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+
+
 def baseline_worker(rank: int, world_size: int, spec: dict) -> None:
     """The stock path, one process per GPU (torch DDP when there are several): what TRL/Axolotl users run."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from peft import get_peft_model
 
     from zerotune.data.batches import BatchPlan, collate
     from zerotune.data.encode import EncodedExample
@@ -30,28 +59,16 @@ def baseline_worker(rank: int, world_size: int, spec: dict) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
         device = join_process_group(use_cpu=not cuda, need_group=True).device
-    dtype = torch.float32 if spec["tiny"] else torch.bfloat16
-    torch.manual_seed(spec["seed"])
+    model = base_model(spec, device)
     if spec["method"] == "qlora":
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=quant, dtype=dtype,
-                                                     device_map={"": device}, attn_implementation="sdpa")
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        config = AutoConfig.from_pretrained(spec["model_dir"])
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-        if spec["checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif spec["checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                             "up_proj", "down_proj"]))
+    model = get_peft_model(model, lora_config())
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
     trained = model
     if world_size > 1:
@@ -62,6 +79,7 @@ def baseline_worker(rank: int, world_size: int, spec: dict) -> None:
                                   fused=cuda)
     records = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
     examples = [EncodedExample(r["input_ids"], r.get("labels") or r["input_ids"]) for r in records]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = BatchPlan(len(examples), spec["micro_batch"], 1, world_size, spec["seed"])
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,10 +99,11 @@ def baseline_worker(rank: int, world_size: int, spec: dict) -> None:
         if cuda:
             torch.cuda.synchronize(device)
         steps.append({"seconds": time.perf_counter() - started, "end": time.time(),
-                      "tokens": int(batch["attention_mask"].sum()),
-                      "slots": batch["input_ids"].numel(), "loss": loss.item()})
+                      "tokens": int(batch["attention_mask"].sum()), "slots": batch["input_ids"].numel(),
+                      "label_tokens": int((batch["labels"][:, 1:] != -100).sum()), "loss": loss.item()})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    Path(spec["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps({"steps": steps, "peak_gib": peak}))
+    Path(spec["out"]).with_suffix(f".rank{rank}.json").write_text(
+        json.dumps({"steps": steps, "peak_gib": peak, "trainable_parameters": trainable}))
     if world_size > 1:
         import torch.distributed as dist
 
@@ -106,11 +125,16 @@ def run_baseline(workload: Workload, spec: dict) -> dict:
     else:
         baseline_worker(0, 1, spec)
     ranks = [json.loads(Path(spec["out"]).with_suffix(f".rank{r}.json").read_text()) for r in range(workload.gpus)]
+    return measured(ranks, spec["warmup"])
+
+
+def measured(ranks: list[dict], warmup: int) -> dict:
+    """One side's figures from its ranks' step records (seconds, end time, tokens, slots, label tokens, loss)."""
     steps = ranks[0]["steps"]
     peaks = [r["peak_gib"] for r in ranks if r["peak_gib"] is not None]
     # every rank's tokens count; time is the slowest rank's, its total and its steps (they sync each step, so a
     # rank that finishes a step early waits in the next: the per-step maximum over ranks would count that twice)
-    timed = slice(spec["warmup"], None)
+    timed = slice(warmup, None)
     tokens = sum(sum(s["tokens"] for s in r["steps"][timed]) for r in ranks)
     slowest = max(ranks, key=lambda r: sum(s["seconds"] for s in r["steps"][timed]))
     seconds = sum(s["seconds"] for s in slowest["steps"][timed])
@@ -118,9 +142,11 @@ def run_baseline(workload: Workload, spec: dict) -> dict:
     per_step = [(sum(r["steps"][i]["tokens"] for r in ranks), slowest["steps"][i]["seconds"])
                 for i in range(len(steps))][timed]
     first = steps[timed][0]
-    return {"tokens_per_second": tokens / seconds, "tokens_per_second_per_gpu": tokens / seconds / workload.gpus,
+    return {"tokens_per_second": tokens / seconds, "tokens_per_second_per_gpu": tokens / seconds / len(ranks),
             **step_spread(per_step),
             "peak_gib": max(peaks) if peaks else None, "real_token_fraction": tokens / slots,
             "losses": [sum(r["steps"][i]["loss"] for r in ranks) / len(ranks) for i in range(len(steps))],
-            "timed_steps": len(steps[timed]),
+            "timed_steps": len(steps[timed]), "timed_tokens": tokens,
+            "timed_label_tokens": sum(sum(s["label_tokens"] for s in r["steps"][timed]) for r in ranks),
+            "trainable_parameters": ranks[0]["trainable_parameters"],
             "timed_window": [first["end"] - first["seconds"], steps[-1]["end"]]}

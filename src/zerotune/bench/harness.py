@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -13,8 +14,10 @@ from pathlib import Path
 import torch
 
 from zerotune.bench.baseline import run_baseline
+from zerotune.bench.peers import PEER_NAMES, PEERS, cannot_do, run_peer
 from zerotune.bench.power import PowerSampler
 from zerotune.bench.timing import step_spread
+from zerotune.adapters import ADAPTER_DIR
 from zerotune.bench.workloads import ARCHITECTURES, WORKLOADS, Workload, lora_mfu, tiny_version, token_records
 
 
@@ -109,18 +112,30 @@ def run_ours(config, warmup: int, gpus: int) -> dict:
     tokens = sum(e["tokens_per_second"] * e["step_seconds"] for e in timed)
     seconds = sum(e["step_seconds"] for e in timed)
     peaks = [e["peak_memory_gib"] for e in steps if "peak_memory_gib" in e]
+    adapter = Path(config.output.dir) / ADAPTER_DIR / "adapter_model.safetensors"
     per_step = [(e["tokens_per_second"] * e["step_seconds"], e["step_seconds"]) for e in timed]
     return {"tokens_per_second": tokens / seconds, "tokens_per_second_per_gpu": tokens / seconds / gpus,
             **step_spread(per_step),
             "peak_gib": max(peaks) if peaks else None,
             "real_token_fraction": sum(e["real_token_fraction"] for e in timed) / len(timed),
-            "losses": [e["loss"] for e in steps], "timed_steps": len(timed),
+            "losses": [e["loss"] for e in steps], "timed_steps": len(timed), "timed_tokens": round(tokens),
+            "timed_label_tokens": round(sum(e["label_tokens"] for e in timed)),
+            "trainable_parameters": stored_elements(adapter),
             # each step's event is logged when the host reads the step back (one step late, while the next
             # runs): from the first timed step's start to the last one's end, give or take a step's host work
             "timed_window": [timed[0]["time"] - timed[0]["step_seconds"], timed[-1]["time"]]}
 
 
+def stored_elements(path: Path) -> int:
+    """How many values a safetensors file holds: the trainable parameters zerotune saved."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+
+
 # ------------------------------------------------------------------------------------------ driver
+BASELINES = ("hf",) + PEER_NAMES  # hf: the stock HF+PEFT loop (baseline.py); the rest: peers.py
 BENCH_OWNED = ("output.dir", "output.overwrite", "checkpoint.resume")  # overrides bench refuses
 
 
@@ -137,13 +152,18 @@ def claim_work_dir(work: Path) -> None:
 
 def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: int | None = None,
               out_dir: str = "benchmarks/results", work_dir: str | None = None, seed: int = 0,
-              ours_overrides: dict | None = None, command: str = "") -> dict:
-    """Run one workload: baseline first, then ours, in this process (and its workers). Returns the result."""
+              ours_overrides: dict | None = None, command: str = "", baselines: tuple[str, ...] = ("hf",)) -> dict:
+    """Run one workload: the baselines first (HF+PEFT in this process and its workers, each peer in a process of
+    its own), then ours. Returns the result."""
     from zerotune.errors import ConfigError
 
     if name not in WORKLOADS:
         raise ConfigError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
     workload = WORKLOADS[name]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown or not baselines:
+        raise ConfigError(f"--baseline {','.join(unknown)}: choose from {', '.join(BASELINES)}")
+    baselines = tuple(dict.fromkeys(baselines))
     if tiny:
         workload = tiny_version(workload)
     elif not torch.cuda.is_available():
@@ -169,21 +189,28 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
 
     spec = {"model_dir": str(model_dir), "data": str(data), "steps": steps, "warmup": warmup, "seed": seed,
             "micro_batch": workload.micro_batch, "checkpointing": workload.checkpointing, "tiny": tiny,
-            "method": workload.method, "out": str(work / "baseline.json")}
+            "method": workload.method, "out": str(work / "baseline.json"), "seq_len": workload.seq_len,
+            "short_examples": workload.short_examples, "work": str(work), "architecture": workload.architecture}
     gpu = gpu_name()
     print(f"[bench] {workload.description}\n[bench] {gpu}; {steps} steps, first {warmup} not timed", flush=True)
     with PowerSampler(period=0.02) as sampler:  # GPU 0's watts and clock (nothing on CPU or without NVML)
-        print("[bench] baseline: HF+PEFT eager ...", flush=True)
-        baseline = run_baseline(workload, spec)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        sides = {}
+        for baseline in baselines:
+            print(f"[bench] baseline: {baseline_label(baseline)} ...", flush=True)
+            if baseline == "hf":
+                sides["hf"] = run_baseline(workload, spec)
+            else:
+                sides[baseline] = ({"not_measured": cannot_do(baseline, workload.gpus)}
+                                   if cannot_do(baseline, workload.gpus) else run_peer(baseline, spec))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
         print("[bench] zerotune ...", flush=True)
         config = run_config(workload, model_dir, data, work / "ours", steps, tiny, seed, ours_overrides or {})
         ours = run_ours(config, warmup, workload.gpus)
 
-    for side in (baseline, ours):
+    for side in [ours, *(s for s in sides.values() if "tokens_per_second" in s)]:
         mfu = None if workload.short_examples else lora_mfu(side["tokens_per_second_per_gpu"], arch,
                                                            workload.seq_len, gpu)
         side["lora_mfu"] = mfu
@@ -201,12 +228,14 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
                      | {"packing": config.data.packing, "strategy": config.distributed.strategy,
                         "cuda_graph": config.train.cuda_graph}},
         "metric": "effective (non-pad) tokens/s" if workload.short_examples else "tokens/s",
-        "ours": ours, "baseline": baseline,
-        "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
-        "median_step_ratio": ours["median_step_tokens_per_second"] / baseline["median_step_tokens_per_second"],
-        "peak_memory_ratio": (ours["peak_gib"] / baseline["peak_gib"]) if ours["peak_gib"] and baseline["peak_gib"]
-        else None,
+        "baselines": list(baselines), "ours": ours,
     }
+    if "hf" in sides:
+        result |= {"baseline": sides["hf"], **ratios(ours, sides["hf"])}
+    peers = {peer: side | (ratios(ours, side) if "tokens_per_second" in side else {})
+             for peer, side in sides.items() if peer != "hf"}
+    if peers:
+        result["peers"] = peers
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     slug = gpu.replace("NVIDIA", "").strip().split()[0].lower() if gpu != "cpu" else "cpu"
@@ -218,8 +247,24 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
     return result
 
 
+def ratios(ours: dict, baseline: dict) -> dict:
+    """Ours against one baseline: mean tokens/s, tokens/s at the median step, peak memory."""
+    return {"ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
+            "median_step_ratio": ours["median_step_tokens_per_second"] / baseline["median_step_tokens_per_second"],
+            "peak_memory_ratio": (ours["peak_gib"] / baseline["peak_gib"]) if ours["peak_gib"] and baseline["peak_gib"]
+            else None}
+
+
+def baseline_label(name: str) -> str:
+    return "HF+PEFT eager" if name == "hf" else PEERS[name].description
+
+
 def summary(result: dict) -> str:
-    powered = any("power" in result[side] for side in ("baseline", "ours"))
+    measured = {"zerotune": result["ours"]}
+    if "baseline" in result:
+        measured["HF+PEFT"] = result["baseline"]
+    measured |= {name: side for name, side in result.get("peers", {}).items() if "tokens_per_second" in side}
+    powered = any("power" in side for side in measured.values())
 
     def row(label, side):
         mfu = f"{side['lora_mfu']:.1%}" if side.get("lora_mfu") else "-"
@@ -232,15 +277,24 @@ def summary(result: dict) -> str:
             line += f" {watts:>7} {mhz:>7} {joules:>8}"
         return line
 
-    memory = f", peak memory x{result['peak_memory_ratio']:.2f}" if result.get("peak_memory_ratio") else ""
+    def ratio_line(label, side):
+        memory = f", peak memory x{side['peak_memory_ratio']:.2f}" if side.get("peak_memory_ratio") else ""
+        return (f"  ratio against {label}: {side['ratio']:.2f}x (at the median step {side['median_step_ratio']:.2f}x)"
+                f"{memory}")
+
     header = f"  {'':<10} {'tokens/s':>12} {'LoRA-MFU':>9} {'peak GiB':>9}"
-    lines = [
-        f"[bench] {result['workload']} on {result['gpu']} ({result['metric']})",
-        header + (f" {'watts':>7} {'SM MHz':>7} {'J/step':>8}" if powered else ""),
-        row("HF+PEFT", result["baseline"]), row("zerotune", result["ours"]),
-        f"  ratio {result['ratio']:.2f}x (at the median step {result['median_step_ratio']:.2f}x){memory}"
-        f"  -> {result.get('path', '')}",
-    ]
+    lines = [f"[bench] {result['workload']} on {result['gpu']} ({result['metric']})",
+             header + (f" {'watts':>7} {'SM MHz':>7} {'J/step':>8}" if powered else "")]
+    lines += [row(label, side) for label, side in measured.items() if label != "zerotune"]
+    lines.append(row("zerotune", result["ours"]))
+    if "baseline" in result:
+        lines.append(ratio_line("HF+PEFT", result))
+    for name, side in result.get("peers", {}).items():
+        lines.append(ratio_line(name, side) if "ratio" in side else
+                     f"  {name}: {side.get('not_available') or side.get('not_measured') or side.get('error')}")
+    lines.append(f"  -> {result.get('path', '')}")
+    if "baseline" not in result:
+        return "\n".join(lines)
     wandered = result["baseline"].get("step_spread", 1.0)
     if wandered > STEADY_SPREAD and result["metric"] == "tokens/s":  # W3's steps differ by design (their lengths)
         lines.append(f"  note: HF+PEFT's steps wandered (90th-percentile step {wandered:.2f}x the 10th; steady runs: "

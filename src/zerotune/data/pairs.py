@@ -156,15 +156,17 @@ def fit_pair(pair: EncodedPair, max_seq_len: int, bos_token_id: int | None) -> E
     return EncodedPair(prompt, pair.chosen_ids[:room], pair.rejected_ids[:room])
 
 
-def encode_pairs(tokenizer, records, where, template: str, max_seq_len: int, overlong: str,
+def encode_pairs(tokenizer, records, where, template: str | list[str], max_seq_len: int, overlong: str,
                  keep_dropped: bool = False):
-    """Encode preference records; as encode.encode_records (dropped pairs stay as None with keep_dropped)."""
+    """Encode preference records with one configured template or one per record (a mixture's); as
+    encode.encode_records (dropped pairs stay as None with keep_dropped)."""
     from zerotune.data.encode import all_dropped_error
 
     report = EncodeReport(total=len(records), unit="pairs")
     pairs: list[EncodedPair | None] = []
-    for record, place in zip(records, where):
-        name = pair_template(record, template)
+    templates = [template] * len(records) if isinstance(template, str) else template
+    for record, place, configured in zip(records, where, templates):
+        name = pair_template(record, configured)
         report.templates[name] = report.templates.get(name, 0) + 1
         pair = encode_pair(tokenizer, record, name, place)
         if pair.longest > max_seq_len:

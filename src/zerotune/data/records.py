@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -9,23 +10,28 @@ from typing import Any
 from zerotune.data.templates import template_for_record
 from zerotune.errors import DataError
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv")
 
 
 def looks_local(path: str) -> bool:
     return path.endswith(LOCAL_SUFFIXES) or path.startswith((".", "/", "~")) or Path(path).exists()
 
 
-def read_records(path: str, split: str = "train", flag: str = "--data") -> tuple[list[dict[str, Any]], list[str]]:
+def read_records(path: str, split: str = "train", flag: str = "--data",
+                 subset: str = "") -> tuple[list[dict[str, Any]], list[str]]:
     """Records plus, for each, where it came from (``file line N`` or ``file record N``) for error messages.
-    ``flag`` names the option the path came from (--data or --eval-data) in a not-found message."""
+    ``flag`` names the option the path came from (--data or --eval-data) in a not-found message; ``subset`` is
+    a hub dataset's configuration name (also of a local dataset repository folder)."""
     if not path:
         from zerotune.resources import SAMPLE_DATA, resource_path
 
         path = str(resource_path(SAMPLE_DATA))
     if looks_local(path):
-        return _read_local(Path(path).expanduser(), split, flag)
-    return _read_hub(path, split)
+        local = Path(path).expanduser()
+        if subset and local.is_dir() and not is_saved_dataset(local):
+            return _read_hub(path, split, subset)  # a dataset repository on disk: datasets reads its configs
+        return _read_local(local, split, flag)
+    return _read_hub(path, split, subset)
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -37,10 +43,11 @@ def _read_local(path: Path, split: str, flag: str) -> tuple[list[dict[str, Any]]
     if is_saved_dataset(path):
         return _read_saved_dataset(path, split)
     if path.is_dir():
-        raise DataError(f"{path}: a directory, not a data file; give {flag} a .json, .jsonl or .parquet file (or a "
-                        "directory written by datasets' save_to_disk)")
+        return _read_shards(path, split, flag)
     if not path.is_file():
         raise DataError(f"{path}: data file not found; check the path given to {flag}")
+    if path.suffix in (".csv", ".tsv"):
+        return _read_delimited(path)
     if path.suffix == ".jsonl":
         records, where = [], []
         # utf-8-sig: a byte-order mark some editors write at the start is not part of record 1
@@ -70,7 +77,66 @@ def _read_local(path: Path, split: str, flag: str) -> tuple[list[dict[str, Any]]
 
         rows = parquet.read_table(path).to_pylist()
         return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .parquet, .csv or .tsv")
+
+
+def _read_shards(folder: Path, split: str, flag: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """A folder of data files of one type (train-00000.jsonl, train-00001.jsonl, ...), read in name order."""
+    shards = sorted(item for item in folder.iterdir() if item.is_file() and item.suffix in LOCAL_SUFFIXES)
+    if not shards:
+        raise DataError(f"{folder}: a directory with no .json, .jsonl, .parquet, .csv or .tsv files; give {flag} a "
+                        "data file, a folder of them, or a directory written by datasets' save_to_disk")
+    kinds = sorted({shard.suffix for shard in shards})
+    if len(kinds) > 1:
+        raise DataError(f"{folder}: holds files of several types ({', '.join(kinds)}); keep one type of shard per "
+                        "folder or give one file")
+    records, where = [], []
+    for shard in shards:
+        shard_records, shard_where = _read_local(shard, split, flag)
+        records += shard_records
+        where += shard_where
+    return records, where
+
+
+def _read_delimited(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """CSV (comma) or TSV (tab) with a header row; row N is the N-th record after the header."""
+    import csv
+
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    records, where = [], []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: empty file; it needs a header row and at least one record")
+        try:
+            for row in reader:
+                place = f"{path} row {len(records) + 1} (line {reader.line_num})"
+                if None in row:
+                    raise DataError(f"{place}: {len(reader.fieldnames) + len(row[None])} fields, but the header has "
+                                    f"{len(reader.fieldnames)}; quote values that hold a {'tab' if delimiter != ',' else 'comma'}")
+                missing = [name for name, value in row.items() if value is None]
+                if missing:
+                    raise DataError(f"{place}: no value for column {missing[0]!r} (the row has fewer fields than the "
+                                    "header)")
+                records.append(row)
+                where.append(place)
+        except csv.Error as error:
+            raise DataError(f"{path} line {reader.line_num}: malformed {path.suffix[1:].upper()} ({error})") from None
+    return records, where
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """No progress bars while datasets reads or converts: a read that fails leaves its one-line error alone."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -80,7 +146,8 @@ def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict[str, Any]], l
     except ImportError:
         raise DataError(f"{path}: a datasets save_to_disk directory, and reading it needs the 'datasets' package: "
                         "pip install 'zerotune[hub]', or export it to .jsonl") from None
-    table = datasets.load_from_disk(str(path))
+    with quiet_datasets():
+        table = datasets.load_from_disk(str(path))
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
             raise DataError(f"{path}: no split {split!r} in this saved dataset (it has {', '.join(table)}); "
@@ -90,7 +157,7 @@ def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict[str, Any]], l
     return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
 
 
-def _read_hub(dataset_id: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _read_hub(dataset_id: str, split: str, subset: str = "") -> tuple[list[dict[str, Any]], list[str]]:
     try:
         import datasets
     except ImportError:
@@ -98,12 +165,15 @@ def _read_hub(dataset_id: str, split: str) -> tuple[list[dict[str, Any]], list[s
             f"{dataset_id!r} is not a local file, and reading hub datasets needs the 'datasets' package: "
             "pip install 'zerotune[hub]', or pass a local .jsonl file"
         ) from None
+    named = f"{dataset_id!r} (subset {subset!r}, split {split!r})" if subset else f"{dataset_id!r} (split {split!r})"
     try:
-        table = datasets.load_dataset(dataset_id, split=split)
+        with quiet_datasets():
+            table = datasets.load_dataset(dataset_id, subset or None, split=split)
     except Exception as error:  # the hub raises many types; the user needs one message
+        reason = str(error).splitlines()[0][:200] if isinstance(error, ValueError) else type(error).__name__
         raise DataError(
-            f"cannot load hub dataset {dataset_id!r} (split {split!r}): {type(error).__name__}; "
-            "if you are offline, download it once or pass a local .jsonl/.json/.parquet file"
+            f"cannot load hub dataset {named}: {reason}; check --subset and --split, and if you are offline, "
+            "download it once or pass a local .jsonl/.json/.parquet file"
         ) from None
     rows = table.to_list()
     return rows, [f"{dataset_id} row {i + 1}" for i in range(len(rows))]

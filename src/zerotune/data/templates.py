@@ -74,11 +74,11 @@ def check_template_name(name: str) -> None:
 
 def template_for_record(record: dict, configured: str) -> str:
     """The template one record uses. With 'auto': tokens for pre-tokenized 'input_ids' records, chat for
-    'messages' records, alpaca_es for records marked "lang": "es", else alpaca."""
+    'messages' or ShareGPT 'conversations' records, alpaca_es for records marked "lang": "es", else alpaca."""
     if configured != "auto":
         return configured
     if "input_ids" in record:
         return "tokens"
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:  # OpenAI-style messages, or ShareGPT turns
         return "chat"
     return "alpaca_es" if record.get("lang") == "es" else "alpaca"

@@ -32,17 +32,19 @@ class WorkerError:
     message: str
 
 
-def _worker(config_tree: dict):
-    """Entry point of each spawned worker."""
+def _worker(config_tree: dict, settings_tree: dict):
+    """Entry point of each spawned worker: the config and the settings the launcher resolved."""
     import torch
 
+    from zerotune.resolve import Settings
     from zerotune.train import run
 
     workers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     config = config_from_dict(config_tree)
     try:
-        result = run(config, show_progress=int(os.environ.get("RANK", 0)) == 0)
+        result = run(config, show_progress=int(os.environ.get("RANK", 0)) == 0,
+                     settings=Settings.from_dict(settings_tree))
     except ZerotuneError as error:
         return WorkerError(str(error))
     if result.preempted:
@@ -56,7 +58,7 @@ def _worker(config_tree: dict):
     return result if int(os.environ.get("RANK", 0)) == 0 else None
 
 
-def launch_local(config: RunConfig):
+def launch_local(config: RunConfig, settings):
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -83,7 +85,7 @@ def launch_local(config: RunConfig):
             **address,
         )
         try:
-            results = elastic_launch(launch_config, _worker)(config.to_dict())
+            results = elastic_launch(launch_config, _worker)(config.to_dict(), settings.to_dict())
         except SignalException as stop:
             return _stopped(config, stop)
     errors = [value.message for value in results.values() if isinstance(value, WorkerError)]

@@ -47,23 +47,27 @@ def _ray_session():
     return RaySession()
 
 
-def _worker(config_tree: dict) -> None:
+def _worker(trees: dict) -> None:
+    """Each Ray worker: the config and the settings the driver resolved."""
     import ray.train
     import torch
+
+    from zerotune.resolve import Settings
 
     context = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(context.get_local_rank())
     os.environ["LOCAL_WORLD_SIZE"] = str(context.get_local_world_size())
     os.environ["RANK"] = str(context.get_world_rank())
     os.environ["WORLD_SIZE"] = str(context.get_world_size())
-    config = config_from_dict(config_tree)
+    config = config_from_dict(trees["config"])
     if config.distributed.use_cpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     else:
         os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index or 0)
     from zerotune.train import run
 
-    run(config, show_progress=context.get_world_rank() == 0, session=_ray_session())
+    run(config, show_progress=context.get_world_rank() == 0, session=_ray_session(),
+        settings=Settings.from_dict(trees["settings"]))
 
 
 def available_cpus(address: str) -> float:
@@ -79,6 +83,27 @@ def available_gpus(address: str) -> float:
 
     connect(address, 0)
     return ray.cluster_resources().get("GPU", 0)
+
+
+def cluster_machine(config: RunConfig):
+    """The GPU the workers will get, as one of them sees it (a one-GPU task in the cluster); the CPU where the
+    cluster has no GPUs."""
+    import ray
+
+    from zerotune.resolve import Machine
+
+    if available_gpus(config.distributed.ray_address) <= 0:
+        return Machine("cpu")
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def read_gpu() -> dict:
+        from dataclasses import asdict
+
+        import torch
+
+        return asdict(Machine.of(torch.device("cuda", 0)))
+
+    return Machine(**ray.get(read_gpu.remote()))
 
 
 def check_reachable(address: str) -> None:
@@ -180,17 +205,17 @@ def _loopback_torch_config():
     return LoopbackTorchConfig()
 
 
-def launch_ray(config: RunConfig):
+def launch_ray(config: RunConfig, settings):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from zerotune.train import RunResult
 
     connect(config.distributed.ray_address, config.distributed.num_workers)
-    use_gpu = not config.distributed.use_cpu and available_gpus(config.distributed.ray_address) > 0
+    use_gpu = settings.device_type == "cuda"
     trainer = TorchTrainer(
         _worker,
-        train_loop_config=config.to_dict(),
+        train_loop_config={"config": config.to_dict(), "settings": settings.to_dict()},
         torch_config=_loopback_torch_config() if _ray_on_loopback() else None,
         scaling_config=ScalingConfig(num_workers=config.distributed.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),

@@ -36,11 +36,10 @@ def create_objective(config: ObjectiveConfig):
 
 
 def speed_settings(config):
-    """The settings speed.install sees: a preference objective leaves out the chunked loss (it returns a loss,
-    not the log-probabilities pairs need) and the fused projections (the reference pass switches LoRA off)."""
+    """The config speed.install reads: a preference objective leaves out the chunked loss, which returns a loss
+    sum, not the per-sequence log-probabilities pairs need (zerotune.resolve decides the other features)."""
     if config.objective.name == "sft":
         return config
     from dataclasses import replace
 
-    return replace(config, model=replace(config.model, chunked_loss=False),
-                   adapter=replace(config.adapter, fused_projections="off"))
+    return replace(config, model=replace(config.model, chunked_loss=False))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from zerotune.config import RunConfig, compile_enabled
+from zerotune.config import RunConfig
 from zerotune.errors import ConfigError
 from zerotune.plan import calibration as cal
 from zerotune.plan.catalog import GPU, architecture_for
 from zerotune.plan.estimate import Estimate, Scenario, alternatives, effective_fraction, estimate
+from zerotune.resolve import explain_compile
 
 
 def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes: int) -> Scenario:
@@ -36,8 +37,8 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
         checkpoint_every=config.model.checkpoint_every,
         packing=config.data.packing, chunked_loss=config.model.chunked_loss and config.objective.name == "sft",
-        compile=compile_enabled(config.model, "cuda", strategy,  # the plan is for GPUs
-                                zero3=strategy == "deepspeed" and stage == 3),
+        compile=explain_compile(config.model.compile, "cuda",  # the plan is for GPUs
+                                zero3=strategy == "deepspeed" and stage == 3)[0],
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
         weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading,
         zero3_fetch=zero3_fetch, objective=config.objective.name, reference=config.objective.reference)

@@ -45,16 +45,13 @@ class Installed:
         return new_graph_breaks(self.graph_breaks_before)
 
 
-def install(model: torch.nn.Module, config: RunConfig, strategy, *, compiled: bool, graphs: bool,
-            precision) -> Installed:
-    """Install the speed features the settings ask for on ``model`` (adapters applied, not yet wrapped by the
-    engine), in this order; a feature that cannot apply is left out with a note saying why.
-
-    ``compiled``: config.compile_enabled's answer; ``graphs``: step_graphs.wanted's, decided before the model
-    loaded; ``precision``: the context a forward runs in (for the fused projections' logits probe). Raises
-    ConfigError where --cuda-graph on meets a model that did not load with SDPA attention."""
-    installed = Installed(graphs=graphs, compiled=compiled)
-    fuse, fuse_note = _fused_projections_wanted(config, strategy, compiled)
+def install(model: torch.nn.Module, config: RunConfig, settings, *, precision) -> Installed:
+    """Install the speed features ``settings`` (zerotune.resolve.Settings) turned on, on ``model`` (adapters
+    applied, not yet wrapped by the engine), in this order. A feature whose install-time check fails is left out
+    with a note saying why (or, asked for with ``on`` where leaving it out changes what the user asked, a
+    ConfigError). ``precision``: the context a forward runs in (for the fused projections' logits probe)."""
+    compiled, fuse = settings.compile, settings.fused_projections
+    installed = Installed(graphs=settings.cuda_graph, compiled=compiled)
     # 1. transformers 5.25+'s hub-kernel dispatch wrapper off the attention forwards, before the fused
     #    projections wrap them and before torch.compile traces them (its global write breaks the graph)
     if fuse or compiled:
@@ -77,15 +74,13 @@ def install(model: torch.nn.Module, config: RunConfig, strategy, *, compiled: bo
         installed.notes.append(
             f"adapter.fused_projections: {installed.fused_groups} groups of projections fused (q/k/v, gate/up, o, "
             "down)" if not why_not else f"adapter.fused_projections: off, PEFT's path kept: {why_not}")
-    elif fuse_note:
-        installed.notes.append(fuse_note)
     # 4. for step graphs, the host's plain-causal hint to the SDPA mask builder (the attention implementation
     #    the compiled layers then trace)
-    if graphs:
+    if installed.graphs:
         installed.graphs = _plain_causal_hint(model, config, installed.notes, precision)
     if compiled:
         # 5. QLoRA's 4-bit matmul as torch ops, in place before the layers compile around it
-        if config.adapter.method == "qlora" and config.model.compiled_nf4 and strategy.name == "single":
+        if settings.compiled_nf4:
             from zerotune.speed.nf4 import install_compiled_nf4
 
             installed.nf4_matmuls = install_compiled_nf4(model)
@@ -104,21 +99,6 @@ def install(model: torch.nn.Module, config: RunConfig, strategy, *, compiled: bo
 
     installed.graph_breaks_before = graph_breaks()
     return installed
-
-
-def _fused_projections_wanted(config: RunConfig, strategy, compiled: bool) -> tuple[bool, str | None]:
-    """Whether to fuse projections (adapter.fused_projections), and a note where on was asked for in vain.
-    auto: with compiled layers on a CUDA GPU in one process (where it was measured); on: LoRA in one process or
-    under DDP (each rank fuses its own copy; tested on CPU workers, not measured on GPUs)."""
-    setting = config.adapter.fused_projections
-    asked = setting == "on" or (setting == "auto" and compiled and strategy.device.type == "cuda")
-    strategies = ("single", "ddp") if setting == "on" else ("single",)
-    if asked and config.adapter.method == "lora" and strategy.name in strategies:
-        return True, None
-    if setting == "on":
-        return False, ("adapter.fused_projections: off; it covers LoRA on bf16/fp32 bases in one process or under "
-                       f"DDP (this run: {config.adapter.method}, {strategy.name})")
-    return False, None
 
 
 def _plain_causal_hint(model: torch.nn.Module, config: RunConfig, notes: list[str], precision) -> bool:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from zerotune.errors import ConfigError
 
 
 @dataclass
@@ -27,31 +26,6 @@ class _Captured:
     batches: list[dict[str, torch.Tensor]]
     global_tokens: torch.Tensor
     outcome: torch.Tensor
-
-
-def wanted(setting: str, *, device_type: str, strategy: str, compiled: bool, method: str, attention: str,
-           fixed_shapes: bool) -> tuple[bool, str]:
-    """Whether this run replays graphs, and why (``train.cuda_graph``; ``attention`` as the model will load, auto
-    resolved). ``on`` needs one CUDA worker, compiled layers and SDPA attention, and raises a ConfigError naming
-    the first that is missing; ``auto`` also wants LoRA or QLoRA and batches that have one shape anyway, and
-    turns graphs off where anything is missing."""
-    if setting == "off":
-        return False, "train.cuda_graph off"
-    required = [(attention == "sdpa", f"needs SDPA attention (this run would use {attention}; pass "
-                                      "--attn-implementation sdpa)"),
-                (device_type == "cuda" and strategy == "single",
-                 f"needs one worker on a CUDA GPU (this run has {strategy} on {device_type})"),
-                (compiled, "needs compiled layers")]
-    if setting == "on":
-        missing = [why for met, why in required if not met]
-        if missing:
-            raise ConfigError(f"train.cuda_graph: {missing[0]}; drop --cuda-graph")
-        return True, "train.cuda_graph on"
-    tested = [(method in ("lora", "qlora"), "full fine-tuning was not tested in a graph"),
-              (fixed_shapes, "unpacked examples of varying length would be padded to data.max_seq_len; --packing "
-                             "fixes the shape")]
-    missing = [why for met, why in required + tested if not met]
-    return (False, "train.cuda_graph auto: off, " + missing[0]) if missing else (True, "train.cuda_graph auto: on")
 
 
 def graph_learning_rate(lr: float, device: torch.device, graphs: bool):

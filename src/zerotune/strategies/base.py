@@ -37,12 +37,12 @@ class Strategy(ABC):
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def load_base_model(self, dtype: torch.dtype, total_steps: int) -> torch.nn.Module:
-        """The base model as this engine wants it before wrap(): by default whole, on this worker's device.
-        Engines that can shard while loading (--sharded-loading) override this."""
+    def load_base_model(self, dtype: torch.dtype, total_steps: int, attention: str | None = None) -> torch.nn.Module:
+        """The base model as this engine wants it before wrap(): by default whole, on this worker's device, with
+        ``attention`` as resolved. Engines that can shard while loading (--sharded-loading) override this."""
         from zerotune.model import load_model
 
-        return load_model(self.config.model, self.config.adapter.method, self.device, dtype)
+        return load_model(self.config.model, self.config.adapter.method, self.device, dtype, attention=attention)
 
     @property
     def gathers_per_module(self) -> bool:

@@ -103,7 +103,7 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         zero = self._source().get("zero_optimization") or {}
         return self.gathers_per_module and self.config.distributed.zero3_fetch == "layer" and "leaf_module" not in zero
 
-    def load_base_model(self, dtype, total_steps):
+    def load_base_model(self, dtype, total_steps, attention=None):
         """--sharded-loading under ZeRO-3: transformers builds the model inside deepspeed.zero.Init, so each
         parameter is partitioned as it is created, and fills it from the checkpoint one tensor at a time
         (each worker maps the safetensors files; weights are copied in one module at a time and broadcast).
@@ -111,7 +111,7 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
         from zerotune.model import load_model
 
         if not (self.config.distributed.sharded_loading and self.gathers_per_module):
-            return super().load_base_model(dtype, total_steps)
+            return super().load_base_model(dtype, total_steps, attention)
         import deepspeed
         import torch.distributed as dist
         from transformers import AutoConfig
@@ -124,7 +124,8 @@ class DeepSpeedStrategy(CollectivesMixin, Strategy):
                                                     trust_remote_code=self.config.model.trust_remote_code),
                          "hidden_size", 4096)
         self._hf_zero3 = HfDeepSpeedConfig(self._resolved(hidden, total_steps))
-        return load_model(self.config.model, self.config.adapter.method, self.device, dtype, partitioned=True)
+        return load_model(self.config.model, self.config.adapter.method, self.device, dtype, partitioned=True,
+                          attention=attention)
 
     def _source(self) -> dict:
         """The user's JSON as written (read once per run: the stage checks, loading and wrap all consult it),

@@ -21,13 +21,13 @@ from zerotune.strategies.collectives import CollectivesMixin
 class FSDPStrategy(CollectivesMixin, Strategy):
     name = "fsdp"
 
-    def load_base_model(self, dtype, total_steps):
+    def load_base_model(self, dtype, total_steps, attention=None):
         """--sharded-loading: parameters on the meta device; wrap() allocates this rank's shards and reads
         only their rows from the safetensors files (or draws them, with --init random)."""
         from zerotune.model import load_model
 
         return load_model(self.config.model, self.config.adapter.method, self.device, dtype,
-                          on_meta=self.config.distributed.sharded_loading)
+                          on_meta=self.config.distributed.sharded_loading, attention=attention)
 
     def wrap(self, model, build_optimizer, build_scheduler, total_steps):
         mesh = init_device_mesh(self.device.type, (self.world_size,))
