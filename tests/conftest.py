@@ -52,6 +52,19 @@ def alpaca_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", records)
 
 
+def preference_pairs(records: list[dict]) -> list[dict]:
+    """Pairs from SFT records: the record's output is chosen; the rejected answer runs on past it."""
+    return [{"prompt": r["instruction"], "chosen": r["output"], "rejected": r["output"] + ", 99, 100", "lang": r["lang"]}
+            for r in records]
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    """48 preference pairs (prompt, chosen, rejected) in English and Spanish, from the quickstart's records."""
+    records = preference_pairs(read_jsonl(resource("quickstart_train.jsonl"))[:48])
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", records)
+
+
 def make_config(model: Path, data: Path, output: Path, **overrides):
     layers = {
         "model.name": str(model), "model.dtype": "fp32", "data.path": str(data), "data.eval_fraction": 0.0,

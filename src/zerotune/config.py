@@ -179,6 +179,26 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the loss is: SFT on responses, or a preference objective on (prompt, chosen, rejected) pairs."""
+
+    name: Literal["sft", "dpo", "orpo", "simpo"] = option(
+        "sft", "sft learns the responses; dpo, orpo and simpo learn from preference pairs (docs/preference.md).",
+        "--objective")
+    beta: float = option(
+        0.1, "DPO: strength of the pull towards the reference model; ORPO: weight of the odds-ratio term; SimPO: "
+             "scale of the length-normalised reward.", "--beta", valid="(0, inf)")
+    label_smoothing: float = option(
+        0.0, "DPO and SimPO: the assumed probability that a pair's preference is flipped (conservative DPO); 0 trusts "
+             "every pair.", "--label-smoothing", valid="[0, 0.5)")
+    simpo_gamma: float = option(0.5, "SimPO: the target margin between the chosen and rejected rewards.",
+                                "--simpo-gamma", valid="[0, inf)")
+    reference: Literal["live", "precomputed"] = option(
+        "live", "DPO's reference log-probs: live scores each batch again in its step; precomputed scores every pair "
+                "once before training, kept in the run directory.", "--reference")
+
+
+@dataclass
 class DistributedConfig:
     """How many workers and which engine."""
 
@@ -265,6 +285,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -401,6 +422,8 @@ def validate(config: RunConfig) -> None:
                                                or config.adapter.method == "qlora"):
         raise ConfigError("distributed.sharded_loading needs --strategy fsdp or DeepSpeed ZeRO-3 and --method lora "
                           "or full (QLoRA quantizes while loading)")
+    if config.objective.name != "sft":
+        check_preference_settings(config)
     if config.train.cuda_graph == "on":
         if config.distributed.num_workers != 1 or config.distributed.use_cpu:
             raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU; drop --cuda-graph, or "
@@ -410,6 +433,20 @@ def validate(config: RunConfig) -> None:
         if config.model.attn_implementation not in ("auto", "sdpa"):
             raise ConfigError(f"train.cuda_graph: needs --attn-implementation sdpa (or auto), got "
                               f"{config.model.attn_implementation}")
+
+
+def check_preference_settings(config: RunConfig) -> None:
+    """What a preference objective does not combine with (yet): packed rows, step graphs, fused projections (the
+    reference pass switches the LoRA layers off, which fused weights cannot)."""
+    name = config.objective.name
+    if config.data.packing:
+        raise ConfigError(f"data.packing: not available with --objective {name} (pairs are batched unpacked); drop "
+                          "--packing")
+    if config.train.cuda_graph == "on":
+        raise ConfigError(f"train.cuda_graph: not available with --objective {name}; drop --cuda-graph")
+    if config.adapter.fused_projections == "on":
+        raise ConfigError(f"adapter.fused_projections: not available with --objective {name} (the reference pass "
+                          "turns the LoRA layers off); drop --fused-projections")
 
 
 def dump_yaml(config: RunConfig) -> str:

@@ -39,10 +39,11 @@ def preflight(config: RunConfig) -> PreparedData:
     check_workers(config)
     from zerotune.data.prepare import check_data
 
-    check_data(config.data, config.train.seed)  # data errors first: they need no model files
+    pairs = config.objective.name != "sft"  # preference pairs (zerotune.data.pairs)
+    check_data(config.data, config.train.seed, pairs)  # data errors first: they need no model files
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, config.train.seed)
+    data = prepare_data(config.data, tokenizer, config.train.seed, pairs=pairs)
     workers = config.distributed.num_workers
     BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, workers,
               config.train.seed).check(config.data.path)
@@ -54,6 +55,8 @@ def one_batch_shape(config: RunConfig, data: PreparedData | None = None) -> bool
     data.max_seq_len (packing's rows always do). ``data``: already tokenized, else tokenized here."""
     if config.data.packing:
         return True
+    if config.objective.name != "sft":  # pairs are padded to the longest sequence of their micro-batch
+        return False
     if data is None:
         data = prepare_data(config.data, load_tokenizer(config.model), config.train.seed)
     return all(len(example.input_ids) == config.data.max_seq_len for example in data.train)

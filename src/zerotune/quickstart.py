@@ -16,6 +16,8 @@ from zerotune.errors import ConfigError
 from zerotune.resources import resource_path
 
 MARKER = ".zerotune-quickstart"
+# the tiny Llama-architecture model the quickstart builds (zerotune.tiny.save_tiny_model's arguments)
+MODEL_SIZE = dict(vocab_size=400, hidden_size=192, layers=4, heads=6, intermediate_size=512, seed=0)
 
 
 resource = resource_path
@@ -29,6 +31,22 @@ def tokenizer_corpus(records: list[dict]) -> list[str]:
         for template in (ALPACA, ALPACA_ES):
             texts.append(template.render_prompt(record["instruction"], record.get("input", "")) + record["output"])
     return texts
+
+
+def counting_pairs(records: list[dict]) -> list[dict]:
+    """Preference pairs from counting records: the right count is chosen, one that overshoots by a number is
+    rejected ("3, 4, 5" over "3, 4, 5, 6"; "10, 11 y 12" over "10, 11, 12 y 13"). The preference demo's data."""
+    import re
+
+    pairs = []
+    for record in records:
+        numbers = [int(n) for n in re.findall(r"\d+", record["output"])]
+        beyond = numbers[-1] + (1 if numbers[-1] >= numbers[0] else -1)
+        head, _, last = record["output"].rpartition(" y ")
+        rejected = f"{head}, {last} y {beyond}" if head else f"{record['output']}, {beyond}"
+        pairs.append({"prompt": record["instruction"], "input": record.get("input", ""), "chosen": record["output"],
+                      "rejected": rejected, "lang": record.get("lang", "en")})
+    return pairs
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -59,10 +77,8 @@ def run_quickstart(output_dir: Path, max_steps: int | None = None, tracking: str
     _claim_output_dir(output_dir)
     train_file, eval_file = resource("quickstart_train.jsonl"), resource("quickstart_eval.jsonl")
     held_out = _read_jsonl(eval_file)
-    base_dir = save_tiny_model(
-        output_dir / "base-model", tokenizer_corpus(_read_jsonl(train_file) + held_out), "llama",
-        vocab_size=400, hidden_size=192, layers=4, heads=6, intermediate_size=512, seed=0,
-    )
+    base_dir = save_tiny_model(output_dir / "base-model", tokenizer_corpus(_read_jsonl(train_file) + held_out),
+                               "llama", **MODEL_SIZE)
     print(f"built a tiny Llama-architecture model and tokenizer in {base_dir}")
     base_dir = _pretrain_base(base_dir, output_dir / "base-pretrain")
 

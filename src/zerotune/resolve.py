@@ -135,7 +135,10 @@ def resolve(config: RunConfig, machine: Machine, world_size: int | None = None,
     nf4 = False
     if config.adapter.method == "qlora":
         nf4 = decide("model.compiled_nf4", config.model.compiled_nf4, *_explain_compiled_nf4(config, strategy, compiled))
-    if config.model.chunked_loss:
+    if config.model.chunked_loss and config.objective.name != "sft":
+        decide("model.chunked_loss", True, False, f"--objective {config.objective.name} needs each sequence's "
+                                                  "log-probabilities, not a loss sum")
+    elif config.model.chunked_loss:
         decide("model.chunked_loss", True, True, "if the model's output head is a plain linear layer (checked when "
                                                  "installed; else the stock loss, with a note)")
     return Settings(launcher=launcher, device_type=device_type, strategy=strategy, zero_stage=zero_stage,
@@ -300,6 +303,9 @@ def explain_fused_projections(config: RunConfig, strategy: str, compiled: bool, 
     setting = config.adapter.fused_projections
     if setting == "off":
         return False, "asked for"
+    if config.objective.name != "sft":  # "on" is refused by config.check_preference_settings
+        return False, f"--objective {config.objective.name}: the reference pass switches LoRA off, which fused " \
+                      "weights cannot"
     if config.adapter.method != "lora":
         return False, f"covers LoRA on bf16/fp32 bases, not {config.adapter.method}"
     if setting == "on":
@@ -320,6 +326,8 @@ def explain_cuda_graph(config: RunConfig, *, device_type: str, strategy: str, co
     setting = config.train.cuda_graph
     if setting == "off":
         return False, "asked for"
+    if config.objective.name != "sft":  # "on" is refused by config.check_preference_settings
+        return False, f"--objective {config.objective.name}: pairs are not run in a graph"
     required = [(attention == "sdpa", f"needs SDPA attention (this run would use {attention}; pass "
                                       "--attn-implementation sdpa)"),
                 (device_type == "cuda" and strategy == "single",

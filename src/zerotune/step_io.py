@@ -76,10 +76,16 @@ class WorkDone:
 @dataclass
 class LaunchedStep:
     """A step whose work is queued: its reduced host counts and signals, its loss sum, grad norm and whether
-    its update was applied on their way back, and the moment its work ends."""
+    its update was applied on their way back, and the moment its work ends. A preference step's outcome holds
+    its mean loss (an SFT step's the loss sum over label tokens), and ``metrics`` its objective's named values."""
 
     step: int
     lr: float
     info: HostCopy
     outcome: HostCopy
     done: WorkDone
+    metrics: HostCopy | None = None
+    metric_names: tuple[str, ...] = ()
+
+    def named_metrics(self) -> dict[str, float]:
+        return dict(zip(self.metric_names, self.metrics.values())) if self.metrics is not None else {}

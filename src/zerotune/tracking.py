@@ -76,10 +76,10 @@ class Tracker(NullTracker):
                     tok_s=f"{metrics.get('tokens_per_second', 0):,.0f}", refresh=False,
                 )
                 self.progress.refresh()
-            if "eval_loss" in metrics:
-                self.progress.write(
-                    f"step {step}: eval_loss {metrics['eval_loss']:.4f}  perplexity {metrics['eval_perplexity']:.2f}"
-                )
+            if "eval_loss" in metrics:  # perplexity for SFT, preference accuracy for pairs
+                detail = (f"perplexity {metrics['eval_perplexity']:.2f}" if "eval_perplexity" in metrics else
+                          f"accuracy {metrics.get('eval_rewards/accuracies', math.nan):.3f}")
+                self.progress.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f}  {detail}")
 
     def note(self, message: str) -> None:
         if self.progress is not None:
@@ -124,24 +124,38 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(metrics_path: Path, plot_path: Path) -> None:
-    """Train loss per step and eval loss where measured, on one chart."""
+    """Train loss per step and eval loss where measured, on one chart; for preference pairs a second panel shows
+    the reward margin (chosen minus rejected), train and eval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     events = read_metrics(metrics_path)
-    train = [(e["step"], e["loss"]) for e in events if e.get("loss") is not None]
-    evals = [(e["step"], e["eval_loss"]) for e in events if e.get("eval_loss") is not None]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    if train:
-        axes.plot(*zip(*train), label="train loss", linewidth=1.2)
-    if evals:
-        axes.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(e["step"], e[key]) for e in events if e.get(key) is not None]
+
+    margins = series("rewards/margins") + series("eval_rewards/margins")
+    figure, panels = plt.subplots(1, 2 if margins else 1, figsize=(12 if margins else 7, 4), squeeze=False)
+    axes = panels[0][0]
+    for key, style, label in (("loss", "-", "train loss"), ("eval_loss", "o-", "eval loss")):
+        if series(key):
+            axes.plot(*zip(*series(key)), style, label=label, linewidth=1.2)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (mean over response tokens)")
+    axes.set_ylabel("loss (mean over pairs)" if margins else "loss (mean over response tokens)")
     axes.grid(alpha=0.3)
     axes.legend()
+    if margins:
+        axes = panels[0][1]
+        for key, style, label in (("rewards/margins", "-", "train"), ("eval_rewards/margins", "o-", "eval")):
+            if series(key):
+                axes.plot(*zip(*series(key)), style, label=label, linewidth=1.2)
+        axes.axhline(0.0, color="gray", linewidth=0.8)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("reward margin (chosen - rejected)")
+        axes.grid(alpha=0.3)
+        axes.legend()
     figure.tight_layout()
     figure.savefig(plot_path, dpi=100)
     plt.close(figure)

@@ -30,6 +30,9 @@ from zerotune.data.batches import BatchPlan, collate, eval_batches
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
 from zerotune.model import DTYPES, load_tokenizer
+from zerotune.objectives import create_objective, speed_settings
+from zerotune.objectives.step import REFERENCE_FILE, PreferenceStep, Reference, attach_reference, evaluate_pairs, \
+    frozen_reference
 from zerotune.resolve import Machine, Settings, choose_strategy, resolve
 from zerotune.speed.step_graphs import graph_learning_rate
 from zerotune.step import TrainStep, forward_precision, learning_rate_factor, token_loss_sum
@@ -94,6 +97,8 @@ class Run:
     loss_head: object | None = None
     precision: object = contextlib.nullcontext
     trainable: list = field(default_factory=list)  # (name, element count) of every trainable tensor
+    objective: object | None = None  # a preference objective (zerotune.objectives); None: SFT
+    reference: object | None = None  # its reference model's scores (zerotune.objectives.step.Reference)
 
     def micro_batches(self, step: int) -> list[list]:
         """This rank's micro-batches of the global batch for ``step``: lists of examples."""
@@ -137,6 +142,8 @@ def setup(config: RunConfig, settings: Settings, strategy, show_progress: bool, 
     torch.manual_seed(config.train.seed)
     training = _prepare(config, settings, strategy, show_progress, session)
     _build_model(training)
+    if training.objective and training.objective.uses_reference and config.objective.reference == "precomputed":
+        _attach_reference(training)  # before _restore: a fresh start scores with the model as loaded
     if training.state:
         _restore(training)
     training.tracker.start(training.total_steps, initial_step=training.start_step)
@@ -150,7 +157,8 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
     tokenizer = load_tokenizer(config.model)
     seed = config.train.seed
     # Each worker tokenizes its own slice of the records; the engine's all-gather assembles the whole set.
-    data = prepare_data(config.data, tokenizer, seed, strategy.rank, strategy.world_size, strategy.all_gather_object)
+    data = prepare_data(config.data, tokenizer, seed, strategy.rank, strategy.world_size, strategy.all_gather_object,
+                        pairs=config.objective.name != "sft")
     plan = BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, strategy.world_size, seed)
     plan.check(config.data.path)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * plan.steps_per_epoch))
@@ -168,7 +176,7 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
                        losses=list(state.get("losses", [])), eval_losses=list(state.get("eval_losses", [])),
                        skipped_steps=state.get("skipped_steps", 0), resumed_from=start_step if restore else None)
     training = Run(config, settings, strategy, output_dir, tokenizer, data, plan, total_steps, tracker, result,
-                   start_step=start_step, state=state)
+                   start_step=start_step, state=state, objective=create_objective(config.objective))
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
         (output_dir / RESOLVED_FILE).write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
@@ -187,10 +195,13 @@ def _build_model(training: Run) -> None:
     """Load the base model, apply the adapters, install the speed features, and let the engine wrap it."""
     config, settings, strategy, tracker = training.config, training.settings, training.strategy, training.tracker
     model = strategy.load_base_model(DTYPES[settings.dtype], training.total_steps, settings.attention)
+    frozen = frozen_reference(training.objective, model, config.adapter.method, strategy.name,
+                              config.objective.reference)
     model = adapters.apply_method(model, config.adapter, config.train.seed)
     # chunked loss, fused projections, the step graphs' attention hint, compiled 4-bit matmuls and layers: one
     # call, in the order speed.install documents (it says, one line each, what it left out and why)
-    speedups = speed.install(model, config, settings, precision=forward_precision(strategy, config, model))
+    speedups = speed.install(model, speed_settings(config), settings,
+                             precision=forward_precision(strategy, config, model))
     for note in speedups.notes:
         tracker.note(note)
     compiled, graphs = speedups.compiled, speedups.graphs
@@ -217,8 +228,24 @@ def _build_model(training: Run) -> None:
     pad_to = config.data.max_seq_len if (compiled and config.data.packing) or graphs else None
     training.model, training.speedups, training.loss_head, training.precision = model, speedups, \
         speedups.loss_head, precision
+    if training.objective:  # pairs, scored against the base with LoRA off or against the frozen copy
+        training.reference = Reference(strategy, frozen)
+        training.step = PreferenceStep(model, strategy, training.objective, training.reference,
+                                       precision=precision, pad_token_id=training.tokenizer.pad_token_id)
+        return
     training.step = TrainStep(model, strategy, loss_head=speedups.loss_head, precision=precision, graphs=graphs,
                               pad_token_id=training.tokenizer.pad_token_id, pad_to=pad_to, note=tracker.note)
+
+
+def _attach_reference(training: Run) -> None:
+    """--reference precomputed: the reference log-probs of every pair, scored once (read back on resume)."""
+    path = training.output_dir / REFERENCE_FILE
+    if training.state and not path.is_file():
+        raise ZerotuneError(f"{path}: missing, and the checkpoint's model has trained, so it cannot score the "
+                            "reference again; start a new run in another --output-dir")
+    attach_reference(training.model, training.strategy, training.data, training.config.train.batch_size,
+                     training.tokenizer.pad_token_id, training.precision, training.output_dir,
+                     is_lora=training.config.adapter.method != "full", note=training.tracker.note)
 
 
 def _restore(training: Run) -> None:
@@ -266,7 +293,8 @@ class StepLog:
         loss_sum, grad_norm, applied = launched.outcome.values()
         elapsed, self.previous_done = launched.done.seconds_since(self.previous_done), launched.done
         step = launched.step + 1
-        loss = loss_sum / max(label_tokens, 1.0)
+        objective_metrics = launched.named_metrics()  # a preference step's loss, terms and rewards
+        loss = objective_metrics.pop("loss") if objective_metrics else loss_sum / max(label_tokens, 1.0)
         if not applied or not math.isfinite(grad_norm):
             self._non_finite(step, f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}")
         result.losses.append(loss)
@@ -276,6 +304,7 @@ class StepLog:
                 training.plan.steps_per_epoch, "tokens_per_second": input_tokens / elapsed, "step_seconds": elapsed,
                 "label_tokens": label_tokens, "skipped_steps": result.skipped_steps,
                 "real_token_fraction": input_tokens / slots, **memory_metrics(training.strategy.device),
+                **objective_metrics,
             })
 
     def _non_finite(self, step: int, what: str) -> None:
@@ -310,7 +339,7 @@ def train_loop(training: Run, signals: StopSignals, session: RunSession) -> RunR
         if step == training.start_step:  # the first step has traced any compiled layers
             _note_graph_breaks(training)
         log.add(launched)
-        stop_votes, time_votes = launched.info.values()[3:]
+        stop_votes, time_votes = launched.info.values()[3:5]
         done = step + 1
         last = done == training.total_steps
         stop = stop_votes > 0 and not last
@@ -360,6 +389,13 @@ def _note_graph_breaks(training: Run) -> None:
 
 
 def _evaluate(training: Run, step: int) -> None:
+    if training.objective:
+        metrics = evaluate_pairs(
+            training.model, training.strategy, training.objective, training.reference, training.data.eval,
+            training.config.train.batch_size, training.tokenizer.pad_token_id, training.precision)
+        training.result.eval_losses.append(metrics["eval_loss"])
+        training.tracker.log(step, metrics)
+        return
     eval_loss = evaluate(training.model, training.strategy, training.data.eval, training.config.train.batch_size,
                          training.tokenizer.pad_token_id, training.loss_head, training.precision)
     training.result.eval_losses.append(eval_loss)
@@ -425,7 +461,8 @@ def save_outputs(training: Run) -> None:
             adapters.verify_adapter(target, len(training.trainable), sum(count for _, count in training.trainable))
         training.tokenizer.save_pretrained(target)
         training.tokenizer.save_pretrained(output_dir)
-        metadata = {"base_model": config.model.name, "method": method, "template": config.data.template,
+        metadata = {"base_model": config.model.name, "method": method, "objective": config.objective.name,
+                    "template": config.data.template,
                     "templates_used": training.data.report.templates, "strategy": strategy.name,
                     "workers": strategy.world_size}
         (target / RUN_METADATA).write_text(json.dumps(metadata, indent=2))

@@ -37,6 +37,7 @@ class EncodeReport:
     templates: dict[str, int] = field(default_factory=dict)
     fewest_to_keep: int = 0  # of the dropped examples, the smallest max_seq_len that keeps one (0: none dropped)
     sources: list[str] = field(default_factory=list)  # of a mixture: per dataset, what it contributed
+    unit: str = "examples"  # or "pairs" (zerotune.data.pairs)
 
     def merge(self, other: "EncodeReport") -> None:
         self.total += other.total
@@ -44,6 +45,7 @@ class EncodeReport:
         self.truncated += other.truncated
         self.dropped += other.dropped
         self.fewest_to_keep = min(filter(None, (self.fewest_to_keep, other.fewest_to_keep)), default=0)
+        self.unit = other.unit
         for name, count in other.templates.items():
             self.templates[name] = self.templates.get(name, 0) + count
 
@@ -51,7 +53,7 @@ class EncodeReport:
         used = ", ".join(f"{name}: {count}" for name, count in sorted(self.templates.items()))
         mixture = f"; mixture: {'; '.join(self.sources)}" if self.sources else ""
         return (
-            f"{self.kept} of {self.total} examples kept ({self.truncated} truncated, {self.dropped} dropped "
+            f"{self.kept} of {self.total} {self.unit} kept ({self.truncated} truncated, {self.dropped} dropped "
             f"as too long); templates {used}{mixture}"
         )
 
@@ -173,7 +175,7 @@ def all_dropped_error(report: EncodeReport, max_seq_len: int, overlong: str) -> 
     their prompts alone fill the window, so only a longer window or shorter prompts help."""
     raise_to = f"raise --max-seq-len (to at least {report.fewest_to_keep} to keep one)"
     if overlong == "drop":
-        return DataError(f"all {report.total} examples are longer than data.max_seq_len={max_seq_len} tokens; "
+        return DataError(f"all {report.total} {report.unit} are longer than data.max_seq_len={max_seq_len} tokens; "
                          f"{raise_to}, shorten the data, or pass --overlong truncate to cut them")
-    return DataError(f"all {report.total} examples have prompts that fill data.max_seq_len={max_seq_len} tokens, "
+    return DataError(f"all {report.total} {report.unit} have prompts that fill data.max_seq_len={max_seq_len} tokens, "
                      f"leaving no response token to learn; {raise_to} or shorten the prompts")

@@ -11,6 +11,7 @@ from zerotune.config import DataConfig
 from zerotune.data.encode import EncodedExample, EncodeReport, all_dropped_error, encode_records
 from zerotune.data.formats import normalize_records, parse_columns
 from zerotune.data.mixture import Source, training_sources
+from zerotune.data.pairs import check_pairs, encode_pairs
 from zerotune.data.records import check_records, read_records
 from zerotune.data.templates import check_template_name
 
@@ -46,8 +47,9 @@ def packed(config: DataConfig, data: PreparedData) -> PreparedData:
     return PreparedData(rows, data.eval, data.report, report)
 
 
-def load_and_check(config: DataConfig, path: str, source: Source | None = None):
-    """Read, normalize (columns, ShareGPT, system prompt) and check one dataset's records."""
+def load_and_check(config: DataConfig, path: str, source: Source | None = None, pairs: bool = False):
+    """Read, normalize (columns, ShareGPT, system prompt) and check one dataset's records; ``pairs``: as
+    preference pairs (a preference objective, zerotune.data.pairs), else as SFT records."""
     source = source or Source(path, config.template, config.split, config.subset)
     check_template_name(source.template)
     flag = ("--eval-data" if path and path == config.eval_path and path != config.path else
@@ -55,16 +57,16 @@ def load_and_check(config: DataConfig, path: str, source: Source | None = None):
     columns = parse_columns(config.columns)  # a config error before any file is read
     records, where = read_records(path, source.split, flag, source.subset)
     records = normalize_records(records, where, columns, config.system_prompt)
-    check_records(records, where, source.template, path)
+    (check_pairs if pairs else check_records)(records, where, source.template, path)
     return records, where
 
 
-def load_training_records(config: DataConfig, seed: int) -> LoadedRecords:
+def load_training_records(config: DataConfig, seed: int, pairs: bool = False) -> LoadedRecords:
     """Every training dataset read and checked, then drawn as the mixture asks (all records of a lone one)."""
     sources = training_sources(config)
     loaded = LoadedRecords([], [], [], [], sources, [])
     for position, source in enumerate(sources):
-        records, where = load_and_check(config, source.path, source)
+        records, where = load_and_check(config, source.path, source, pairs)
         chosen = source.draw(len(records), seed, position)
         loaded.records += [records[i] for i in chosen]
         loaded.where += [where[i] for i in chosen]
@@ -74,15 +76,15 @@ def load_training_records(config: DataConfig, seed: int) -> LoadedRecords:
     return loaded
 
 
-def check_data(config: DataConfig, seed: int) -> None:
+def check_data(config: DataConfig, seed: int, pairs: bool = False) -> None:
     """Preflight: every dataset read and checked before any model file is touched (once per content, with
-    the data cache on)."""
+    the data cache on; preference pairs are checked every time, as they are not cached)."""
     def check() -> None:
-        load_training_records(config, seed)
+        load_training_records(config, seed, pairs)
         if config.eval_path:
-            load_and_check(config, config.eval_path)
+            load_and_check(config, config.eval_path, pairs=pairs)
 
-    if not config.cache:
+    if not config.cache or pairs:
         return check()
     from zerotune.data.cache import check_once
 
@@ -94,15 +96,17 @@ def single_process_gather(value: Any) -> list[Any]:
 
 
 def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, world_size: int,
-                   gather: Callable[[Any], list[Any]], loaded: LoadedRecords | None = None,
-                   ) -> tuple[list[EncodedExample], EncodeReport]:
+                   gather: Callable[[Any], list[Any]], loaded: LoadedRecords | None = None, pairs: bool = False,
+                   ) -> tuple[list, EncodeReport]:
     """Each worker tokenizes records rank, rank + world_size, ...; ``gather`` (an all-gather supplied by
     the engine) gives every worker the whole list back in the original order. ``loaded`` (training data) adds
-    per-record templates and, for a mixture, what each dataset contributed to the report."""
+    per-record templates and, for a mixture, what each dataset contributed to the report. ``pairs``: the
+    records are preference pairs, encoded as EncodedPairs."""
     mine = list(range(rank, len(records), world_size))
     templates = [loaded.templates[i] for i in mine] if loaded else config.template
-    encoded, report = encode_records(tokenizer, [records[i] for i in mine], [where[i] for i in mine],
-                                     templates, config.max_seq_len, config.overlong, keep_dropped=True)
+    encode = encode_pairs if pairs else encode_records
+    encoded, report = encode(tokenizer, [records[i] for i in mine], [where[i] for i in mine],
+                             templates, config.max_seq_len, config.overlong, keep_dropped=True)
     shards = gather((encoded, report))
     examples: list[EncodedExample | None] = [None] * len(records)
     total = EncodeReport()
@@ -130,25 +134,28 @@ def mixture_line(loaded: LoadedRecords, position: int, examples: list[EncodedExa
 
 
 def prepare_data(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
-                 gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
+                 gather: Callable[[Any], list[Any]] = single_process_gather, pairs: bool = False) -> PreparedData:
     """Train and eval examples. With the data cache on (the default) one process prepares them and every
-    other reads the memory-mapped result (zerotune.data.cache); off, each worker tokenizes its share."""
-    if config.cache:
+    other reads the memory-mapped result (zerotune.data.cache); off, each worker tokenizes its share.
+    ``pairs``: the records are preference pairs (zerotune.data.pairs), for a preference objective; the cache
+    holds SFT examples only, so each worker encodes its share of the pairs."""
+    if config.cache and not pairs:
         from zerotune.data.cache import cached
 
         data, _ = cached(config, tokenizer, seed, lambda: prepare_uncached(config, tokenizer, seed))
         return data
-    return prepare_uncached(config, tokenizer, seed, rank, world_size, gather)
+    return prepare_uncached(config, tokenizer, seed, rank, world_size, gather, pairs)
 
 
 def prepare_uncached(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
-                     gather: Callable[[Any], list[Any]] = single_process_gather) -> PreparedData:
-    loaded = load_training_records(config, seed)
+                     gather: Callable[[Any], list[Any]] = single_process_gather, pairs: bool = False) -> PreparedData:
+    loaded = load_training_records(config, seed, pairs)
     examples, report = encode_sharded(config, tokenizer, loaded.records, loaded.where, rank, world_size, gather,
-                                      loaded)
+                                      loaded, pairs)
     if config.eval_path:
-        eval_records, eval_where = load_and_check(config, config.eval_path)
-        eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather)
+        eval_records, eval_where = load_and_check(config, config.eval_path, pairs=pairs)
+        eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather,
+                                          pairs=pairs)
         return packed(config, PreparedData(examples, eval_examples, report))
     if config.eval_fraction == 0 or len(examples) < 2:
         return packed(config, PreparedData(examples, [], report))

@@ -42,6 +42,11 @@ def preview(config: RunConfig, count: int, show_ids: bool = False) -> str:
     from zerotune.data.prepare import check_data, prepare_data
     from zerotune.model import check_model_source, load_tokenizer
 
+    if config.objective.name != "sft":
+        from zerotune.errors import ConfigError
+
+        raise ConfigError(f"zerotune data preview shows SFT examples; it does not render preference pairs yet "
+                          f"(--objective {config.objective.name})")
     check_data(config.data, config.train.seed)  # data errors before the tokenizer is even read
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model)

@@ -186,6 +186,9 @@ def check_records(records: list[dict[str, Any]], where: list[str], template: str
     for record, place in zip(records, where):
         if not isinstance(record, dict):
             raise DataError(f"{place}: expected a JSON object, got {type(record).__name__}")
+        if "chosen" in record and "rejected" in record:
+            raise DataError(f"{place}: a preference pair (chosen, rejected), not an SFT record; train on pairs with "
+                            "--objective dpo, orpo or simpo")
         kind = template_for_record(record, template)
         if kind == "chat":
             _check_chat(record, place)

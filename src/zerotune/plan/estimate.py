@@ -37,6 +37,16 @@ class Scenario:
     weight_bytes: float = 2.0  # bf16/fp16; 4 for fp32
     sharded_loading: bool = False  # --sharded-loading (FSDP2, ZeRO-3): no worker ever holds the whole model
     internode_gbs: float = 12.5  # per node, for FSDP/ZeRO-3 parameter traffic between nodes
+    objective: str = "sft"  # sft, or a preference objective: micro_batch then counts pairs (two sequences each)
+    reference: str = "live"  # DPO: live (a reference forward in every step) or precomputed (once, before)
+
+    @property
+    def sequences(self) -> int:  # per micro-batch per GPU: a pair is a chosen and a rejected sequence
+        return self.micro_batch * (1 if self.objective == "sft" else 2)
+
+    @property
+    def reference_pass(self) -> bool:  # DPO scores every sequence again without gradient, with LoRA off or a copy
+        return self.objective == "dpo" and self.reference == "live"
 
     @property
     def world(self) -> int:
@@ -44,7 +54,7 @@ class Scenario:
 
     @property
     def tokens(self) -> int:  # per micro-batch per GPU
-        return self.micro_batch * self.seq_len
+        return self.sequences * self.seq_len
 
     @property
     def recomputed_layers(self) -> int:
@@ -81,7 +91,8 @@ class Scenario:
         if self.checkpointing:
             checkpointing = "checkpointing" + (f" 1 layer in {self.checkpoint_every}" if self.checkpoint_every > 1
                                                else "")
-        parts = [engine, f"micro-batch {self.micro_batch}", checkpointing]
+        parts = [engine, f"micro-batch {self.micro_batch}" + (f" pairs ({self.objective})" if self.sequences >
+                                                                  self.micro_batch else ""), checkpointing]
         if self.packing:
             parts.append("packing")
         if self.loads_sharded:
@@ -138,6 +149,8 @@ def memory(s: Scenario) -> tuple[dict, float, float]:
         parts["weights"] = weights
     if s.method == "qlora":  # each 4-bit matrix is dequantised whole to bf16 for its matmul: the largest one's copy
         parts["dequantised matrix"] = max(a * b for a, b in arch.linears()) * 2.0
+    if s.reference_pass and s.method == "full":
+        parts["reference copy"] = weights  # full fine-tuning's frozen copy of the base (single, DDP)
     trainable = _trainable(s)
     if s.strategy == "deepspeed":  # bf16 params and grads, fp32 master, Adam m and v
         param, grad, optim = 2.0, 2.0, 12.0
@@ -181,6 +194,8 @@ def hardware_flops_per_token(s: Scenario, attention_len: int | None = None) -> f
     n, arch = s.arch.matmul_weights, s.arch
     attention = arch.layers * arch.hidden * (attention_len or s.seq_len)
     flops = (6 if s.method == "full" else 4) * n + 6 * attention
+    if s.reference_pass:  # one more forward of every token, without gradient
+        flops += 2 * n + 2 * attention
     if s.checkpointing:
         flops += (2 * n + 2 * attention) * s.recompute_fraction
     return flops
@@ -267,7 +282,7 @@ def effective_fraction(s: Scenario) -> float:
     import math
 
     points = sorted((math.log2(k), v) for k, v in cal.PAD_REAL_FRACTION.items())
-    x = math.log2(max(1, s.micro_batch))
+    x = math.log2(max(1, s.sequences))  # rows of one micro-batch
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -280,10 +295,13 @@ def alternatives(base: Scenario, limit: int = 5) -> list[Estimate]:
         ("ddp", 3, "none"), ("fsdp", 3, "none"), ("deepspeed", 2, "none"), ("deepspeed", 3, "none"),
         ("deepspeed", 3, "optimizer"), ("deepspeed", 3, "all")]
     found = []
+    packings = {base.packing, True} if base.objective == "sft" else {False}  # pairs are never packed
     for (strategy, stage, offload), mb, (ckpt, every), packing in itertools.product(
-            engines, (1, 2, 4, 8, 16), ((False, 1), (True, 1), (True, 2), (True, 4)), {base.packing, True}):
+            engines, (1, 2, 4, 8, 16), ((False, 1), (True, 1), (True, 2), (True, 4)), packings):
         if base.method == "qlora" and strategy == "deepspeed" and offload != "none":
             continue
+        if base.reference_pass and base.method == "full" and strategy not in ("single", "ddp"):
+            continue  # the frozen reference copy is not sharded (zerotune.objectives.step)
         candidate = replace(base, strategy=strategy, zero_stage=stage, offload=offload, micro_batch=mb,
                             checkpointing=ckpt, checkpoint_every=every, packing=packing,
                             sharded_loading=(strategy == "fsdp" or stage == 3) and base.method != "qlora")

@@ -36,12 +36,12 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         r=config.adapter.r, micro_batch=config.train.batch_size, seq_len=config.data.max_seq_len,
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
         checkpoint_every=config.model.checkpoint_every,
-        packing=config.data.packing, chunked_loss=config.model.chunked_loss,
+        packing=config.data.packing, chunked_loss=config.model.chunked_loss and config.objective.name == "sft",
         compile=explain_compile(config.model.compile, "cuda",  # the plan is for GPUs
                                 zero3=strategy == "deepspeed" and stage == 3)[0],
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,
         weight_bytes=4.0 if config.model.dtype == "fp32" else 2.0, sharded_loading=config.distributed.sharded_loading,
-        zero3_fetch=zero3_fetch)
+        zero3_fetch=zero3_fetch, objective=config.objective.name, reference=config.objective.reference)
 
 
 def pick_engine(base: Scenario) -> tuple[Scenario, str]:
@@ -134,10 +134,16 @@ def make_plan(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes: int, price
             "alternatives": [{"setup": e.scenario.describe(), "tokens_per_second_per_gpu": e.tokens_per_second_per_gpu,
                               "real_tokens_per_second": e.tokens_per_second_per_gpu * world * effective_fraction(e.scenario),
                               "gpu_needed_gib": e.gpu_needed_gib} for e in alternatives(scenario)]}
+    if scenario.objective != "sft":  # tokens of both sequences of a pair; DPO adds a reference forward of each
+        plan["pairs_per_second"] = result.tokens_per_second_per_gpu * world / (2 * scenario.seq_len)
+        plan["notes"].append(f"--objective {scenario.objective}: a micro-batch of {scenario.micro_batch} pairs is "
+                             f"{scenario.sequences} sequences in one forward"
+                             + ("; each is scored again by the reference, without gradient" if scenario.reference_pass
+                                else "") + f"; about {plan['pairs_per_second']:,.1f} pairs/s in all")
     if token_note:
         plan["notes"].append(token_note)
     if config.train.max_steps:
-        tokens = config.train.max_steps * config.train.batch_size * config.train.grad_accum * world \
+        tokens = config.train.max_steps * scenario.sequences * config.train.grad_accum * world \
             * config.data.max_seq_len * real_fraction
     elif dataset_tokens:
         tokens = dataset_tokens * config.train.epochs
@@ -203,9 +209,10 @@ def count_dataset_tokens(config: RunConfig) -> tuple[int, str]:
         from zerotune.data.prepare import prepare_data
         from zerotune.model import load_tokenizer
 
+        pairs = config.objective.name != "sft"
         data = prepare_data(replace(config.data, packing=False, eval_fraction=0.0), load_tokenizer(config.model),
-                            config.train.seed)
-        return sum(len(e.input_ids) for e in data.train), ""
+                            config.train.seed, pairs=pairs)
+        return sum(e.num_input_tokens if pairs else len(e.input_ids) for e in data.train), ""
     chars = sum(len(str(v)) for r in records for v in r.values())
     return chars // 4, (f"dataset tokens estimated at 4 characters per token ({len(records)} records); pass a local "
                         "model directory or --dataset-tokens for an exact count")

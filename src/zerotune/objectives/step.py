@@ -1,0 +1,207 @@
+"""The optimizer step, the reference pass and the evaluation for preference pairs.
+
+A micro-batch of B pairs is one forward over 2B rows (chosen, then rejected). The reference log-probabilities
+come from the same model with its LoRA layers switched off (PEFT's disable_adapter; no second copy of the
+weights), or, for full fine-tuning, from a frozen copy of the base taken before training. Loss normalisation:
+each objective term is a sum over the micro-batch divided by its count over the global batch (all micro-batches
+on all ranks), reduced on the host before the forward as SFT's label-token count is (zerotune.step); each
+micro-batch backpropagates ``loss * world_size`` and the engines average over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+
+from zerotune.data.batches import eval_batches
+from zerotune.data.pairs import collate_pairs
+from zerotune.errors import ConfigError
+from zerotune.objectives.logps import PairLoss, PairScores, score_pairs
+from zerotune.step import count_label_tokens
+from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device
+
+# per-pair metrics after the objective's terms, each a mean over the global batch's pairs
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected")
+
+
+def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_name: str, reference: str = "live"):
+    """For full fine-tuning under a reference objective scored live: a frozen copy of the base ``model`` (before
+    any update), else None (LoRA and QLoRA switch their adapters off; precomputed values need no model)."""
+    if objective is None or not objective.uses_reference or method != "full" or reference == "precomputed":
+        return None
+    if strategy_name not in ("single", "ddp"):
+        raise ConfigError(f"objective.name {objective.name} with --method full keeps a frozen reference copy, which "
+                          f"the {strategy_name} engine does not shard; use --method lora, or --strategy ddp")
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class Reference:
+    """The reference model's scores of a pair batch, without gradient."""
+
+    def __init__(self, strategy, frozen: torch.nn.Module | None = None):
+        self.strategy, self.frozen = strategy, frozen
+
+    def scores(self, model, batch):
+        if "reference_logps" in batch:  # precomputed before training (attach_reference)
+            chosen, rejected = batch["reference_logps"].chunk(2)
+            unused = torch.zeros_like(chosen)
+            return PairScores(chosen, rejected, unused, unused, unused.sum())
+        with torch.no_grad():
+            if self.frozen is not None:
+                return score_pairs(self.frozen, batch)
+            with self.strategy.unwrap(model).disable_adapter():
+                return score_pairs(model, batch)
+
+
+def pair_sums(objective, result: PairLoss, policy) -> list[torch.Tensor]:
+    """The micro-batch's metric sums, in PAIR_METRICS order (divided by the global pair count later)."""
+    chosen, rejected = result.chosen_rewards, result.rejected_rewards
+    return [chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).float().sum(),
+            policy.chosen.detach().sum(), policy.rejected.detach().sum()]
+
+
+def metric_names(objective) -> tuple[str, ...]:
+    terms = objective.term_names if len(objective.term_names) > 1 else ()
+    return ("loss", *terms, *PAIR_METRICS)
+
+
+class PreferenceStep:
+    """zerotune.step.TrainStep's counterpart for pairs: launches one optimizer step on a rank's micro-batches of
+    pairs and returns a LaunchedStep whose outcome holds the step's mean loss and whose metrics hold the
+    objective's terms and the rewards."""
+
+    def __init__(self, model, strategy, objective, reference: Reference, *, precision, pad_token_id: int):
+        self.model, self.strategy, self.objective, self.reference = model, strategy, objective, reference
+        self.precision, self.pad_token_id = precision, pad_token_id
+        self.metric_names = metric_names(objective)
+
+    def __call__(self, step: int, examples: list[list], votes) -> LaunchedStep:
+        strategy = self.strategy
+        batches = [collate_pairs(micro, self.pad_token_id) for micro in examples]
+        normalisers = [sum(counts) for counts in zip(*(self.objective.normalisers(b) for b in batches))]
+        vote_values = votes()
+        # One all-reduce before the forward, as for SFT: response tokens, input tokens, slots and the votes (the
+        # loop reads those four), then the global counts the objective's terms are divided by.
+        info = strategy.all_reduce_sum(host_values(strategy.device, [
+            sum(count_label_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches),
+            sum(b["input_ids"].numel() for b in batches), *vote_values, *normalisers]))
+        info_copy = HostCopy(info)
+        totals = info[3 + len(vote_values):].float()
+        device_batches = [to_device(batch, strategy.device) for batch in batches]
+        lr = strategy.current_lr()
+        outcome, metrics = self._compute(device_batches, totals)
+        strategy.advance_schedule()
+        return LaunchedStep(step, lr, info_copy, HostCopy(outcome), WorkDone(strategy.device), HostCopy(metrics),
+                            self.metric_names)
+
+    def _compute(self, device_batches, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[mean loss, grad norm, applied] and [each term, the pair metrics] of one optimizer step."""
+        model, strategy, objective = self.model, self.strategy, self.objective
+        sums = torch.zeros(len(objective.term_names) + len(PAIR_METRICS), device=strategy.device)
+        for index, batch in enumerate(device_batches):
+            with strategy.accumulating(model, sync=index == len(device_batches) - 1):
+                with self.precision():
+                    reference = self.reference.scores(model, batch) if objective.uses_reference else None
+                    policy = score_pairs(model, batch)
+                    result = objective(policy, reference)
+                    terms = torch.stack([term / total.clamp(min=1) for term, total in zip(result.terms, totals)])
+                strategy.backward(terms.sum() * strategy.world_size)
+            sums += torch.stack([*terms.detach(), *pair_sums(objective, result, policy)])
+        sums = strategy.all_reduce_sum(sums)
+        term_count = len(objective.term_names)
+        loss_total = sums[:term_count].sum()
+        grad_norm, applied = strategy.optimizer_step(model, loss_total)
+        outcome = torch.stack([loss_total, grad_norm.to(loss_total.device).float(),
+                               applied.to(loss_total.device).float()])
+        metrics = torch.cat([loss_total[None], sums[:term_count] if term_count > 1 else sums[:0],
+                             sums[term_count:] / totals[0].clamp(min=1)])
+        return outcome, metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(model, strategy, objective, reference: Reference, examples, batch_size: int, pad_token_id: int,
+                   precision=None) -> dict[str, float]:
+    """The objective's loss and pair metrics over every eval pair, across all ranks, as ``eval_`` metrics."""
+    model.eval()
+    term_count = len(objective.term_names)
+    # term sums, their counts, then the pair metric sums
+    totals = torch.zeros(2 * term_count + len(PAIR_METRICS), device=strategy.device)
+    for indices in eval_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
+        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
+        counts = objective.normalisers(batch)
+        batch = to_device(batch, strategy.device)
+        with (precision or contextlib.nullcontext)():
+            scores = reference.scores(model, batch) if objective.uses_reference else None
+            policy = score_pairs(model, batch)
+            result = objective(policy, scores)
+        totals += torch.stack([*result.terms, *torch.tensor(counts, device=strategy.device, dtype=totals.dtype),
+                               *pair_sums(objective, result, policy)])
+    totals = strategy.all_reduce_sum(totals).tolist()
+    model.train()
+    terms = [value / max(count, 1) for value, count in zip(totals[:term_count], totals[term_count:2 * term_count])]
+    names = metric_names(objective)
+    values = [sum(terms), *(terms if term_count > 1 else []),
+              *(value / max(totals[term_count], 1) for value in totals[2 * term_count:])]
+    return {f"eval_{name}": value for name, value in zip(names, values)}
+
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, precision, output_dir, is_lora: bool,
+                     note=print) -> None:
+    """--reference precomputed: every train and eval pair's reference log-probs, attached to the pairs. Scored
+    once at a fresh start by the model as loaded (LoRA switched off; full fine-tuning: before any update), each
+    worker a share, and kept in the run directory, which a resumed run reads back (its model has trained)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(output_dir) / REFERENCE_FILE
+    splits = {"train": data.train, "eval": data.eval}
+    if path.is_file():
+        values = load_file(str(path))
+        note(f"reference log-probs read from {path}")
+    else:
+        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora)
+                  for name, pairs in splits.items() if pairs}
+        if strategy.is_main:
+            save_file(values, str(path))
+        strategy.barrier()
+        note(f"reference log-probs of {sum(len(p) for p in splits.values())} pairs computed once, kept in {path}")
+    for name, pairs in splits.items():
+        if pairs and (name not in values or len(values[name]) != len(pairs)):
+            raise ConfigError(f"{path}: holds reference log-probs for other data; delete it or start a new "
+                              "--output-dir")
+        for pair, (chosen, rejected) in zip(pairs, values.get(name, torch.zeros(0, 2)).tolist()):
+            pair.reference = (chosen, rejected)
+
+
+@torch.no_grad()
+def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, precision, is_lora: bool) -> torch.Tensor:
+    """(len(pairs), 2) reference log-probs, each worker scoring a share. Every worker runs the same number of
+    forwards (a sharding engine gathers weights in each), the short ones scoring a filler batch."""
+    batches = eval_batches(len(pairs), batch_size, strategy.rank, strategy.world_size)
+    rounds = -(-len(pairs) // batch_size)  # batches in all
+    rounds = -(-rounds // strategy.world_size)  # the most any worker has
+    mine = {}
+    model.eval()
+    off = strategy.unwrap(model).disable_adapter() if is_lora else contextlib.nullcontext()
+    with off:
+        for round_index in range(rounds):
+            indices = batches[round_index] if round_index < len(batches) else [0]  # a filler: scored, not kept
+            batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id), strategy.device)
+            with (precision or contextlib.nullcontext)():
+                scores = score_pairs(model, batch)
+            if round_index < len(batches):
+                mine.update(zip(indices, zip(scores.chosen.tolist(), scores.rejected.tolist())))
+    model.train()
+    values = torch.zeros(len(pairs), 2)
+    for shard in strategy.all_gather_object(mine):
+        for index, pair_values in shard.items():
+            values[index] = torch.tensor(pair_values)
+    return values
