@@ -69,7 +69,8 @@ def zerotune(hidden, weight, labels):
 
 
 def torch_variant(**options):
-    """F.linear_cross_entropy with these LinearCrossEntropyOptions fields; None: options=None (reference)."""
+    """F.linear_cross_entropy with these LinearCrossEntropyOptions fields (a callable one gets the head weight,
+    for sizes that follow the vocabulary); reference=True: options=None, torch's unchunked reference path."""
 
     def run(hidden, weight, labels):
         chosen = None if options.get("reference") else torch.nn.LinearCrossEntropyOptions(
