@@ -36,7 +36,8 @@ from zerotune.objectives.step import REFERENCE_FILE, PreferenceStep, Reference, 
 from zerotune.resolve import Machine, Settings, choose_strategy, resolve
 from zerotune.speed.step_graphs import graph_learning_rate
 from zerotune.step import TrainStep, forward_precision, learning_rate_factor, token_loss_sum
-from zerotune.step_io import LaunchedStep, WorkDone, to_device
+from zerotune.step_io import to_device
+from zerotune.step_log import NonFiniteError, StepLog  # noqa: F401 - NonFiniteError: part of this API
 from zerotune.stopping import StopSignals
 from zerotune.strategies import create_strategy
 from zerotune.strategies.process_group import join_process_group, leave_process_group
@@ -57,10 +58,6 @@ class RunResult:
     preempted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
     skipped_steps: int = 0
     checkpoint: Path | None = None  # the newest checkpoint this run wrote
-
-
-class NonFiniteError(ZerotuneError):
-    """A NaN or Inf loss or gradient norm."""
 
 
 class RunSession:
@@ -261,68 +258,6 @@ def _restore(training: Run) -> None:
         torch.manual_seed(training.config.train.seed * 7919 + training.start_step * 31 + strategy.rank)
 
 
-class StepLog:
-    """Reads launched steps back (their loss, gradient norm and whether the update was kept), applies the
-    non-finite policy, and logs. A step is read one step late where the engine drops a bad update on the device,
-    so the host never stalls the GPU queue; it is timed from the end of the previous step's work to the end of
-    its own: wall time, idle gaps and batching on the CPU included."""
-
-    def __init__(self, training: Run):
-        self.training = training
-        self.pending: list[LaunchedStep] = []
-        self.previous_done = WorkDone(training.strategy.device)
-
-    def add(self, launched: LaunchedStep) -> None:
-        self.pending.append(launched)
-        while len(self.pending) > (1 if self.training.strategy.drops_steps_on_device else 0):
-            self._finish(self.pending.pop(0))
-
-    def settle(self) -> None:
-        """Every launched step read back: its loss known and its update checked before anything is written."""
-        while self.pending:
-            self._finish(self.pending.pop(0))
-
-    def restart_clock(self) -> None:
-        """The next step's time leaves out what ran since the last step (evaluation, saving)."""
-        self.previous_done = WorkDone(self.training.strategy.device)
-
-    def _finish(self, launched: LaunchedStep) -> None:
-        training = self.training
-        config, result, tracker = training.config, training.result, training.tracker
-        label_tokens, input_tokens, slots = launched.info.values()[:3]
-        loss_sum, grad_norm, applied = launched.outcome.values()
-        elapsed, self.previous_done = launched.done.seconds_since(self.previous_done), launched.done
-        step = launched.step + 1
-        objective_metrics = launched.named_metrics()  # a preference step's loss, terms and rewards
-        loss = objective_metrics.pop("loss") if objective_metrics else loss_sum / max(label_tokens, 1.0)
-        if not applied or not math.isfinite(grad_norm):
-            self._non_finite(step, f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}")
-        result.losses.append(loss)
-        if step % config.train.log_every == 0 or step == training.total_steps:
-            tracker.log(step, {
-                "loss": loss, "lr": launched.lr, "grad_norm": grad_norm, "epoch": launched.step /
-                training.plan.steps_per_epoch, "tokens_per_second": input_tokens / elapsed, "step_seconds": elapsed,
-                "label_tokens": label_tokens, "skipped_steps": result.skipped_steps,
-                "real_token_fraction": input_tokens / slots, **memory_metrics(training.strategy.device),
-                **objective_metrics,
-            })
-
-    def _non_finite(self, step: int, what: str) -> None:
-        """--on-nonfinite: stop, or count the skipped update (the engine did not apply it) up to a limit."""
-        config, result, tracker = self.training.config, self.training.result, self.training.tracker
-        result.skipped_steps += 1
-        if config.train.on_nonfinite == "stop":
-            tracker.finish(status="FAILED")
-            raise NonFiniteError(f"step {step}: {what}; the update was not kept and no checkpoint holds it. "
-                                 "Lower --lr, check the data, or pass --on-nonfinite skip")
-        tracker.note(f"step {step}: {what}; step skipped ({result.skipped_steps} so far)")
-        if result.skipped_steps >= config.train.max_skipped_steps:
-            tracker.finish(status="FAILED")
-            raise NonFiniteError(f"step {step}: {result.skipped_steps} steps had a non-finite loss or gradient "
-                                 f"(train.max_skipped_steps {config.train.max_skipped_steps}); lower --lr or "
-                                 "check the data")
-
-
 def train_loop(training: Run, signals: StopSignals, session: RunSession) -> RunResult:
     """Step until the last step or a stop signal; evaluate and save on schedule. Every rank runs the same
     decisions: the stop signal and rank 0's save clock travel in each step's all-reduce (TrainStep's votes)."""
@@ -426,12 +361,6 @@ def _stopped(training: Run, step: int, signals: StopSignals) -> RunResult:
     training.tracker.finish(status="KILLED")
     result.preempted = True
     return result
-
-
-def memory_metrics(device: torch.device) -> dict[str, float]:
-    if device.type != "cuda":
-        return {}
-    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 @torch.no_grad()
