@@ -13,7 +13,7 @@ then measures, each in a fresh subprocess whose peak RSS is read with resource.g
   saved) with an empty data cache;
 - warm_train: the same command again, the data cache now filled (a cache hit).
 
-Usage: python benchmarks/data_pipeline.py --out DIR --records N [--result FILE]
+Usage: python benchmarks/data_pipeline.py --out DIR --records N [--result FILE] [--src OTHER_CHECKOUT/src]
 """
 
 from __future__ import annotations
@@ -146,6 +146,13 @@ MEASURES = {"floor": measure_floor, "cold_prepare": measure_prepare,
             "warm_train": lambda d, m, w: measure_train(d, m, w, "run-warm")}
 
 
+def cpu_seconds() -> dict:
+    """User + system CPU time of this process and of the children it waited for: under a contended machine the
+    wall-clock time varies run to run, the CPU time much less."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"cpu_seconds": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime}
+
+
 def peak_rss_mib() -> dict:
     """This process's peak RSS (VmHWM: getrusage's ru_maxrss keeps the pre-exec peak of the process that
     spawned it, here the orchestrator) and the largest peak among the children it waited for (getrusage; a
@@ -157,16 +164,16 @@ def peak_rss_mib() -> dict:
             "largest_child_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib}
 
 
-def run_measure(name: str, data: Path, model_dir: Path, work: Path) -> dict:
+def run_measure(name: str, data: Path, model_dir: Path, work: Path, src: Path) -> dict:
     """One measurement in a fresh interpreter, so its peak RSS is its own."""
     command = [sys.executable, __file__, "--measure", name, "--data", str(data), "--model", str(model_dir),
                "--work", str(work)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     finished = subprocess.run(command, capture_output=True, text=True, env=env)
     if finished.returncode:
         raise SystemExit(f"{name} failed:\n{finished.stderr[-3000:]}")
     result = json.loads(finished.stdout.strip().splitlines()[-1])
-    print(f"{name}: {result['seconds']:.1f} s, peak RSS {result['self_peak_rss_mib']:.0f} MiB "
+    print(f"{name}: {result['seconds']:.1f} s ({result['cpu_seconds']:.0f} CPU s), peak RSS {result['self_peak_rss_mib']:.0f} MiB "
           f"(largest child {result['largest_child_peak_rss_mib']:.0f} MiB)", flush=True)
     return result
 
@@ -192,6 +199,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="working folder (data, tokenizer, caches)")
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--result", type=Path, help="results JSON (default benchmarks/results/<date>-cpu-data-<N>.json)")
+    parser.add_argument("--src", type=Path, default=ROOT / "src",
+                        help="the zerotune source measured (another checkout's src, to compare commits in one run)")
     parser.add_argument("--note", default="", help="said in the results JSON, e.g. how busy the machine was")
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -200,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         result = MEASURES[args.measure](args.data, args.model, args.work)
-        print(json.dumps({**result, **peak_rss_mib()}))
+        print(json.dumps({**result, **peak_rss_mib(), **cpu_seconds()}))
         return
     started_at = datetime.datetime.now(datetime.timezone.utc)
     load_at_start = machine()
@@ -215,24 +224,27 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     results = {}
-    results["floor"] = run_measure("floor", data, model_dir, work)
-    results["cold_prepare"] = run_measure("cold_prepare", data, model_dir, work)
+    results["floor"] = run_measure("floor", data, model_dir, work, args.src)
+    results["cold_prepare"] = run_measure("cold_prepare", data, model_dir, work, args.src)
     shutil.rmtree(work / "cache")  # cold again for the train command
-    results["cold_train"] = run_measure("cold_train", data, model_dir, work)
-    results["warm_train"] = run_measure("warm_train", data, model_dir, work)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True,
+    results["cold_train"] = run_measure("cold_train", data, model_dir, work, args.src)
+    results["warm_train"] = run_measure("warm_train", data, model_dir, work, args.src)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.src, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "."], cwd=args.src, capture_output=True,
                                 text=True).stdout.strip())
     summary = {
         "benchmark": "data_pipeline", "date": started_at.isoformat(timespec="seconds"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit, "src_dirty": dirty, "machine": {**load_at_start, "load_average_at_end": os.getloadavg()},
         "versions": versions(), "note": args.note,
-        "command": f"python3 benchmarks/data_pipeline.py --out {args.out} --records {args.records}",
+        "command": f"python3 benchmarks/data_pipeline.py --out {args.out} --records {args.records}"
+                   + (f" --src {args.src}" if args.src != ROOT / "src" else ""),
+        "commit_measured_is_of": str(args.src),
         "records": args.records, "data_bytes": data.stat().st_size, "vocab_size": VOCAB, "max_seq_len": MAX_SEQ_LEN,
         "median_tokens_per_example": results["floor"]["median_tokens"],
         "cold_prepare_over_floor": results["cold_prepare"]["seconds"] / results["floor"]["seconds"],
         "cold_train_over_floor": results["cold_train"]["seconds"] / results["floor"]["seconds"],
+        "cold_prepare_over_floor_cpu": results["cold_prepare"]["cpu_seconds"] / results["floor"]["cpu_seconds"],
         "results": results,
     }
     result_path = args.result or ROOT / "benchmarks" / "results" / (
