@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's zerotune, also where another one is installed
 MAX_SEQ_LEN = 1024
 VOCAB = 32000
 TOKENIZER_RECORDS = 100_000  # the tokenizer is trained on the first records only, the same at every size
