@@ -174,7 +174,8 @@ def run_measure(name: str, data: Path, model_dir: Path, work: Path, src: Path) -
     if finished.returncode:
         raise SystemExit(f"{name} failed:\n{finished.stderr[-3000:]}")
     result = json.loads(finished.stdout.strip().splitlines()[-1])
-    print(f"{name}: {result['seconds']:.1f} s ({result['cpu_seconds']:.0f} CPU s), peak RSS {result['self_peak_rss_mib']:.0f} MiB "
+    print(f"{name}: {result['seconds']:.1f} s ({result['cpu_seconds']:.0f} CPU s), "
+          f"peak RSS {result['self_peak_rss_mib']:.0f} MiB "
           f"(largest child {result['largest_child_peak_rss_mib']:.0f} MiB)", flush=True)
     return result
 
@@ -199,7 +200,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="working folder (data, tokenizer, caches)")
     parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--result", type=Path, help="results JSON (default benchmarks/results/<date>-cpu-data-<N>.json)")
+    parser.add_argument("--result", type=Path,
+                        help="results JSON (default: benchmarks/results/<date>-cpu-data-pipeline-<N>k.json)")
     parser.add_argument("--src", type=Path, default=ROOT / "src",
                         help="the zerotune source measured (another checkout's src, to compare commits in one run)")
     parser.add_argument("--note", default="", help="said in the results JSON, e.g. how busy the machine was")

@@ -188,9 +188,10 @@ def table_report(table) -> EncodeReport:
 
     outcome = table.data.column("outcome").to_numpy()
     needed = table.data.column("needed").to_numpy()[outcome == DROPPED]
-    templates = {row["values"]: row["counts"] for row in compute.value_counts(table.data.column("template")).to_pylist()}
-    return EncodeReport(total=len(table), kept=int((outcome != DROPPED).sum()), truncated=int((outcome == TRUNCATED).sum()),
-                        dropped=int((outcome == DROPPED).sum()), templates=templates,
+    counts = compute.value_counts(table.data.column("template")).to_pylist()
+    return EncodeReport(total=len(table), kept=int((outcome != DROPPED).sum()),
+                        truncated=int((outcome == TRUNCATED).sum()), dropped=int((outcome == DROPPED).sum()),
+                        templates={row["values"]: row["counts"] for row in counts},
                         fewest_to_keep=int(needed.min()) if len(needed) else 0)
 
 
