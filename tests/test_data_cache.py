@@ -14,7 +14,7 @@ from helpers import train
 from zerotune.config import DataConfig
 from zerotune.data import cache as data_cache
 from zerotune.data.cache import ExampleTable, cached, result_key
-from zerotune.data.prepare import prepare_data, prepare_uncached
+from zerotune.data.prepare import prepare_data, prepare_tables, prepare_uncached
 
 
 def as_lists(examples):
@@ -32,11 +32,13 @@ def records_file(alpaca_file, tmp_path):
     {"template": "alpaca", "max_seq_len": 115, "overlong": "truncate", "eval_fraction": 0.2},
     {"template": "auto", "packing": True, "max_seq_len": 256, "eval_fraction": 0.1},
 ])
-def test_a_hit_gives_exactly_the_uncached_examples(settings, tiny_llama, records_file, tmp_path):
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_hit_gives_exactly_the_uncached_examples(settings, num_proc, tiny_llama, records_file, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     config = DataConfig(path=str(records_file), cache_dir=str(tmp_path / "cache"), **settings)
     expected = prepare_uncached(config, tokenizer, seed=3)
-    first, hit_first = cached(config, tokenizer, 3, lambda: prepare_uncached(config, tokenizer, 3))
+    # the cache is filled by datasets' parallel map (prepare_tables): exactly the list path's examples
+    first, hit_first = cached(config, tokenizer, 3, lambda: prepare_tables(config, tokenizer, 3, num_proc))
     second, hit_second = cached(config, tokenizer, 3, lambda: pytest.fail("prepared twice"))
     assert (hit_first, hit_second) == (False, True)
     assert isinstance(second.train, ExampleTable)

@@ -145,6 +145,9 @@ class ExampleTable(Sequence):
 def _to_table(examples: Sequence[EncodedExample]):
     import datasets
 
+    if isinstance(examples, ExampleTable):  # already Arrow (prepare_tables): written as it is
+        return examples.table
+
     columns = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     if examples and examples[0].position_ids is not None:
         columns["position_ids"] = [e.position_ids for e in examples]
@@ -166,6 +169,8 @@ def _write(entry: Path, prepared) -> None:
               "packing": dataclasses.asdict(prepared.packing) if prepared.packing else None}
     (staging / REPORT_FILE).write_text(json.dumps(report))
     os.replace(staging, entry)
+    if prepared.scratch:
+        shutil.rmtree(prepared.scratch, ignore_errors=True)
 
 
 def _read(entry: Path):

@@ -113,17 +113,14 @@ def encode_records(tokenizer, records, where, template: str | list[str], max_seq
     for name in names:
         report.templates[name] = report.templates.get(name, 0) + 1
     for example in _encode_in_batches(tokenizer, records, names):
-        if len(example.input_ids) > max_seq_len:
-            cut = EncodedExample(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
-            if overlong == "drop" or cut.num_label_tokens == 0:  # with truncate: the prompt alone fills the window
-                report.dropped += 1
-                needed = len(example.input_ids) if overlong == "drop" else _first_label(example) + 1
-                report.fewest_to_keep = min(filter(None, (report.fewest_to_keep, needed)))
-                if keep_dropped:
-                    examples.append(None)
-                continue
-            example = cut
-            report.truncated += 1
+        example, outcome, needed = fit(example, max_seq_len, overlong)
+        if outcome == DROPPED:
+            report.dropped += 1
+            report.fewest_to_keep = min(filter(None, (report.fewest_to_keep, needed)))
+            if keep_dropped:
+                examples.append(None)
+            continue
+        report.truncated += int(outcome == TRUNCATED)
         examples.append(example)
     report.kept = sum(example is not None for example in examples)
     if keep_dropped:
@@ -133,7 +130,71 @@ def encode_records(tokenizer, records, where, template: str | list[str], max_seq
     return examples, report
 
 
+KEPT, TRUNCATED, DROPPED = 0, 1, 2
+
+
+def fit(example: EncodedExample, max_seq_len: int, overlong: str) -> tuple[EncodedExample | None, int, int]:
+    """One example fitted to max_seq_len: (the example or None, KEPT/TRUNCATED/DROPPED, and for a dropped one the
+    smallest max_seq_len that keeps it)."""
+    if len(example.input_ids) <= max_seq_len:
+        return example, KEPT, 0
+    cut = EncodedExample(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+    if overlong == "drop" or cut.num_label_tokens == 0:  # with truncate: the prompt alone fills the window
+        return None, DROPPED, len(example.input_ids) if overlong == "drop" else _first_label(example) + 1
+    return cut, TRUNCATED, 0
+
+
 BATCH_RECORDS = 1024
+PARALLEL_FROM = 4096  # fewer records than this are tokenized in one process: starting workers costs more
+
+
+def encode_table(tokenizer, records: list[dict[str, Any]], templates: list[str], max_seq_len: int, overlong: str,
+                 cache_file: str, num_proc: int | None = None):
+    """encode_records' examples, tokenized by datasets' batched map over ``num_proc`` processes (default: the
+    CPUs this process may use, at most 8) into an Arrow file, never into Python lists in this process. Returns
+    (the table: input_ids, labels and per record the template used, KEPT/TRUNCATED/DROPPED and what keeping a
+    dropped one needs; its report). Records travel to the workers as JSON text, one row each."""
+    import datasets
+    import json
+    import os
+
+    def encode(batch):
+        rows = [json.loads(text) for text in batch["record"]]
+        names = [template_for_record(record, configured) for record, configured in zip(rows, batch["template"])]
+        columns = {"input_ids": [], "labels": [], "template": names, "outcome": [], "needed": []}
+        for example in _encode_in_batches(tokenizer, rows, names):
+            example, outcome, needed = fit(example, max_seq_len, overlong)
+            columns["input_ids"].append(example.input_ids if example else [])
+            columns["labels"].append(example.labels if example else [])
+            columns["outcome"].append(outcome)
+            columns["needed"].append(needed)
+        return columns
+
+    source = datasets.Dataset.from_dict({"record": [json.dumps(r, default=str) for r in records],
+                                         "template": templates})
+    if num_proc is None:
+        num_proc = min(8, len(os.sched_getaffinity(0))) if len(records) >= PARALLEL_FROM else 1
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "labels": datasets.Sequence(datasets.Value("int32")),
+                                  "template": datasets.Value("string"), "outcome": datasets.Value("int8"),
+                                  "needed": datasets.Value("int32")})
+    table = source.map(encode, batched=True, batch_size=BATCH_RECORDS, num_proc=num_proc if num_proc > 1 else None,
+                       remove_columns=source.column_names, features=features, cache_file_name=cache_file,
+                       desc="tokenizing")
+    return table, table_report(table)
+
+
+def table_report(table) -> EncodeReport:
+    """encode_records' report, counted from encode_table's columns."""
+    import pyarrow.compute as compute
+
+    outcome = table.data.column("outcome").to_numpy()
+    needed = table.data.column("needed").to_numpy()[outcome == DROPPED]
+    counts = compute.value_counts(table.data.column("template")).to_pylist()
+    return EncodeReport(total=len(table), kept=int((outcome != DROPPED).sum()),
+                        truncated=int((outcome == TRUNCATED).sum()), dropped=int((outcome == DROPPED).sum()),
+                        templates={row["values"]: row["counts"] for row in counts},
+                        fewest_to_keep=int(needed.min()) if len(needed) else 0)
 
 
 def _encode_in_batches(tokenizer, records, names):

@@ -35,6 +35,7 @@ class PreparedData:
     eval: list[EncodedExample]
     report: EncodeReport
     packing: Any = None  # a PackingReport when data.packing is on
+    scratch: Any = None  # a folder of Arrow files the sets read from, removed once the cache entry is written
 
 
 def packed(config: DataConfig, data: PreparedData) -> PreparedData:
@@ -43,8 +44,8 @@ def packed(config: DataConfig, data: PreparedData) -> PreparedData:
         return data
     from zerotune.data.packing import pack_examples
 
-    rows, report = pack_examples(data.train, config.max_seq_len)
-    return PreparedData(rows, data.eval, data.report, report)
+    rows, report = pack_examples(list(data.train), config.max_seq_len)
+    return PreparedData(rows, data.eval, data.report, report, data.scratch)
 
 
 def load_and_check(config: DataConfig, path: str, source: Source | None = None, pairs: bool = False):
@@ -117,16 +118,18 @@ def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, wor
     kept = [example for example in examples if example is not None]
     total.kept = len(kept)
     if loaded and len(loaded.sources) > 1:
-        total.sources = [mixture_line(loaded, position, examples) for position in range(len(loaded.sources))]
+        kept_flags = [example is not None for example in examples]
+        total.sources = [mixture_line(loaded, position, kept_flags) for position in range(len(loaded.sources))]
     if not kept:
         raise all_dropped_error(total, config.max_seq_len, config.overlong)
     return kept, total
 
 
-def mixture_line(loaded: LoadedRecords, position: int, examples: list[EncodedExample | None]) -> str:
+def mixture_line(loaded: LoadedRecords, position: int, kept_flags) -> str:
+    """What one dataset of a mixture contributed; ``kept_flags[i]``: whether drawn record i survived encoding."""
     source = loaded.sources[position]
     drawn = [i for i, origin in enumerate(loaded.origins) if origin == position]
-    kept = sum(examples[i] is not None for i in drawn)
+    kept = sum(bool(kept_flags[i]) for i in drawn)
     share = (f"weight {source.weight:g}" if source.weight is not None else
              f"examples={source.examples}" if source.examples is not None else "all")
     return (f"{source.name} ({source.template}) {kept} examples ({len(drawn)} drawn, {share}, of "
@@ -142,7 +145,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int, rank: int = 0, world_
     if config.cache and not pairs:
         from zerotune.data.cache import cached
 
-        data, _ = cached(config, tokenizer, seed, lambda: prepare_uncached(config, tokenizer, seed))
+        data, _ = cached(config, tokenizer, seed, lambda: prepare_tables(config, tokenizer, seed))
         return data
     return prepare_uncached(config, tokenizer, seed, rank, world_size, gather, pairs)
 
@@ -165,3 +168,61 @@ def prepare_uncached(config: DataConfig, tokenizer, seed: int, rank: int = 0, wo
     train = [example for index, example in enumerate(examples) if index not in eval_set]
     evaluation = [examples[index] for index in sorted(eval_set)]
     return packed(config, PreparedData(train, evaluation, report))
+
+
+def prepare_tables(config: DataConfig, tokenizer, seed: int, num_proc: int | None = None) -> PreparedData:
+    """prepare_uncached's examples, exactly (tests/test_data_cache.py), for the cache to write: tokenized by
+    datasets' map in parallel (``num_proc``; default: encode_table's) into Arrow files under the cache directory,
+    which the train and eval sets read."""
+    import os
+    import shutil
+
+    from zerotune.data.cache import cache_root
+    from zerotune.data.encode import DROPPED, encode_table
+    from zerotune.data.records import quiet_datasets
+
+    scratch = cache_root(config) / f"preparing-{os.getpid()}"
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    def encode(records, templates, name):
+        with quiet_datasets():
+            table, report = encode_table(tokenizer, records, templates, config.max_seq_len, config.overlong,
+                                         str(scratch / f"{name}.arrow"), num_proc)
+        kept_flags = table.data.column("outcome").to_numpy() != DROPPED
+        if not report.kept:
+            raise all_dropped_error(report, config.max_seq_len, config.overlong)
+        return table, report, kept_flags
+
+    try:
+        return _prepare_tables(config, seed, scratch, encode)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def _prepare_tables(config: DataConfig, seed: int, scratch, encode) -> PreparedData:
+    from zerotune.data.cache import ExampleTable
+
+    loaded = load_training_records(config, seed)
+    table, report, kept_flags = encode(loaded.records, loaded.templates, "train")
+    if len(loaded.sources) > 1:
+        report.sources = [mixture_line(loaded, position, kept_flags) for position in range(len(loaded.sources))]
+    kept = kept_flags.nonzero()[0].tolist()
+    del loaded
+    columns = ["input_ids", "labels"]
+    if config.eval_path:
+        eval_records, _ = load_and_check(config, config.eval_path)
+        eval_table, _, eval_kept = encode(eval_records, [config.template] * len(eval_records), "eval")
+        evaluation = ExampleTable(eval_table.select(eval_kept.nonzero()[0].tolist()).select_columns(columns))
+        return packed(config, PreparedData(ExampleTable(table.select(kept).select_columns(columns)), evaluation,
+                                           report, scratch=scratch))
+    if config.eval_fraction == 0 or len(kept) < 2:
+        return packed(config, PreparedData(ExampleTable(table.select(kept).select_columns(columns)), [], report,
+                                           scratch=scratch))
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()
+    eval_set = set(order[:max(1, round(config.eval_fraction * len(kept)))])
+    train = [row for index, row in enumerate(kept) if index not in eval_set]
+    evaluation = [kept[index] for index in sorted(eval_set)]
+    return packed(config, PreparedData(ExampleTable(table.select(train).select_columns(columns)),
+                                       ExampleTable(table.select(evaluation).select_columns(columns)), report,
+                                       scratch=scratch))
