@@ -66,6 +66,14 @@ def pair_sums(objective, result: PairLoss, policy) -> list[torch.Tensor]:
             policy.chosen.detach().sum(), policy.rejected.detach().sum()]
 
 
+def even_batches(count: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], bool]]:
+    """This rank's evaluation batches as (indices, keep), as many on every rank: a sharding engine gathers
+    weights in each forward, so a rank with fewer batches scores a filler (its first pair, not kept)."""
+    mine = eval_batches(count, batch_size, rank, world_size)
+    rounds = -(-(-(-count // batch_size)) // world_size)  # the most batches any rank has
+    return [(indices, True) for indices in mine] + [([0], False)] * (rounds - len(mine))
+
+
 def metric_names(objective) -> tuple[str, ...]:
     terms = objective.term_names if len(objective.term_names) > 1 else ()
     return ("loss", *terms, *PAIR_METRICS)
@@ -132,7 +140,7 @@ def evaluate_pairs(model, strategy, objective, reference: Reference, examples, b
     term_count = len(objective.term_names)
     # term sums, their counts, then the pair metric sums
     totals = torch.zeros(2 * term_count + len(PAIR_METRICS), device=strategy.device)
-    for indices in eval_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
+    for indices, keep in even_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
         batch = collate_pairs([examples[i] for i in indices], pad_token_id)
         counts = objective.normalisers(batch)
         batch = to_device(batch, strategy.device)
@@ -140,8 +148,9 @@ def evaluate_pairs(model, strategy, objective, reference: Reference, examples, b
             scores = reference.scores(model, batch) if objective.uses_reference else None
             policy = score_pairs(model, batch)
             result = objective(policy, scores)
-        totals += torch.stack([*result.terms, *torch.tensor(counts, device=strategy.device, dtype=totals.dtype),
-                               *pair_sums(objective, result, policy)])
+        if keep:
+            totals += torch.stack([*result.terms, *torch.tensor(counts, device=strategy.device, dtype=totals.dtype),
+                                   *pair_sums(objective, result, policy)])
     totals = strategy.all_reduce_sum(totals).tolist()
     model.train()
     terms = [value / max(count, 1) for value, count in zip(totals[:term_count], totals[term_count:2 * term_count])]
@@ -184,20 +193,16 @@ def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, 
 @torch.no_grad()
 def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, precision, is_lora: bool) -> torch.Tensor:
     """(len(pairs), 2) reference log-probs, each worker scoring a share. Every worker runs the same number of
-    forwards (a sharding engine gathers weights in each), the short ones scoring a filler batch."""
-    batches = eval_batches(len(pairs), batch_size, strategy.rank, strategy.world_size)
-    rounds = -(-len(pairs) // batch_size)  # batches in all
-    rounds = -(-rounds // strategy.world_size)  # the most any worker has
+    forwards (even_batches)."""
     mine = {}
     model.eval()
     off = strategy.unwrap(model).disable_adapter() if is_lora else contextlib.nullcontext()
     with off:
-        for round_index in range(rounds):
-            indices = batches[round_index] if round_index < len(batches) else [0]  # a filler: scored, not kept
+        for indices, keep in even_batches(len(pairs), batch_size, strategy.rank, strategy.world_size):
             batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id), strategy.device)
             with (precision or contextlib.nullcontext)():
                 scores = score_pairs(model, batch)
-            if round_index < len(batches):
+            if keep:
                 mine.update(zip(indices, zip(scores.chosen.tolist(), scores.rejected.tolist())))
     model.train()
     values = torch.zeros(len(pairs), 2)
