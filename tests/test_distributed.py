@@ -17,11 +17,14 @@ pytestmark = pytest.mark.slow
 # A verbatim copy of the tutorial's DeepSpeed file, kept in the repository.
 TUTORIAL_JSON = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_tutorial_zero3_offload.json"
 STEPS = 3
+# 6 held-out examples: 3 eval batches of 2, so one worker has two and the other one (a sharding engine must
+# still run as many forwards on each, or the run hangs after its last step)
+EVAL = {"data.eval_fraction": 0.15}
 
 
 def two_worker_config(tiny_llama, alpaca_file, output, **extra):
     settings = {"distributed.num_workers": 2, "distributed.use_cpu": True, "train.batch_size": 2,
-                "train.grad_accum": 2, "train.max_steps": STEPS}
+                "train.grad_accum": 2, "train.max_steps": STEPS, **EVAL}
     settings.update(extra)
     return make_config(tiny_llama, alpaca_file, output, **settings)
 
@@ -31,8 +34,10 @@ def reference(tiny_llama, alpaca_file, tmp_path_factory):
     """One process, batch 2 x grad_accum 4 = the same global batch of 8 as 2 workers x 2 x 2."""
     out = tmp_path_factory.mktemp("reference") / "run"
     config = make_config(tiny_llama, alpaca_file, out, **{"train.batch_size": 2, "train.grad_accum": 4,
-                                                          "train.max_steps": STEPS})
-    return train(config).losses, adapter_weights(out)
+                                                          "train.max_steps": STEPS, **EVAL})
+    result = train(config)
+    assert len(result.eval_losses) == 1
+    return result.losses, adapter_weights(out), result.eval_losses
 
 
 ENGINES = {
@@ -64,9 +69,10 @@ def test_engine_matches_single_process(engine, reference, tiny_llama, alpaca_fil
     pytest.importorskip("deepspeed") if "zero" in engine else None
     config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine])
     result = train(config)
-    expected_losses, expected_adapter = reference
+    expected_losses, expected_adapter, expected_eval = reference
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
     assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(result.eval_losses), torch.tensor(expected_eval), rtol=1e-5, atol=0)
     assert result.strategy == ENGINES[engine]["distributed.strategy"]
     if ENGINES[engine].get("distributed.zero_stage") == 3:
         module_fetch = ENGINES[engine].get("distributed.zero3_fetch") == "module"
@@ -84,7 +90,7 @@ def test_fused_projections_under_ddp_match_single_process(checkpointing, referen
     result = train(config)
     layers = 2
     assert f"adapter.fused_projections: {layers * 4} groups" in capfd.readouterr().out
-    expected_losses, expected_adapter = reference
+    expected_losses, expected_adapter, expected_eval = reference
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
     assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-4, atol=1e-6)
 
@@ -98,7 +104,7 @@ def test_compiled_layers_under_each_engine_match_the_eager_single_process(engine
     config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine], **{"model.compile": "on"})
     result = train(config)
     assert "compiling 2 decoder layers" in capfd.readouterr().out
-    expected_losses, expected_adapter = reference
+    expected_losses, expected_adapter, expected_eval = reference
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-4, atol=0)
     assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-3, atol=1e-5)
 

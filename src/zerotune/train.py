@@ -26,7 +26,7 @@ from zerotune import adapters, speed
 from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
     save_checkpoint, verified_restore
 from zerotune.config import RunConfig, dump_yaml
-from zerotune.data.batches import BatchPlan, collate, eval_batches
+from zerotune.data.batches import BatchPlan, collate, even_batches
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
 from zerotune.model import DTYPES, load_tokenizer
@@ -365,14 +365,16 @@ def _stopped(training: Run, step: int, signals: StopSignals) -> RunResult:
 
 @torch.no_grad()
 def evaluate(model, strategy, examples, batch_size: int, pad_token_id: int, head=None, precision=None) -> float:
-    """Token-weighted mean loss over every eval example, across all ranks."""
+    """Token-weighted mean loss over every eval example, across all ranks (each runs as many forwards: a
+    sharding engine gathers weights in every one)."""
     model.eval()
     totals = torch.zeros(2, device=strategy.device)
-    for indices in eval_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
+    for indices, keep in even_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
         batch = to_device(collate([examples[i] for i in indices], pad_token_id), strategy.device)
         with (precision or contextlib.nullcontext)():
             loss_sum, tokens = token_loss_sum(model, batch, head)
-        totals += torch.stack([loss_sum, tokens.float()])
+        if keep:
+            totals += torch.stack([loss_sum, tokens.float()])
     totals = strategy.all_reduce_sum(totals)
     model.train()
     return float(totals[0] / totals[1].clamp(min=1))

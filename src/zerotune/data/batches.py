@@ -85,3 +85,12 @@ def eval_batches(num_examples: int, batch_size: int, rank: int, world_size: int)
     """Contiguous eval batches, dealt round-robin to ranks; every example is seen exactly once."""
     batches = [list(range(i, min(i + batch_size, num_examples))) for i in range(0, num_examples, batch_size)]
     return batches[rank::world_size]
+
+
+def even_batches(num_examples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], bool]]:
+    """This rank's eval batches as (indices, keep), as many on every rank: a sharding engine (FSDP2, ZeRO-3)
+    gathers weights in each forward, so a rank that stopped early would leave the others waiting for ever. A
+    rank with fewer batches scores a filler (its first example, not kept)."""
+    mine = eval_batches(num_examples, batch_size, rank, world_size)
+    rounds = -(-(-(-num_examples // batch_size)) // world_size)  # the most batches any rank has
+    return [(indices, True) for indices in mine] + [([0], False)] * (rounds - len(mine))

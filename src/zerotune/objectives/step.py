@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zerotune.data.batches import eval_batches
+from zerotune.data.batches import even_batches
 from zerotune.data.pairs import collate_pairs
 from zerotune.errors import ConfigError
 from zerotune.objectives.logps import PairLoss, PairScores, score_pairs
@@ -64,14 +64,6 @@ def pair_sums(objective, result: PairLoss, policy) -> list[torch.Tensor]:
     chosen, rejected = result.chosen_rewards, result.rejected_rewards
     return [chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).float().sum(),
             policy.chosen.detach().sum(), policy.rejected.detach().sum()]
-
-
-def even_batches(count: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], bool]]:
-    """This rank's evaluation batches as (indices, keep), as many on every rank: a sharding engine gathers
-    weights in each forward, so a rank with fewer batches scores a filler (its first pair, not kept)."""
-    mine = eval_batches(count, batch_size, rank, world_size)
-    rounds = -(-(-(-count // batch_size)) // world_size)  # the most batches any rank has
-    return [(indices, True) for indices in mine] + [([0], False)] * (rounds - len(mine))
 
 
 def metric_names(objective) -> tuple[str, ...]:
