@@ -80,7 +80,7 @@ def auto_engine(config: RunConfig, world_size: int, device_name: str, local_gpus
 def lints(config: RunConfig, s: Scenario, result: Estimate) -> list[str]:
     found = []
     if config.model.dtype == "bf16" and not s.gpu.bf16:
-        found.append(f"model.dtype bf16: the {s.gpu.name} has no bf16; use --dtype fp16 (auto picks it)")
+        found.append(f"model.dtype bf16: the {s.gpu.name} has no bf16; use --dtype fp16 (auto picks fp32 there)")
     if config.model.attn_implementation == "flash_attention_2" and not s.gpu.flash_attention:
         found.append(f"flash_attention_2 needs an Ampere or newer GPU, not the {s.gpu.name}; use sdpa")
     if s.offload != "none":
