@@ -24,7 +24,7 @@ EVAL = {"data.eval_fraction": 0.15}
 
 def two_worker_config(tiny_llama, alpaca_file, output, **extra):
     settings = {"distributed.num_workers": 2, "distributed.use_cpu": True, "train.batch_size": 2,
-                "train.grad_accum": 2, "train.max_steps": STEPS, **EVAL}
+                "train.grad_accum": 2, "train.max_steps": STEPS}
     settings.update(extra)
     return make_config(tiny_llama, alpaca_file, output, **settings)
 
@@ -67,7 +67,7 @@ def leaf_modules(output) -> dict | None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_matches_single_process(engine, reference, tiny_llama, alpaca_file, tmp_path):
     pytest.importorskip("deepspeed") if "zero" in engine else None
-    config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine])
+    config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine], **EVAL)
     result = train(config)
     expected_losses, expected_adapter, expected_eval = reference
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
@@ -86,7 +86,7 @@ def test_fused_projections_under_ddp_match_single_process(checkpointing, referen
     and the run gives the unfused single process's losses and adapter."""
     config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **{
         "distributed.strategy": "ddp", "adapter.fused_projections": "on",
-        "model.gradient_checkpointing": checkpointing})
+        "model.gradient_checkpointing": checkpointing, **EVAL})
     result = train(config)
     layers = 2
     assert f"adapter.fused_projections: {layers * 4} groups" in capfd.readouterr().out
@@ -101,7 +101,8 @@ def test_compiled_layers_under_each_engine_match_the_eager_single_process(engine
     """model.compile on (auto on GPUs under these engines) with 2 workers: losses and adapter of the eager single
     process, to the compiled-vs-eager tolerance of tests/test_compile.py (inductor may reorder reductions)."""
     pytest.importorskip("deepspeed") if "zero" in engine else None
-    config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine], **{"model.compile": "on"})
+    config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine], **EVAL,
+                               **{"model.compile": "on"})
     result = train(config)
     assert "compiling 2 decoder layers" in capfd.readouterr().out
     expected_losses, expected_adapter, expected_eval = reference
