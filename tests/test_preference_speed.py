@@ -177,3 +177,26 @@ def test_fused_projections_give_the_same_preference_losses_and_gradients(objecti
     # q/k/v, o and down of each of the two layers (gate/up go through the SwiGLU MLP's forward), in the policy's
     # forward only: with the adapters off, the reference pass runs PEFT's forward
     assert len(fused_calls) == 2 * 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective_name", ["dpo", "orpo"])
+def test_a_run_on_the_fast_path_gives_the_plain_runs_losses(objective_name, tiny_llama, pairs_file, tmp_path):
+    """The CLI's run: chunked scores and fused projections (on, as on a CPU it must be asked for) against the
+    logits and PEFT's forwards, three steps and an evaluation, to 1e-5; resolved.yaml says what each run decided."""
+    from conftest import make_config
+    from helpers import train
+
+    def run(name, **overrides):
+        config = make_config(tiny_llama, pairs_file, tmp_path / name, **{
+            "objective.name": objective_name, "data.eval_fraction": 0.25, "train.eval_every": 3, **overrides})
+        result = train(config)
+        return result, (tmp_path / name / "resolved.yaml").read_text()
+
+    plain, plain_settings = run("plain", **{"model.chunked_loss": False, "adapter.fused_projections": "off"})
+    fast, fast_settings = run("fast", **{"adapter.fused_projections": "on"})
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(fast.eval_losses), torch.tensor(plain.eval_losses), rtol=1e-5, atol=0)
+    assert len(fast.losses) == 3 and len(fast.eval_losses) == 2
+    assert "chunked_loss: true" in fast_settings and "fused_projections: true" in fast_settings
+    assert "chunked_loss: false" in plain_settings and "fused_projections: false" in plain_settings

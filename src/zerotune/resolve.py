@@ -296,13 +296,12 @@ def _explain_checkpoint_placement(config: RunConfig) -> tuple[str, str]:
 def explain_fused_projections(config: RunConfig, strategy: str, compiled: bool, device_type: str) -> tuple[bool, str]:
     """adapter.fused_projections. auto: with compiled layers on a CUDA GPU in one process (where it was
     measured); on: LoRA in one process or under DDP (each rank fuses its own copy; tested on CPU workers, not
-    measured on GPUs). Either way kept only if its install-time logits check equals PEFT's path."""
+    measured on GPUs). Either way kept only if its install-time logits check equals PEFT's path. A preference
+    objective's reference pass switches the adapters off: the fused groups then run PEFT's forward over the
+    frozen weights, which are views of the stacked tensor (tests/test_preference_speed.py)."""
     setting = config.adapter.fused_projections
     if setting == "off":
         return False, "asked for"
-    if config.objective.name != "sft":  # "on" is refused by config.check_preference_settings
-        return False, f"--objective {config.objective.name}: the reference pass switches LoRA off, which fused " \
-                      "weights cannot"
     if config.adapter.method != "lora":
         return False, f"covers LoRA on bf16/fp32 bases, not {config.adapter.method}"
     if setting == "on":
