@@ -1,5 +1,7 @@
 """Per-sequence log-probabilities of a pair batch (zerotune.data.pairs.collate_pairs: B chosen rows, then B
-rejected rows), from one forward of the model over all 2B rows."""
+rejected rows), from one forward of the model over all 2B rows. The per-token log-probabilities come from the
+model's full logits or, where model.chunked_loss holds, from the chunked output head, which computes only the
+scored tokens' (zerotune.speed.chunked_loss): PairScorer carries that choice, made once per run."""
 
 from __future__ import annotations
 
@@ -69,12 +71,12 @@ def score_pairs(model, batch: dict[str, torch.Tensor], per_token=logits_token_lo
     also score the chosen prompts (for chosen_sequence_nll; else it is 0); ``count``: how many positions are
     scored (scored_targets' non -100 count, known on the host), which saves the chunked head a host-GPU sync."""
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    per_token = per_token(model, inputs, scored_targets(batch, whole_chosen), count)[:, :-1]
-    response = (batch["labels"][:, 1:] != IGNORE_INDEX).to(per_token.dtype)
-    sums, counts = (per_token * response).sum(-1), response.sum(-1)
+    logps = per_token(model, inputs, scored_targets(batch, whole_chosen), count)[:, :-1]  # of tokens 1..length-1
+    response = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logps.dtype)
+    sums, counts = (logps * response).sum(-1), response.sum(-1)
     pairs = batch["input_ids"].shape[0] // 2
-    in_chosen_sequence = batch["attention_mask"][:pairs, 1:].to(per_token.dtype)
-    nll = -(per_token[:pairs] * in_chosen_sequence).sum() if whole_chosen else per_token.new_zeros(())
+    in_chosen_sequence = batch["attention_mask"][:pairs, 1:].to(logps.dtype)
+    nll = -(logps[:pairs] * in_chosen_sequence).sum() if whole_chosen else logps.new_zeros(())
     return PairScores(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:], nll)
 
 
