@@ -1,5 +1,5 @@
 """A preference run on the fast path against the plain one, on one GPU: `zerotune train` with the chunked head and
-fused projections (the defaults there: compiled layers, bf16) against --no-chunked-loss --fused-projections off,
+--fused-projections on (compiled layers and bf16 by default there) against --no-chunked-loss --fused-projections off,
 on a random 4-layer Llama (hidden 1024, 32k vocabulary) and 64 counting pairs of 150-250 numbers. Prints each
 run's per-step losses, peak allocated memory, median tokens/s from step 5 on, and the log's fused/chunked lines.
 
@@ -66,7 +66,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     prepare(args.work)
     for objective in args.objectives:
-        run(args.work, "fast", objective, args.steps)
+        run(args.work, "fast", objective, args.steps, "--fused-projections", "on")
         run(args.work, "plain", objective, args.steps, "--no-chunked-loss", "--fused-projections", "off")
 
 

@@ -179,6 +179,23 @@ def test_fused_projections_give_the_same_preference_losses_and_gradients(objecti
     assert len(fused_calls) == 2 * 3
 
 
+@pytest.mark.parametrize("method, strategy, chunked", [("lora", "single", True), ("qlora", "fsdp", True),
+                                                       ("full", "ddp", True), ("full", "fsdp", False),
+                                                       ("full", "deepspeed", False)])
+def test_preference_runs_score_chunked_unless_a_sharded_engine_trains_the_head(method, strategy, chunked):
+    from zerotune.config import build_config
+    from zerotune.resolve import explain_chunked_loss, explain_fused_projections
+
+    config = build_config({"model.name": "m", "objective.name": "dpo", "adapter.method": method})
+    assert explain_chunked_loss(config, strategy)[0] == chunked
+    no_chunks = build_config({"model.name": "m", "objective.name": "dpo", "model.chunked_loss": False})
+    assert explain_chunked_loss(no_chunks, "single") == (False, "asked for: the model's own logits")
+    # fused projections: on is taken for pairs; auto fuses only where measured (SFT)
+    for setting, fused in (("on", True), ("auto", False)):
+        config = build_config({"model.name": "m", "objective.name": "orpo", "adapter.fused_projections": setting})
+        assert explain_fused_projections(config, "single", True, "cuda")[0] == fused
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective_name", ["dpo", "orpo"])
 def test_a_run_on_the_fast_path_gives_the_plain_runs_losses(objective_name, tiny_llama, pairs_file, tmp_path):
