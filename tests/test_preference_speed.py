@@ -217,3 +217,21 @@ def test_a_run_on_the_fast_path_gives_the_plain_runs_losses(objective_name, tiny
     assert len(fast.losses) == 3 and len(fast.eval_losses) == 2
     assert "chunked_loss: true" in fast_settings and "fused_projections: true" in fast_settings
     assert "chunked_loss: false" in plain_settings and "fused_projections: false" in plain_settings
+
+
+@pytest.mark.slow
+def test_full_finetuning_under_ddp_trains_the_head_through_the_chunked_scores(tiny_llama, pairs_file, tmp_path):
+    """Full fine-tuning's DPO on 2 DDP CPU workers, scored by the chunked head (the head's weight gradient
+    computed in the backward, then all-reduced), gives the one-process run's losses from the logits (1e-5)."""
+    from conftest import make_config
+    from helpers import train
+
+    settings = {"objective.name": "dpo", "adapter.method": "full", "train.lr": 1e-3, "train.batch_size": 2}
+    single = train(make_config(tiny_llama, pairs_file, tmp_path / "single", **settings, **{
+        "train.grad_accum": 4, "model.chunked_loss": False}))
+    ddp = train(make_config(tiny_llama, pairs_file, tmp_path / "ddp", **settings, **{
+        "train.grad_accum": 2, "distributed.num_workers": 2, "distributed.use_cpu": True,
+        "distributed.strategy": "ddp"}))
+    assert "chunked_loss: true" in (tmp_path / "ddp" / "resolved.yaml").read_text()
+    torch.testing.assert_close(torch.tensor(ddp.losses), torch.tensor(single.losses), rtol=1e-5, atol=0)
+    assert single.losses[-1] < single.losses[0]
