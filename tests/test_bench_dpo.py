@@ -118,3 +118,22 @@ def test_summary_of_pairs_gives_pairs_per_second_and_first_losses():
     assert "  trl            4.00        8,192         -      40.0   0.693147" in text
     assert "  zerotune       8.00       16,384         -      30.0   0.693147" in text
     assert "ratio against trl: pairs/s 2.00x, tokens/s 2.00x (at the median step 2.00x), peak memory x0.75" in text
+
+
+def test_the_every_run_page_has_a_row_per_dpo_file():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_table.py"
+    spec = importlib.util.spec_from_file_location("bench_table", script)
+    bench_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_table)
+    result = {"workload": "dpo", "gpu": "NVIDIA H100 80GB HBM3", "metric": "pairs/s", "commit": "abcdef0123",
+              "command": "zerotune bench dpo --steps 20 --work-dir /tmp/x",
+              "ours": {"pairs_per_second": 8.0, "peak_gib": 30.0, "losses": [0.6931472, 0.69]},
+              "peers": {"trl": {"pairs_per_second": 4.0, "peak_gib": 40.0, "losses": [0.6931471, 0.69],
+                                "pairs_per_second_ratio": 2.0}}}
+    assert bench_table.is_pairs(result) and not bench_table.is_bench(result)
+    row = bench_table.pair_table([("2026-12-08-h100-dpo.json", result)]).splitlines()[2]
+    assert row == ("| dpo | H100 80GB HBM3 | 4.00 | 8.00 | **2.00x** | 40.0 / 30.0 | 0.693147 / 0.693147 | abcdef0 | "
+                   "`zerotune bench dpo --steps 20` | `2026-12-08-h100-dpo.json` |")
