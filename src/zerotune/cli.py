@@ -177,7 +177,7 @@ def _add_bench_parser(commands) -> None:
                        help="weights, data and LoRA seed (default 0)")
     bench.add_argument("--baseline", type=baseline_names, action="extend", default=None, metavar="NAME[,NAME]",
                        help="baselines to measure against, repeatable or comma-separated: hf (stock HF+PEFT, the "
-                            "default), trl, liger, unsloth; the dpo workloads: trl (TRL's DPOTrainer) only")
+                            "default), trl, liger, unsloth; the dpo workloads: trl only")
     bench.add_argument("--micro-batch", type=checked_number(int, "[1, inf)", "--micro-batch"), default=None,
                        help="examples (pairs for dpo) per step on every side, instead of the workload's")
 
