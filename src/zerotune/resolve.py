@@ -297,8 +297,8 @@ def explain_fused_projections(config: RunConfig, strategy: str, compiled: bool, 
     """adapter.fused_projections. auto: with compiled layers on a CUDA GPU in one process (where it was
     measured); on: LoRA in one process or under DDP (each rank fuses its own copy; tested on CPU workers, not
     measured on GPUs). Either way kept only if its install-time logits check equals PEFT's path. A preference
-    objective's reference pass switches the adapters off: the fused groups then run PEFT's forward over the
-    frozen weights, which are views of the stacked tensor (tests/test_preference_speed.py)."""
+    objective's reference pass runs the same fused groups with the adapters' contribution multiplied by zero
+    (objectives.step.adapters_zeroed; tests/test_preference_speed.py)."""
     setting = config.adapter.fused_projections
     if setting == "off":
         return False, "asked for"
