@@ -162,7 +162,8 @@ def pair_table(results: list[tuple[str, dict]]) -> str:
                      f"{ours['pairs_per_second']:.2f} | **{trl['pairs_per_second_ratio']:.2f}x** | {peaks} | "
                      f"{trl['losses'][0]:.6f} / {ours['losses'][0]:.6f} | {r['commit'][:7]} | "
                      f"`{shown_command(r['command'])}` | `{name}` |")
-    return "\n".join(lines)
+    caveats = [f"- `{name}`: {r['caveat']}" for name, r in results if r.get("caveat")]
+    return "\n".join(lines + (["", "Caveats, as each file states them:", "", *caveats] if caveats else []))
 
 
 def headline_table() -> str:
