@@ -142,7 +142,7 @@ def check_resumable(config, output_dir: Path) -> Path:
     current = config.to_dict()
     for key in RESUME_FIELDS:
         before, now = _lookup(saved, key), _lookup(current, key)
-        if before is None and now in ("", []):  # a field added since that run, left at its empty default
+        if before is None and now in ("", [], False):  # a field added since that run, left at its empty default
             continue
         if before != now:
             raise ConfigError(f"cannot resume {output_dir}: {key} was {before!r} in its config.yaml, now {now!r}; "

@@ -190,16 +190,18 @@ class TrainingStream:
         state, pass_index, records, open_rows = self.taken
         packer = StreamPacker(self.config.max_seq_len, OPEN_ROWS, open_rows) if self.config.packing else None
         while not self.stop.is_set():
-            found = False
+            whole_pass, kept = state is None, 0
             for chunk in self._chunks(state, pass_index, records):
-                found = True
                 for example, (state, records) in chunk:
+                    kept += example is not None
                     row = packer.add(example) if packer and example else example
                     if row is not None:
                         yield row, (state, pass_index, records, packer.snapshot() if packer else [])
-            if not found and state is None:
-                raise DataError(f"{source_name(self.config)}: worker {self.rank}'s share of the stream is empty "
-                                f"(of {self.world_size} workers); add data or use fewer workers")
+            if whole_pass and not kept:  # else the next pass would find nothing either, for ever
+                raise DataError(f"{source_name(self.config)}: worker {self.rank}'s share of the stream (of "
+                                f"{self.world_size} workers) has no example that fits --max-seq-len "
+                                f"{self.config.max_seq_len} ({records[1]} records); add data, use fewer workers or "
+                                "raise --max-seq-len")
             state, pass_index, records = None, pass_index + 1, (records[0], 0)
 
     def _chunks(self, state: dict | None, pass_index: int, records: tuple[int, int]):
