@@ -262,3 +262,25 @@ def test_a_hub_stream_that_cannot_open_is_one_line(tiny_llama, tmp_path, monkeyp
     config = make_config(tiny_llama, "no-such-org/no-such-dataset", tmp_path, **{"data.streaming": True})
     with pytest.raises(DataError, match=r"cannot stream 'no-such-org/no-such-dataset' \(split 'train'\): .*--split"):
         preflight(config)
+
+
+def test_streaming_cli_errors_and_worker_count_on_resume(tiny_llama, alpaca_file, tmp_path, capsys):
+    from test_resume import fake_checkpoint
+    from zerotune.checkpoints import check_resumable
+    from zerotune.cli import main
+
+    args = ["train", "--model", str(tiny_llama), "--data", str(alpaca_file), "--tracking", "none", "--streaming",
+            "--output-dir", str(tmp_path / "cli")]
+    assert main(args) == 2
+    assert "the stream's length is unknown, so give the run a length with --max-steps" in capsys.readouterr().err
+    config = make_config(tiny_llama, alpaca_file, tmp_path / "run", **{"data.streaming": True,
+                                                                       "distributed.use_cpu": True})
+    fake_checkpoint(tmp_path / "run", config, 2, streaming=True, world_size=2, global_batch_size=4)
+    two = make_config(tiny_llama, alpaca_file, tmp_path / "run", **{
+        "data.streaming": True, "distributed.use_cpu": True, "checkpoint.resume": True, "train.batch_size": 2,
+        "distributed.num_workers": 2})
+    assert check_resumable(two, tmp_path / "run")
+    one = make_config(tiny_llama, alpaca_file, tmp_path / "run", **{
+        "data.streaming": True, "distributed.use_cpu": True, "checkpoint.resume": True})
+    with pytest.raises(ConfigError, match="stream was split between 2 workers.*--num-workers 2"):
+        check_resumable(one, tmp_path / "run")
