@@ -174,17 +174,21 @@ class TrainingStream:
         """The reader thread: rows with the position after each, until closed; an error is handed over as is."""
         try:
             for item in self._tagged_rows():
-                while not self.stop.is_set():
-                    try:
-                        self.rows.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._hand_over(item):
                     return
         except BaseException as error:  # raised in the training loop, where the run can report it
-            self.rows.put(error if isinstance(error, DataError) else
-                          DataError(f"{source_name(self.config)}: streaming failed ({_reason(error)})"))
+            self._hand_over(error if isinstance(error, DataError) else
+                            DataError(f"{source_name(self.config)}: streaming failed ({_reason(error)})"))
+
+    def _hand_over(self, item) -> bool:
+        """Queue ``item`` once there is room; False when the stream was closed first."""
+        while not self.stop.is_set():
+            try:
+                self.rows.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _tagged_rows(self) -> Iterator[tuple[EncodedExample, tuple]]:
         state, pass_index, records, open_rows = self.taken
