@@ -109,11 +109,13 @@ def test_streaming_matches_the_map_style_path(kept_records, tiny_llama, tmp_path
     for position, index in enumerate(order):
         placed[index] = kept_records[position]
     mapped = write_jsonl(tmp_path / "placed.jsonl", placed)
-    expected = train(make_config(tiny_llama, mapped, tmp_path / "map", **{"train.max_steps": 6}))
+    evaluation = {"data.eval_path": str(write_jsonl(tmp_path / "eval.jsonl", kept_records[:6])), "train.eval_every": 3,
+                  "train.max_steps": 6}
+    expected = train(make_config(tiny_llama, mapped, tmp_path / "map", **evaluation))
     in_order = write_jsonl(tmp_path / "in_order.jsonl", kept_records)
-    streamed = train(make_config(tiny_llama, in_order, tmp_path / "stream",
-                                 **{"train.max_steps": 6, "data.streaming": True}))
+    streamed = train(make_config(tiny_llama, in_order, tmp_path / "stream", **evaluation, **{"data.streaming": True}))
     assert streamed.losses == expected.losses
+    assert len(streamed.eval_losses) == 3 and streamed.eval_losses == expected.eval_losses  # --eval-data, read whole
 
 
 @pytest.fixture(scope="module")
