@@ -60,17 +60,13 @@ def validate(config: RunConfig) -> None:
 
 
 def check_preference_settings(config: RunConfig) -> None:
-    """What a preference objective does not combine with (yet): packed rows, step graphs, fused projections (the
-    reference pass switches the LoRA layers off, which fused weights cannot)."""
+    """What a preference objective does not combine with (yet): packed rows and step graphs."""
     name = config.objective.name
     if config.data.packing:
         raise ConfigError(f"data.packing: not available with --objective {name} (pairs are batched unpacked); drop "
                           "--packing")
     if config.train.cuda_graph == "on":
         raise ConfigError(f"train.cuda_graph: not available with --objective {name}; drop --cuda-graph")
-    if config.adapter.fused_projections == "on":
-        raise ConfigError(f"adapter.fused_projections: not available with --objective {name} (the reference pass "
-                          "turns the LoRA layers off); drop --fused-projections")
 
 
 def check_streaming_settings(config: RunConfig) -> None:

@@ -30,7 +30,7 @@ from zerotune.data.batches import BatchPlan, collate, even_batches
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
 from zerotune.model import DTYPES, load_tokenizer
-from zerotune.objectives import create_objective, speed_settings
+from zerotune.objectives import create_objective, pair_scorer
 from zerotune.objectives.step import REFERENCE_FILE, PreferenceStep, Reference, attach_reference, evaluate_pairs, \
     frozen_reference
 from zerotune.resolve import Machine, Settings, choose_strategy, resolve
@@ -96,6 +96,7 @@ class Run:
     trainable: list = field(default_factory=list)  # (name, element count) of every trainable tensor
     objective: object | None = None  # a preference objective (zerotune.objectives); None: SFT
     reference: object | None = None  # its reference model's scores (zerotune.objectives.step.Reference)
+    scorer: object | None = None  # how a pair batch is scored (zerotune.objectives.logps.PairScorer)
     stream: object | None = None  # --streaming: this rank's zerotune.data.streaming.TrainingStream (data.train empty)
 
     def micro_batches(self, step: int) -> list[list]:
@@ -215,8 +216,7 @@ def _build_model(training: Run) -> None:
     model = adapters.apply_method(model, config.adapter, config.train.seed)
     # chunked loss, fused projections, the step graphs' attention hint, compiled 4-bit matmuls and layers: one
     # call, in the order speed.install documents (it says, one line each, what it left out and why)
-    speedups = speed.install(model, speed_settings(config), settings,
-                             precision=forward_precision(strategy, config, model))
+    speedups = speed.install(model, config, settings, precision=forward_precision(strategy, config, model))
     for note in speedups.notes:
         tracker.note(note)
     compiled, graphs = speedups.compiled, speedups.graphs
@@ -244,9 +244,16 @@ def _build_model(training: Run) -> None:
     training.model, training.speedups, training.loss_head, training.precision = model, speedups, \
         speedups.loss_head, precision
     if training.objective:  # pairs, scored against the base with LoRA off or against the frozen copy
-        training.reference = Reference(strategy, frozen)
+        training.scorer = pair_scorer(training.objective, speedups.loss_head)
+        frozen_scorer = None
+        if frozen is not None and speedups.loss_head is not None:  # the frozen copy's head chunked as the policy's
+            from zerotune.speed.chunked_loss import ChunkedLossHead
+
+            frozen_scorer = pair_scorer(training.objective, ChunkedLossHead(frozen, compiled=speedups.compiled))
+        training.reference = Reference(strategy, frozen, training.scorer, frozen_scorer)
         training.step = PreferenceStep(model, strategy, training.objective, training.reference,
-                                       precision=precision, pad_token_id=training.tokenizer.pad_token_id)
+                                       precision=precision, pad_token_id=training.tokenizer.pad_token_id,
+                                       scorer=training.scorer)
         return
     training.step = TrainStep(model, strategy, loss_head=speedups.loss_head, precision=precision, graphs=graphs,
                               pad_token_id=training.tokenizer.pad_token_id, pad_to=pad_to, note=tracker.note)
@@ -260,7 +267,8 @@ def _attach_reference(training: Run) -> None:
                             "reference again; start a new run in another --output-dir")
     attach_reference(training.model, training.strategy, training.data, training.config.train.batch_size,
                      training.tokenizer.pad_token_id, training.precision, training.output_dir,
-                     is_lora=training.config.adapter.method != "full", note=training.tracker.note)
+                     is_lora=training.config.adapter.method != "full", note=training.tracker.note,
+                     scorer=training.scorer)
 
 
 def _restore(training: Run) -> None:
@@ -345,7 +353,7 @@ def _evaluate(training: Run, step: int) -> None:
     if training.objective:
         metrics = evaluate_pairs(
             training.model, training.strategy, training.objective, training.reference, training.data.eval,
-            training.config.train.batch_size, training.tokenizer.pad_token_id, training.precision)
+            training.config.train.batch_size, training.tokenizer.pad_token_id, training.precision, training.scorer)
         training.result.eval_losses.append(metrics["eval_loss"])
         training.tracker.log(step, metrics)
         return

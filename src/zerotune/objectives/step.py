@@ -19,7 +19,7 @@ import torch
 from zerotune.data.batches import even_batches
 from zerotune.data.pairs import collate_pairs
 from zerotune.errors import ConfigError
-from zerotune.objectives.logps import PairLoss, PairScores, score_pairs
+from zerotune.objectives.logps import PairLoss, PairScorer, PairScores
 from zerotune.step import count_label_tokens
 from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_device
 
@@ -42,21 +42,24 @@ def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_na
 
 
 class Reference:
-    """The reference model's scores of a pair batch, without gradient."""
+    """The reference model's scores of a pair batch, without gradient: ``scorer`` scores the policy model with
+    its adapters off, ``frozen_scorer`` the frozen copy (each with its own output head's chunked scoring)."""
 
-    def __init__(self, strategy, frozen: torch.nn.Module | None = None):
-        self.strategy, self.frozen = strategy, frozen
+    def __init__(self, strategy, frozen: torch.nn.Module | None = None, scorer: PairScorer = PairScorer(),
+                 frozen_scorer: PairScorer | None = None):
+        self.strategy, self.frozen, self.scorer = strategy, frozen, scorer
+        self.frozen_scorer = frozen_scorer or scorer
 
-    def scores(self, model, batch):
+    def scores(self, model, batch, count: int | None = None):
         if "reference_logps" in batch:  # precomputed before training (attach_reference)
             chosen, rejected = batch["reference_logps"].chunk(2)
             unused = torch.zeros_like(chosen)
             return PairScores(chosen, rejected, unused, unused, unused.sum())
         with torch.no_grad():
             if self.frozen is not None:
-                return score_pairs(self.frozen, batch)
+                return self.frozen_scorer(self.frozen, batch, count)
             with self.strategy.unwrap(model).disable_adapter():
-                return score_pairs(model, batch)
+                return self.scorer(model, batch, count)
 
 
 def pair_sums(objective, result: PairLoss, policy) -> list[torch.Tensor]:
@@ -76,15 +79,17 @@ class PreferenceStep:
     pairs and returns a LaunchedStep whose outcome holds the step's mean loss and whose metrics hold the
     objective's terms and the rewards."""
 
-    def __init__(self, model, strategy, objective, reference: Reference, *, precision, pad_token_id: int):
+    def __init__(self, model, strategy, objective, reference: Reference, *, precision, pad_token_id: int,
+                 scorer: PairScorer = PairScorer()):
         self.model, self.strategy, self.objective, self.reference = model, strategy, objective, reference
-        self.precision, self.pad_token_id = precision, pad_token_id
+        self.precision, self.pad_token_id, self.scorer = precision, pad_token_id, scorer
         self.metric_names = metric_names(objective)
 
     def __call__(self, step: int, examples: list[list], votes) -> LaunchedStep:
         strategy = self.strategy
         batches = [collate_pairs(micro, self.pad_token_id) for micro in examples]
         normalisers = [sum(counts) for counts in zip(*(self.objective.normalisers(b) for b in batches))]
+        scored = [self.scorer.count(b) for b in batches]  # on the host: the chunked head then needs no sync
         vote_values = votes()
         # One all-reduce before the forward, as for SFT: response tokens, input tokens, slots and the votes (the
         # loop reads those four), then the global counts the objective's terms are divided by.
@@ -95,20 +100,21 @@ class PreferenceStep:
         totals = info[3 + len(vote_values):].float()
         device_batches = [to_device(batch, strategy.device) for batch in batches]
         lr = strategy.current_lr()
-        outcome, metrics = self._compute(device_batches, totals)
+        outcome, metrics = self._compute(device_batches, totals, scored)
         strategy.advance_schedule()
         return LaunchedStep(step, lr, info_copy, HostCopy(outcome), WorkDone(strategy.device), HostCopy(metrics),
                             self.metric_names)
 
-    def _compute(self, device_batches, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, device_batches, totals: torch.Tensor, scored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """[mean loss, grad norm, applied] and [each term, the pair metrics] of one optimizer step."""
         model, strategy, objective = self.model, self.strategy, self.objective
         sums = torch.zeros(len(objective.term_names) + len(PAIR_METRICS), device=strategy.device)
         for index, batch in enumerate(device_batches):
             with strategy.accumulating(model, sync=index == len(device_batches) - 1):
                 with self.precision():
-                    reference = self.reference.scores(model, batch) if objective.uses_reference else None
-                    policy = score_pairs(model, batch)
+                    reference = self.reference.scores(model, batch, scored[index]) if objective.uses_reference \
+                        else None
+                    policy = self.scorer(model, batch, scored[index])
                     result = objective(policy, reference)
                     terms = torch.stack([term / total.clamp(min=1) for term, total in zip(result.terms, totals)])
                 strategy.backward(terms.sum() * strategy.world_size)
@@ -126,7 +132,7 @@ class PreferenceStep:
 
 @torch.no_grad()
 def evaluate_pairs(model, strategy, objective, reference: Reference, examples, batch_size: int, pad_token_id: int,
-                   precision=None) -> dict[str, float]:
+                   precision=None, scorer: PairScorer = PairScorer()) -> dict[str, float]:
     """The objective's loss and pair metrics over every eval pair, across all ranks, as ``eval_`` metrics."""
     model.eval()
     term_count = len(objective.term_names)
@@ -138,7 +144,7 @@ def evaluate_pairs(model, strategy, objective, reference: Reference, examples, b
         batch = to_device(batch, strategy.device)
         with (precision or contextlib.nullcontext)():
             scores = reference.scores(model, batch) if objective.uses_reference else None
-            policy = score_pairs(model, batch)
+            policy = scorer(model, batch)
             result = objective(policy, scores)
         if keep:
             totals += torch.stack([*result.terms, *torch.tensor(counts, device=strategy.device, dtype=totals.dtype),
@@ -156,7 +162,7 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, precision, output_dir, is_lora: bool,
-                     note=print) -> None:
+                     note=print, scorer: PairScorer = PairScorer()) -> None:
     """--reference precomputed: every train and eval pair's reference log-probs, attached to the pairs. Scored
     once at a fresh start by the model as loaded (LoRA switched off; full fine-tuning: before any update), each
     worker a share, and kept in the run directory, which a resumed run reads back (its model has trained)."""
@@ -168,7 +174,7 @@ def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, 
         values = load_file(str(path))
         note(f"reference log-probs read from {path}")
     else:
-        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora)
+        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora, scorer)
                   for name, pairs in splits.items() if pairs}
         if strategy.is_main:
             save_file(values, str(path))
@@ -183,7 +189,8 @@ def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, 
 
 
 @torch.no_grad()
-def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, precision, is_lora: bool) -> torch.Tensor:
+def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, precision, is_lora: bool,
+               scorer: PairScorer) -> torch.Tensor:
     """(len(pairs), 2) reference log-probs, each worker scoring a share. Every worker runs the same number of
     forwards (even_batches)."""
     mine = {}
@@ -193,7 +200,7 @@ def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, preci
         for indices, keep in even_batches(len(pairs), batch_size, strategy.rank, strategy.world_size):
             batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id), strategy.device)
             with (precision or contextlib.nullcontext)():
-                scores = score_pairs(model, batch)
+                scores = scorer(model, batch)
             if keep:
                 mine.update(zip(indices, zip(scores.chosen.tolist(), scores.rejected.tolist())))
     model.train()
