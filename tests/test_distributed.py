@@ -64,7 +64,10 @@ def leaf_modules(output) -> dict | None:
     return json.loads((Path(output) / "deepspeed_config.json").read_text())["zero_optimization"].get("leaf_module")
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+# zero3_ckpt (layer leaves with checkpointing) runs under QLoRA in test_qlora_sharded_matches_single_process, its
+# leaves checked there too; with LoRA, layer leaves run here without checkpointing (zero3) and checkpointing with
+# module fetch (zero3_module_fetch): one LoRA run fewer, no pair of the three left out.
+@pytest.mark.parametrize("engine", [name for name in ENGINES if name != "zero3_ckpt"])
 def test_engine_matches_single_process(engine, reference, tiny_llama, alpaca_file, tmp_path):
     pytest.importorskip("deepspeed") if "zero" in engine else None
     config = two_worker_config(tiny_llama, alpaca_file, tmp_path / "run", **ENGINES[engine], **EVAL)
@@ -249,6 +252,8 @@ def test_qlora_sharded_matches_single_process(engine, qlora_reference, tiny_llam
     expected_losses, expected_adapter = qlora_reference
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
     assert_state_close(adapter_weights(tmp_path / "run"), expected_adapter, rtol=1e-4, atol=1e-6)
+    if "zero" in engine:
+        assert leaf_modules(tmp_path / "run") == LAYER_LEAVES  # gathered a layer at a time, checkpointed too
 
 
 def test_bf16_qlora_under_fsdp2_equals_one_process(tiny_llama, alpaca_file, tmp_path):
