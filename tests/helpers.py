@@ -1,8 +1,6 @@
-"""Run training in-process the way the CLI does; run it through the CLI with its listening sockets watched."""
+"""Run training in-process the way the CLI does; watch a run's listening sockets."""
 
 import ipaddress
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -196,24 +194,3 @@ class ListeningSockets:
 
     def owners(self) -> list[str]:
         return list(self.seen.values())
-
-
-def watched_run(tmp_path, tiny_llama, alpaca_file, *launcher_args) -> ListeningSockets:
-    """One 2-worker CPU run through the CLI into ``tmp_path / "run"``, its listening sockets collected while it
-    runs (tests/test_network_exposure.py; psutil needed)."""
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "zerotune", "train", "--model", str(tiny_llama), "--data", str(alpaca_file),
-               "--output-dir", str(out), "--max-steps", "3", "--batch-size", "2", "--dtype", "fp32",
-               "--max-seq-len", "128", "--eval-fraction", "0", "--tracking", "none", "--quiet",
-               "--num-workers", "2", "--use-cpu", *launcher_args]
-    log = (tmp_path / "run.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-    with ListeningSockets(process.pid) as sockets:
-        try:
-            process.wait(timeout=600)  # Ray's start-up alone can take minutes on 2 busy cores
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    log.close()
-    assert process.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
-    return sockets

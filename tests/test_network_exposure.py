@@ -4,9 +4,9 @@ While a real 2-worker CPU run goes on, every TCP socket in LISTEN state owned by
 collected (helpers.ListeningSockets): the launching process, everything it started (torch's elastic agent and
 workers; Ray's GCS, raylet, agents and workers), and any process naming the run's Ray session directory. Each
 must be bound to 127.0.0.1 or ::1 (or ::ffff:127.0.0.1), never to 0.0.0.0 or ::. Those checks ride on runs that
-other tests make anyway, rather than on runs of their own: the local launcher's in tests/test_resume.py
-(test_local_launcher_listens_on_loopback_only, on the SIGTERM run), Ray's in tests/test_ray.py
-(test_local_ray_listens_on_loopback_only, on the run compared with one process). Here: one process's group.
+other tests make anyway, rather than on runs of their own, both in tests/test_resume.py:
+test_local_launcher_listens_on_loopback_only on the local launcher's SIGTERM run, and
+test_local_ray_listens_on_loopback_only on the Ray run that loses a worker. Here: one process's group.
 """
 
 import json

@@ -330,19 +330,25 @@ def kill_reference(tiny_llama, alpaca_file, tmp_path_factory) -> Path:
     return reference
 
 
-def survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path, reference, launcher_args, marker):
-    """Uninterrupted single-process reference vs a 2-worker run that loses a worker after checkpoint 2."""
-    out = tmp_path / "run"
+def kill_a_worker(tiny_llama, alpaca_file, out, launcher_args, marker):
+    """A 2-worker run through the CLI that loses a worker once checkpoint 4 exists, its listening sockets watched
+    throughout: (exit status, stdout and stderr, the sockets)."""
     process = subprocess.Popen(cli(*run_args(tiny_llama, alpaca_file, out, KILL_STEPS), "--batch-size", "2",
-                                   "--grad-accum", "2", "--num-workers", "2", "--use-cpu", "--lora-dropout", "0", *launcher_args),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Once checkpoint 4 exists, checkpoint 2 has surely been reported to the launcher (Ray's report follows
-    # our commit): the restart must resume from 2 or 4, not start over.
-    wait_for(lambda: (out / "checkpoints" / step_name(4)).is_dir(), process, timeout=300)
-    kill_one_worker(process.pid, marker)
-    out_text, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-    assert "resumed from" in out_text + err
+                                   "--grad-accum", "2", "--num-workers", "2", "--use-cpu", "--lora-dropout", "0",
+                                   *launcher_args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with ListeningSockets(process.pid) as sockets:
+        # Once checkpoint 4 exists, checkpoint 2 has surely been reported to the launcher (Ray's report follows
+        # our commit): the restart must resume from 2 or 4, not start over.
+        wait_for(lambda: (out / "checkpoints" / step_name(4)).is_dir(), process, timeout=300)
+        kill_one_worker(process.pid, marker)
+        out_text, err = process.communicate(timeout=600)
+    return process.returncode, out_text + err, sockets
+
+
+def assert_survived(out: Path, reference: Path, status: int, output: str) -> None:
+    """The restarted workers resumed, and the whole run equals the uninterrupted single-process reference."""
+    assert status == 0, output[-3000:]
+    assert "resumed from" in output
     torch.testing.assert_close(torch.tensor(losses_of(out)), torch.tensor(losses_of(reference)), rtol=1e-5, atol=0)
     resumed, expected = adapter_weights(out), adapter_weights(reference)
     for key in expected:
@@ -351,15 +357,39 @@ def survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path, reference, launcher
 
 @pytest.mark.slow
 def test_local_launcher_restarts_after_a_worker_dies(kill_reference, tiny_llama, alpaca_file, tmp_path):
-    survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path, kill_reference,
-                          ["--strategy", "ddp", "--max-restarts", "1"], "spawn_main")
+    status, output, _ = kill_a_worker(tiny_llama, alpaca_file, tmp_path / "run",
+                                      ["--strategy", "ddp", "--max-restarts", "1"], "spawn_main")
+    assert_survived(tmp_path / "run", kill_reference, status, output)
+
+
+@pytest.fixture(scope="module")
+def ray_worker_killed(tiny_llama, alpaca_file, tmp_path_factory):
+    """2 FSDP2 workers on a local Ray through the CLI, one killed after checkpoint 4: (output directory, exit
+    status, output, sockets) for the two tests below, one Ray run for both."""
+    pytest.importorskip("ray")
+    out = tmp_path_factory.mktemp("ray-kill") / "run"
+    return (out, *kill_a_worker(tiny_llama, alpaca_file, out,
+                                ["--launcher", "ray", "--strategy", "fsdp", "--max-failures", "1"], "RayTrainWorker"))
 
 
 @pytest.mark.slow
-def test_ray_restarts_after_a_worker_dies(kill_reference, tiny_llama, alpaca_file, tmp_path):
-    pytest.importorskip("ray")
-    survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path, kill_reference,
-                          ["--launcher", "ray", "--strategy", "fsdp", "--max-failures", "1"], "RayTrainWorker")
+def test_ray_restarts_after_a_worker_dies(ray_worker_killed, kill_reference):
+    """Ray restarts the workers, which resume from the newest checkpoint; the run's losses and adapter equal one
+    process's. This is also the suite's comparison of a Ray run with one process (tests/test_ray.py runs the
+    tutorial's line on a two-node cluster)."""
+    out, status, output, _ = ray_worker_killed
+    assert_survived(out, kill_reference, status, output)
+
+
+@pytest.mark.slow
+def test_local_ray_listens_on_loopback_only(ray_worker_killed):
+    """Every listening socket of a local Ray run's processes (GCS, raylet, agents, workers, the restarted ones
+    too) is on loopback (tests/test_network_exposure.py says why), watched on the run above."""
+    *_, sockets = ray_worker_killed
+    owners = " | ".join(sockets.owners())
+    for component in ("gcs_server", "raylet", "RayTrainWorker"):
+        assert component in owners, f"no listening socket of {component} seen: {owners[:2000]}"
+    assert sockets.exposed() == []
 
 
 def test_time_based_checkpoints(config_for):
