@@ -94,7 +94,7 @@ def uninterrupted_two_workers(tiny_llama, alpaca_file, tmp_path_factory):
     def run(engine: str):
         if engine not in runs:
             out = tmp_path_factory.mktemp(f"uninterrupted-{engine}") / "run"
-            runs[engine] = out, train(make_config(tiny_llama, alpaca_file, out, **TWO_WORKERS, **ENGINES[engine]))
+            runs[engine] = out, train(make_config(tiny_llama, alpaca_file, out, **{**TWO_WORKERS, **ENGINES[engine]}))
         return runs[engine]
     return run
 
@@ -106,8 +106,8 @@ def test_resume_two_workers_is_exact(engine, uninterrupted_two_workers, tiny_lla
         pytest.importorskip("deepspeed")
     full, expected = uninterrupted_two_workers(engine)
     run_dir = interrupted_copy(full, tmp_path / "resumed", 2)
-    result = train(make_config(tiny_llama, alpaca_file, run_dir, **TWO_WORKERS, **ENGINES[engine],
-                               **{"checkpoint.resume": True}))
+    result = train(make_config(tiny_llama, alpaca_file, run_dir, **{**TWO_WORKERS, **ENGINES[engine],
+                                                                   "checkpoint.resume": True}))
     assert result.resumed_from == 2 and result.losses == expected.losses
     resumed, reference = adapter_weights(run_dir), adapter_weights(full)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
