@@ -12,6 +12,7 @@ from conftest import make_config
 from helpers import adapter_weights, train
 from test_resume import cli, losses_of, wait_for
 from zerotune.checkpoints import newest_checkpoint
+from zerotune.cli import main
 from zerotune.checkpoints.manifest import TRAINER_STATE
 from zerotune.stopping import EXIT_PREEMPTED
 
@@ -27,7 +28,7 @@ def dpo_args(model, data, out, steps):
 def test_sigterm_checkpoints_then_resume_matches(tiny_llama, pairs_file, tmp_path):
     steps = 20
     reference = tmp_path / "reference"
-    subprocess.run(cli(*dpo_args(tiny_llama, pairs_file, reference, steps)), check=True, capture_output=True)
+    assert main(["train", *map(str, dpo_args(tiny_llama, pairs_file, reference, steps))]) == 0  # in this process
     out = tmp_path / "run"
     process = subprocess.Popen(cli(*dpo_args(tiny_llama, pairs_file, out, steps)), stderr=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
