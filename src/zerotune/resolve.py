@@ -297,9 +297,8 @@ def explain_fused_projections(config: RunConfig, strategy: str, compiled: bool, 
     """adapter.fused_projections. auto: with compiled layers on a CUDA GPU in one process (where it was
     measured); on: LoRA in one process or under DDP (each rank fuses its own copy; tested on CPU workers, not
     measured on GPUs). Either way kept only if its install-time logits check equals PEFT's path. A preference
-    objective's reference pass switches the adapters off: the fused groups then run PEFT's forward over the
-    frozen weights, which are views of the stacked tensor (tests/test_preference_speed.py); auto leaves pairs
-    unfused, since they were not measured fused."""
+    objective's reference pass runs the same fused groups with the adapters' contribution multiplied by zero
+    (objectives.step.adapters_zeroed; tests/test_preference_speed.py)."""
     setting = config.adapter.fused_projections
     if setting == "off":
         return False, "asked for"
@@ -309,9 +308,6 @@ def explain_fused_projections(config: RunConfig, strategy: str, compiled: bool, 
         if strategy in ("single", "ddp"):
             return True, "asked for; kept if its install-time check equals PEFT's logits"
         return False, f"covers one process or DDP, not {strategy}"
-    if config.objective.name != "sft":
-        return False, f"auto fuses where it was measured, SFT; --objective {config.objective.name} fuses with " \
-                      "--fused-projections on"
     if not (compiled and device_type == "cuda" and strategy == "single"):
         return False, "auto fuses with compiled layers on one CUDA worker (where it was measured)"
     return True, "compiled layers on one CUDA worker; kept if its install-time check equals PEFT's logits"

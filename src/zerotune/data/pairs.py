@@ -3,7 +3,9 @@
 Two record forms, rendered with the same templates as SFT records:
   {"prompt": "...", "chosen": "...", "rejected": "..."}  (optional "input", "lang": "es"), alpaca or alpaca_es;
   {"messages": [...], "chosen": ..., "rejected": ...}    the chat template; "prompt" may hold the messages
-  instead, and each response is a string, an assistant message or a list of messages.
+  instead, and each response is a string, an assistant message or a list of messages;
+  {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}  pre-tokenized (template tokens), taken as
+  they are: no BOS or EOS is added (the names TRL's DPOTrainer gives tokenized pairs).
 Only response tokens are scored. EOS ends each response, as in SFT. A pair longer than data.max_seq_len keeps
 its prompt's end (and its BOS), so the responses survive; the responses are cut only where the longest of them
 alone is longer than half the window.
@@ -21,6 +23,7 @@ from zerotune.data.templates import get_alpaca_template
 from zerotune.errors import DataError
 
 SIDES = ("chosen", "rejected")
+TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass
@@ -46,13 +49,16 @@ class EncodedPair:
 
 
 def is_pair(record: Any) -> bool:
-    return isinstance(record, dict) and ("chosen" in record or "rejected" in record)
+    return isinstance(record, dict) and any(side in record or f"{side}_ids" in record for side in SIDES)
 
 
 def pair_template(record: dict, configured: str) -> str:
-    """The template a pair renders with; auto: chat for messages, alpaca_es for "lang": "es", else alpaca."""
+    """The template a pair renders with; auto: tokens for token ids, chat for messages, alpaca_es for
+    "lang": "es", else alpaca."""
     if configured != "auto":
         return configured
+    if "prompt_ids" in record or "chosen_ids" in record:
+        return "tokens"
     if "messages" in record or isinstance(record.get("prompt"), list):
         return "chat"
     return "alpaca_es" if record.get("lang") == "es" else "alpaca"
@@ -67,8 +73,8 @@ def check_pairs(records: list[dict[str, Any]], where: list[str], template: str, 
             raise DataError(f"{place}: expected a JSON object, got {type(record).__name__}")
         name = pair_template(record, template)
         if name == "tokens":
-            raise DataError(f"{place}: --template tokens is for SFT records; preference pairs render with alpaca, "
-                            "alpaca_es or chat (or auto)")
+            _check_token_pair(record, place)
+            continue
         for side in SIDES:
             if side not in record or record[side] is None:
                 raise DataError(f'{place}: missing field "{side}" (preference records need prompt (or messages), '
@@ -83,6 +89,17 @@ def check_pairs(records: list[dict[str, Any]], where: list[str], template: str, 
         if texts[0] == texts[1]:
             raise DataError(f'{place}: "chosen" and "rejected" are identical, so the pair prefers nothing; fix or '
                             "delete the record")
+
+
+def _check_token_pair(record: dict, place: str) -> None:
+    for field in TOKEN_FIELDS:
+        ids = record.get(field)
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise DataError(f'{place}: field "{field}" must be a non-empty list of token ids (integers >= 0); '
+                            "pre-tokenized pairs need prompt_ids, chosen_ids and rejected_ids")
+    if record["chosen_ids"] == record["rejected_ids"]:
+        raise DataError(f'{place}: "chosen_ids" and "rejected_ids" are identical, so the pair prefers nothing; fix or '
+                        "delete the record")
 
 
 def _prompt_messages(record: dict, place: str) -> list[dict]:
@@ -113,6 +130,8 @@ def _response_text(value: Any, side: str, place: str) -> str:
 
 
 def encode_pair(tokenizer, record: dict, template_name: str, place: str) -> EncodedPair:
+    if template_name == "tokens":
+        return EncodedPair(*(list(record[field]) for field in TOKEN_FIELDS))
     if template_name == "chat":
         return _encode_chat_pair(tokenizer, record, place)
     template = get_alpaca_template(template_name)

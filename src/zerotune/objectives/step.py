@@ -1,8 +1,8 @@
 """The optimizer step, the reference pass and the evaluation for preference pairs.
 
 A micro-batch of B pairs is one forward over 2B rows (chosen, then rejected). The reference log-probabilities
-come from the same model with its LoRA layers switched off (PEFT's disable_adapter; no second copy of the
-weights), or, for full fine-tuning, from a frozen copy of the base taken before training. Loss normalisation:
+come from the same model with its LoRA layers' contribution multiplied by zero (adapters_zeroed; no second copy
+of the weights), or, for full fine-tuning, from a frozen copy of the base taken before training. Loss normalisation:
 each objective term is a sum over the micro-batch divided by its count over the global batch (all micro-batches
 on all ranks), reduced on the host before the forward as SFT's label-token count is (zerotune.step); each
 micro-batch backpropagates ``loss * world_size`` and the engines average over ranks.
@@ -30,7 +30,7 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
 
 def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_name: str, reference: str = "live"):
     """For full fine-tuning under a reference objective scored live: a frozen copy of the base ``model`` (before
-    any update), else None (LoRA and QLoRA switch their adapters off; precomputed values need no model)."""
+    any update), else None (LoRA and QLoRA multiply their adapters by zero; precomputed values need no model)."""
     if objective is None or not objective.uses_reference or method != "full" or reference == "precomputed":
         return None
     if strategy_name not in ("single", "ddp"):
@@ -39,6 +39,29 @@ def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_na
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
+
+
+@contextlib.contextmanager
+def adapters_zeroed(model: torch.nn.Module):
+    """Every LoRA layer's scaling set to 0 while inside: the adapters' contribution is multiplied by zero rather
+    than skipped, so the reference pass runs the policy's own kernels (fused stacked matmuls and compiled graphs
+    included) and, while LoRA-B is zero, gives the policy's log-probs bit for bit in bf16 too. PEFT's
+    disable_adapter skips them, which runs matmuls of other shapes whose bf16 rounding differs: on an H100 a 7B
+    DPO's first loss read 0.776 instead of ln 2. The random-number state is restored on the way out, so LoRA
+    dropout in this pass draws nothing from the policy's stream."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(m.scaling) for m in layers]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        for layer in layers:
+            layer.scaling.update(dict.fromkeys(layer.scaling, 0.0))
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for layer, scaling in zip(layers, saved):
+            layer.scaling.update(scaling)
 
 
 class Reference:
@@ -58,7 +81,7 @@ class Reference:
         with torch.no_grad():
             if self.frozen is not None:
                 return self.frozen_scorer(self.frozen, batch, count)
-            with self.strategy.unwrap(model).disable_adapter():
+            with adapters_zeroed(self.strategy.unwrap(model)):
                 return self.scorer(model, batch, count)
 
 
@@ -195,7 +218,7 @@ def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, preci
     forwards (even_batches)."""
     mine = {}
     model.eval()
-    off = strategy.unwrap(model).disable_adapter() if is_lora else contextlib.nullcontext()
+    off = adapters_zeroed(strategy.unwrap(model)) if is_lora else contextlib.nullcontext()
     with off:
         for indices, keep in even_batches(len(pairs), batch_size, strategy.rank, strategy.world_size):
             batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id), strategy.device)
