@@ -235,7 +235,8 @@ def _build_model(training: Run) -> None:
         training.reference = Reference(strategy, frozen, training.scorer, frozen_scorer)
         training.step = PreferenceStep(model, strategy, training.objective, training.reference,
                                        precision=precision, pad_token_id=training.tokenizer.pad_token_id,
-                                       scorer=training.scorer)
+                                       scorer=training.scorer,
+                                       row_length=config.data.max_seq_len if config.data.packing else None)
         return
     training.step = TrainStep(model, strategy, loss_head=speedups.loss_head, precision=precision, graphs=graphs,
                               pad_token_id=training.tokenizer.pad_token_id, pad_to=pad_to, note=tracker.note)

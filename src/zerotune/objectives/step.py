@@ -1,6 +1,7 @@
 """The optimizer step, the reference pass and the evaluation for preference pairs.
 
-A micro-batch of B pairs is one forward over 2B rows (chosen, then rejected). The reference log-probabilities
+A micro-batch of B pairs is one forward over 2B rows (chosen, then rejected), or with --packing over those 2B
+sequences packed into rows of data.max_seq_len (the same pairs per micro-batch, so the losses are the same). The reference log-probabilities
 come from the same model with its LoRA layers' contribution multiplied by zero (adapters_zeroed; no second copy
 of the weights), or, for full fine-tuning, from a frozen copy of the base taken before training. Loss normalisation:
 each objective term is a sum over the micro-batch divided by its count over the global batch (all micro-batches
@@ -103,14 +104,15 @@ class PreferenceStep:
     objective's terms and the rewards."""
 
     def __init__(self, model, strategy, objective, reference: Reference, *, precision, pad_token_id: int,
-                 scorer: PairScorer = PairScorer()):
+                 scorer: PairScorer = PairScorer(), row_length: int | None = None):
         self.model, self.strategy, self.objective, self.reference = model, strategy, objective, reference
         self.precision, self.pad_token_id, self.scorer = precision, pad_token_id, scorer
+        self.row_length = row_length  # --packing: each micro-batch's sequences packed into rows of this length
         self.metric_names = metric_names(objective)
 
     def __call__(self, step: int, examples: list[list], votes) -> LaunchedStep:
         strategy = self.strategy
-        batches = [collate_pairs(micro, self.pad_token_id) for micro in examples]
+        batches = [collate_pairs(micro, self.pad_token_id, self.row_length) for micro in examples]
         normalisers = [sum(counts) for counts in zip(*(self.objective.normalisers(b) for b in batches))]
         scored = [self.scorer.count(b) for b in batches]  # on the host: the chunked head then needs no sync
         vote_values = votes()
@@ -118,7 +120,7 @@ class PreferenceStep:
         # loop reads those four), then the global counts the objective's terms are divided by.
         info = strategy.all_reduce_sum(host_values(strategy.device, [
             sum(count_label_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches),
-            sum(b["input_ids"].numel() for b in batches), *vote_values, *normalisers]))
+            sum(b.get("packed_input_ids", b["input_ids"]).numel() for b in batches), *vote_values, *normalisers]))
         info_copy = HostCopy(info)
         totals = info[3 + len(vote_values):].float()
         device_batches = [to_device(batch, strategy.device) for batch in batches]
