@@ -1,9 +1,10 @@
 """The optimizer step, the reference pass and the evaluation for preference pairs.
 
 A micro-batch of B pairs is one forward over 2B rows (chosen, then rejected), or with --packing over those 2B
-sequences packed into rows of data.max_seq_len (the same pairs per micro-batch, so the losses are the same). The reference log-probabilities
-come from the same model with its LoRA layers' contribution multiplied by zero (adapters_zeroed; no second copy
-of the weights), or, for full fine-tuning, from a frozen copy of the base taken before training. Loss normalisation:
+sequences packed into rows of data.max_seq_len (the same pairs per micro-batch, so the same losses). The
+reference log-probabilities come from the same model with its LoRA layers' contribution multiplied by zero
+(adapters_zeroed; no second copy of the weights), or, for full fine-tuning, from a frozen copy of the base taken
+before training. Loss normalisation:
 each objective term is a sum over the micro-batch divided by its count over the global batch (all micro-batches
 on all ranks), reduced on the host before the forward as SFT's label-token count is (zerotune.step); each
 micro-batch backpropagates ``loss * world_size`` and the engines average over ranks.
