@@ -30,6 +30,11 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
                 "logps/rejected")
 
 
+def packed_row_length(config) -> int | None:
+    """With --packing, the length of the rows each batch's sequences are packed into (data.max_seq_len)."""
+    return config.data.max_seq_len if config.data.packing else None
+
+
 def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_name: str, reference: str = "live"):
     """For full fine-tuning under a reference objective scored live: a frozen copy of the base ``model`` (before
     any update), else None (LoRA and QLoRA multiply their adapters by zero; precomputed values need no model)."""
@@ -158,14 +163,16 @@ class PreferenceStep:
 
 @torch.no_grad()
 def evaluate_pairs(model, strategy, objective, reference: Reference, examples, batch_size: int, pad_token_id: int,
-                   precision=None, scorer: PairScorer = PairScorer()) -> dict[str, float]:
-    """The objective's loss and pair metrics over every eval pair, across all ranks, as ``eval_`` metrics."""
+                   precision=None, scorer: PairScorer = PairScorer(), row_length: int | None = None
+                   ) -> dict[str, float]:
+    """The objective's loss and pair metrics over every eval pair, across all ranks, as ``eval_`` metrics;
+    ``row_length``: each batch's sequences packed (collate_pairs), which changes no value."""
     model.eval()
     term_count = len(objective.term_names)
     # term sums, their counts, then the pair metric sums
     totals = torch.zeros(2 * term_count + len(PAIR_METRICS), device=strategy.device)
     for indices, keep in even_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
-        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
+        batch = collate_pairs([examples[i] for i in indices], pad_token_id, row_length)
         counts = objective.normalisers(batch)
         batch = to_device(batch, strategy.device)
         with (precision or contextlib.nullcontext)():
@@ -188,10 +195,11 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, precision, output_dir, is_lora: bool,
-                     note=print, scorer: PairScorer = PairScorer()) -> None:
+                     note=print, scorer: PairScorer = PairScorer(), row_length: int | None = None) -> None:
     """--reference precomputed: every train and eval pair's reference log-probs, attached to the pairs. Scored
     once at a fresh start by the model as loaded (LoRA switched off; full fine-tuning: before any update), each
-    worker a share, and kept in the run directory, which a resumed run reads back (its model has trained)."""
+    worker a share (packed with ``row_length``), and kept in the run directory, which a resumed run reads back
+    (its model has trained)."""
     from safetensors.torch import load_file, save_file
 
     path = Path(output_dir) / REFERENCE_FILE
@@ -200,8 +208,8 @@ def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, 
         values = load_file(str(path))
         note(f"reference log-probs read from {path}")
     else:
-        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora, scorer)
-                  for name, pairs in splits.items() if pairs}
+        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora, scorer,
+                                   row_length) for name, pairs in splits.items() if pairs}
         if strategy.is_main:
             save_file(values, str(path))
         strategy.barrier()
@@ -216,7 +224,7 @@ def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, 
 
 @torch.no_grad()
 def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, precision, is_lora: bool,
-               scorer: PairScorer) -> torch.Tensor:
+               scorer: PairScorer, row_length: int | None) -> torch.Tensor:
     """(len(pairs), 2) reference log-probs, each worker scoring a share. Every worker runs the same number of
     forwards (even_batches)."""
     mine = {}
@@ -224,7 +232,7 @@ def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, preci
     off = adapters_zeroed(strategy.unwrap(model)) if is_lora else contextlib.nullcontext()
     with off:
         for indices, keep in even_batches(len(pairs), batch_size, strategy.rank, strategy.world_size):
-            batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id), strategy.device)
+            batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id, row_length), strategy.device)
             with (precision or contextlib.nullcontext)():
                 scores = scorer(model, batch)
             if keep:
