@@ -144,6 +144,9 @@ class DataConfig:
     cache_dir: str = option(
         "", "Where the data cache lives; empty: $ZEROTUNE_DATA_CACHE, else ~/.cache/zerotune/data (shared storage "
             "serves several nodes).", "--data-cache-dir")
+    streaming: bool = option(
+        False, "Read the training data lazily (hub or local JSONL/Parquet shards), tokenized and packed ahead of the "
+               "step; needs --max-steps (docs/data.md).", "--streaming")
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from zerotune import adapters, speed
-from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
-    save_checkpoint, verified_restore
+from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_rank_data, read_trainer_state, \
+    restore_rng, save_checkpoint, verified_restore
 from zerotune.config import RunConfig, dump_yaml
 from zerotune.data.batches import BatchPlan, collate, even_batches
 from zerotune.data.prepare import prepare_data
@@ -97,12 +97,19 @@ class Run:
     objective: object | None = None  # a preference objective (zerotune.objectives); None: SFT
     reference: object | None = None  # its reference model's scores (zerotune.objectives.step.Reference)
     scorer: object | None = None  # how a pair batch is scored (zerotune.objectives.logps.PairScorer)
+    stream: object | None = None  # --streaming: this rank's zerotune.data.streaming.TrainingStream (data.train empty)
 
     def micro_batches(self, step: int) -> list[list]:
         """This rank's micro-batches of the global batch for ``step``: lists of examples."""
+        if self.stream:  # the stream's next rows; a resumed stream starts where its checkpoint left off
+            return self.stream.micro_batches(self.plan.micro_batch_size, self.plan.grad_accum)
         epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
         micro = self.plan.micro_batches(epoch, step_in_epoch, self.strategy.rank)
         return [[self.data.train[i] for i in indices] for indices in micro]
+
+    def close(self) -> None:
+        if self.stream:
+            self.stream.close()  # its reader thread
 
 
 def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None,
@@ -121,7 +128,8 @@ def run(config: RunConfig, show_progress: bool = True, session: RunSession | Non
     try:
         with StopSignals() as signals:
             training = setup(config, settings, strategy, show_progress, session)
-            return train_loop(training, signals, session)
+            with contextlib.closing(training):
+                return train_loop(training, signals, session)
     except BaseException as error:
         # The traceback would keep the loop's locals (a DDP model holds the process group) alive past
         # leave_process_group; freed then, gloo's group can deadlock at exit. Free them while it exists.
@@ -154,11 +162,18 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
     output_dir = Path(config.output.dir)
     tokenizer = load_tokenizer(config.model)
     seed = config.train.seed
-    # Each worker tokenizes its own slice of the records; the engine's all-gather assembles the whole set.
-    data = prepare_data(config.data, tokenizer, seed, strategy.rank, strategy.world_size, strategy.all_gather_object,
-                        pairs=config.objective.name != "sft")
+    stream = None
+    if config.data.streaming:  # each worker reads its own share of the stream (max_steps is set: config_checks)
+        from zerotune.data.streaming import streamed_data
+
+        data, stream = streamed_data(config.data, tokenizer, strategy.rank, strategy.world_size,
+                                     strategy.all_gather_object, config.train.batch_size * config.train.grad_accum)
+    else:  # each worker tokenizes its own slice of the records; the engine's all-gather assembles the whole set
+        data = prepare_data(config.data, tokenizer, seed, strategy.rank, strategy.world_size,
+                            strategy.all_gather_object, pairs=config.objective.name != "sft")
     plan = BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, strategy.world_size, seed)
-    plan.check(config.data.path)
+    if not stream:
+        plan.check(config.data.path)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * plan.steps_per_epoch))
     # Every rank reads its share of the checksums; all ranks agree on the newest intact checkpoint.
     restore = verified_restore(session.restore_from(config, output_dir), output_dir, strategy)
@@ -166,6 +181,8 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
     if restore:
         check_engine_matches(state, restore, strategy, len(data.train))
         state["restore"] = restore
+        if stream:
+            stream.resume(read_rank_data(restore, strategy.rank, strategy.world_size))
     start_step = state.get("step", 0)
     # A fresh start keeps nothing a failed earlier attempt (a restart without a checkpoint) logged.
     tracker = Tracker(config, output_dir, show_progress, resume_step=start_step if restore else -1,
@@ -174,14 +191,15 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
                        losses=list(state.get("losses", [])), eval_losses=list(state.get("eval_losses", [])),
                        skipped_steps=state.get("skipped_steps", 0), resumed_from=start_step if restore else None)
     training = Run(config, settings, strategy, output_dir, tokenizer, data, plan, total_steps, tracker, result,
-                   start_step=start_step, state=state, objective=create_objective(config.objective))
+                   start_step=start_step, state=state, objective=create_objective(config.objective), stream=stream)
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
         (output_dir / RESOLVED_FILE).write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
         tracker.note("settings as resolved (resolved.yaml):\n" + settings.table())
         source = config.data.path or ("of the mixture" if config.data.mix else
                                       "the bundled English+Spanish sample (no --data given)")
-        tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
+        tracker.note(f"data {source}: streamed, {len(data.eval)} eval examples" if stream else
+                     f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
                      + (f"; {data.packing.summary()}" if data.packing else ""))
         tracker.note(f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global "
                      f"batch {plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum "
@@ -349,16 +367,20 @@ def _evaluate(training: Run, step: int) -> None:
 def _save(training: Run, step: int, clock: SaveClock, session: RunSession) -> None:
     """A checkpoint of everything needed to continue exactly after ``step`` (zerotune.checkpoints)."""
     strategy, plan, result = training.strategy, training.plan, training.result
+    # A stream's place is each rank's own (rank_data); a map-style run's follows from the step.
+    epochs = {"streaming": True} if training.stream else {
+        "epoch": step // plan.steps_per_epoch, "step_in_epoch": step % plan.steps_per_epoch}
     trainer_state = {
-        "step": step, "epoch": step // plan.steps_per_epoch, "step_in_epoch": step % plan.steps_per_epoch,
-        "examples_seen": step * plan.global_batch_size, "global_batch_size": plan.global_batch_size,
+        "step": step, **epochs, "examples_seen": step * plan.global_batch_size,
+        "global_batch_size": plan.global_batch_size,
         "train_examples": len(training.data.train), "world_size": strategy.world_size, "strategy": strategy.name,
         "format": strategy.checkpoint_format, "losses": result.losses, "eval_losses": result.eval_losses,
         "skipped_steps": result.skipped_steps, "mlflow_run_id": training.tracker.run_id,
         "elapsed_seconds": clock.elapsed(),
     }
     result.checkpoint = save_checkpoint(strategy, training.model, training.output_dir, step, trainer_state,
-                                        training.config.checkpoint.keep)
+                                        training.config.checkpoint.keep,
+                                        training.stream.position() if training.stream else None)
     clock.saved()
     session.checkpoint_saved(step, result.checkpoint, {"loss": result.losses[-1], "step": step}, strategy.is_main)
 
