@@ -31,7 +31,7 @@ FAMILIES = {"llama": dict(kv_heads=2), "falcon": dict(new_decoder_architecture=T
 
 
 def encoded_pairs() -> list[EncodedPair]:
-    """Five pairs whose sequences (4 to 26 tokens) fill rows of 32 tokens several to a row."""
+    """Five pairs whose ten sequences (4 to 26 tokens) share rows of 32 tokens, two or three to a row."""
     generator = torch.Generator().manual_seed(3)
 
     def tokens(n):
@@ -67,7 +67,7 @@ def test_pairs_pack_deterministically_into_segments_that_hold_each_sequence():
     again = collate_pairs(pairs, pad_token_id=0, row_length=ROW_LENGTH)
     assert all(torch.equal(batch[key], again[key]) for key in batch)
     rows, width = batch["packed_input_ids"].shape
-    assert rows < len(pairs) and width <= ROW_LENGTH  # 10 sequences, 142 tokens, in 5 rows of up to 32
+    assert (rows, width) == (4, 31)  # 10 sequences of 4 to 26 tokens (122 in all), first-fit decreasing into 32
     real = batch["attention_mask"].bool()
     flat = batch["packed_input_ids"].flatten()
     # every token of every sequence sits once in the packed rows, with its own position in its sequence
