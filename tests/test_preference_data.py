@@ -151,12 +151,6 @@ def test_sft_on_pairs_points_to_the_objective(tiny_llama, tmp_path, capsys):
     assert status == 2 and "line 1: a preference pair" in err and "--objective dpo" in err
 
 
-def test_packing_is_refused_for_pairs(tiny_llama, tmp_path, capsys):
-    status, err = run_cli(capsys, "--model", tiny_llama, "--output-dir", tmp_path / "out", "--objective", "orpo",
-                          "--packing")
-    assert status == 2 and err.startswith("zerotune: error: data.packing: not available with --objective orpo")
-
-
 def test_an_unknown_field_type_in_chat_pairs_raises(tokenizer):
     with pytest.raises(DataError, match=r'record 1: field "rejected" must be a string'):
         encode_pair(tokenizer, {"messages": MESSAGES, "chosen": "a", "rejected": [1]}, "chat", "record 1")

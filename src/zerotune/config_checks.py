@@ -60,11 +60,8 @@ def validate(config: RunConfig) -> None:
 
 
 def check_preference_settings(config: RunConfig) -> None:
-    """What a preference objective does not combine with (yet): packed rows and step graphs."""
+    """What a preference objective does not combine with (yet): step graphs."""
     name = config.objective.name
-    if config.data.packing:
-        raise ConfigError(f"data.packing: not available with --objective {name} (pairs are batched unpacked); drop "
-                          "--packing")
     if config.train.cuda_graph == "on":
         raise ConfigError(f"train.cuda_graph: not available with --objective {name}; drop --cuda-graph")
 

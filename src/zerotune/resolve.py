@@ -138,6 +138,9 @@ def resolve(config: RunConfig, machine: Machine, world_size: int | None = None,
         nf4 = decide("model.compiled_nf4", config.model.compiled_nf4, *_explain_compiled_nf4(config, strategy, compiled))
     chunked = decide("model.chunked_loss", config.model.chunked_loss,
                      *explain_chunked_loss(config, strategy))
+    if config.data.packing and config.objective.name != "sft":
+        decide("data.packing", True, True, f"--objective {config.objective.name}: each micro-batch's chosen and "
+               "rejected sequences packed into rows of data.max_seq_len, one segment each (same pairs per step)")
     return Settings(launcher=launcher, device_type=device_type, strategy=strategy, zero_stage=zero_stage,
                     dtype=dtype, attention=attention, compile=compiled, fused_projections=fused, cuda_graph=graphs,
                     compiled_nf4=nf4, chunked_loss=chunked, decisions=tuple(rows))

@@ -32,7 +32,7 @@ from zerotune.errors import ZerotuneError
 from zerotune.model import DTYPES, load_tokenizer
 from zerotune.objectives import create_objective, pair_scorer
 from zerotune.objectives.step import REFERENCE_FILE, PreferenceStep, Reference, attach_reference, evaluate_pairs, \
-    frozen_reference
+    frozen_reference, packed_row_length
 from zerotune.resolve import Machine, Settings, choose_strategy, resolve
 from zerotune.speed.step_graphs import graph_learning_rate
 from zerotune.step import TrainStep, forward_precision, learning_rate_factor, token_loss_sum
@@ -253,7 +253,7 @@ def _build_model(training: Run) -> None:
         training.reference = Reference(strategy, frozen, training.scorer, frozen_scorer)
         training.step = PreferenceStep(model, strategy, training.objective, training.reference,
                                        precision=precision, pad_token_id=training.tokenizer.pad_token_id,
-                                       scorer=training.scorer)
+                                       scorer=training.scorer, row_length=packed_row_length(config))
         return
     training.step = TrainStep(model, strategy, loss_head=speedups.loss_head, precision=precision, graphs=graphs,
                               pad_token_id=training.tokenizer.pad_token_id, pad_to=pad_to, note=tracker.note)
@@ -268,7 +268,7 @@ def _attach_reference(training: Run) -> None:
     attach_reference(training.model, training.strategy, training.data, training.config.train.batch_size,
                      training.tokenizer.pad_token_id, training.precision, training.output_dir,
                      is_lora=training.config.adapter.method != "full", note=training.tracker.note,
-                     scorer=training.scorer)
+                     scorer=training.scorer, row_length=packed_row_length(training.config))
 
 
 def _restore(training: Run) -> None:
@@ -353,7 +353,8 @@ def _evaluate(training: Run, step: int) -> None:
     if training.objective:
         metrics = evaluate_pairs(
             training.model, training.strategy, training.objective, training.reference, training.data.eval,
-            training.config.train.batch_size, training.tokenizer.pad_token_id, training.precision, training.scorer)
+            training.config.train.batch_size, training.tokenizer.pad_token_id, training.precision, training.scorer,
+            packed_row_length(training.config))
         training.result.eval_losses.append(metrics["eval_loss"])
         training.tracker.log(step, metrics)
         return

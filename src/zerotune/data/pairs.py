@@ -206,10 +206,12 @@ def encode_pairs(tokenizer, records, where, template: str | list[str], max_seq_l
     return pairs, report
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[EncodedPair], pad_token_id: int, row_length: int | None = None
+                  ) -> dict[str, torch.Tensor]:
     """One batch for one forward: the B chosen sequences, then the B rejected ones (2B rows, right-padded).
     Labels hold the response tokens only; the attention mask is kept even without padding (ORPO's NLL term
-    reads it)."""
+    reads it). ``row_length`` (--packing): the forward runs on those sequences packed into rows of up to
+    that many tokens (pack_sequences); the 2B rows stay in the batch, as the layout scores are read in."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     longest = max(len(prompt) + len(response) for prompt, response in rows)
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
@@ -223,4 +225,45 @@ def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict[str, torc
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if pairs[0].reference is not None:  # precomputed (zerotune.objectives.step.attach_reference): chosen, rejected
         batch["reference_logps"] = torch.tensor([p.reference[0] for p in pairs] + [p.reference[1] for p in pairs])
+    if row_length is not None:
+        batch.update(pack_sequences(input_ids, attention_mask, row_length, pad_token_id))
     return batch
+
+
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, row_length: int, pad_token_id: int
+                   ) -> dict[str, torch.Tensor]:
+    """The right-padded sequences of a pair batch (every prompt + chosen, then every prompt + rejected) packed
+    first-fit-decreasing into rows of up to ``row_length`` tokens (ties broken by position, so deterministic),
+    each a segment with its own position ids 0, 1, ...: called with those and no attention mask, transformers
+    makes attention block-diagonal (flash-attention 2 runs varlen), so no token sees another sequence.
+      packed_input_ids, packed_position_ids  [packed rows, longest row]: the forward's inputs (padding at the
+        end of a row counts 0, 1, ... as a sequence of its own, as in zerotune.data.batches.collate);
+      packed_index  [2B, longest sequence]: where token j of sequence s sits in the packed rows, flattened;
+        padding points one past the end (rows x longest row), a slot that reads as 0 (objectives.logps)."""
+    lengths = attention_mask.sum(-1).tolist()
+    order = sorted(range(len(lengths)), key=lambda s: (-lengths[s], s))
+    members: list[list[int]] = []
+    room: list[int] = []
+    for sequence in order:
+        for row, free in enumerate(room):
+            if lengths[sequence] <= free:
+                members[row].append(sequence)
+                room[row] -= lengths[sequence]
+                break
+        else:
+            members.append([sequence])
+            room.append(row_length - lengths[sequence])
+    width = max(sum(lengths[s] for s in row) for row in members)
+    packed_ids = torch.full((len(members), width), pad_token_id, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(members), 1)
+    index = torch.full(input_ids.shape, len(members) * width, dtype=torch.long)
+    for row, sequences in enumerate(members):
+        start = 0
+        for sequence in sorted(sequences):
+            length = lengths[sequence]
+            packed_ids[row, start:start + length] = input_ids[sequence, :length]
+            positions[row, start:start + length] = torch.arange(length)
+            index[sequence, :length] = torch.arange(row * width + start, row * width + start + length)
+            start += length
+        positions[row, start:] = torch.arange(width - start)
+    return {"packed_input_ids": packed_ids, "packed_position_ids": positions, "packed_index": index}

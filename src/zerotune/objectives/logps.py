@@ -1,7 +1,8 @@
 """Per-sequence log-probabilities of a pair batch (zerotune.data.pairs.collate_pairs: B chosen rows, then B
-rejected rows), from one forward of the model over all 2B rows. The per-token log-probabilities come from the
-model's full logits or, where model.chunked_loss holds, from the chunked output head, which computes only the
-scored tokens' (zerotune.speed.chunked_loss): PairScorer carries that choice, made once per run."""
+rejected rows), from one forward of the model over all 2B rows, or over those sequences packed into fewer rows
+(--packing: collate_pairs' row_length), read back into the 2B rows before they are summed. The per-token
+log-probabilities come from the model's full logits or, where model.chunked_loss holds, from the chunked output
+head, which computes only the scored tokens' (zerotune.speed.chunked_loss): PairScorer carries that choice."""
 
 from __future__ import annotations
 
@@ -70,14 +71,36 @@ def score_pairs(model, batch: dict[str, torch.Tensor], per_token=logits_token_lo
     """One forward over the pair batch. ``per_token``: logits_token_logps or a HeadTokenLogps; ``whole_chosen``:
     also score the chosen prompts (for chosen_sequence_nll; else it is 0); ``count``: how many positions are
     scored (scored_targets' non -100 count, known on the host), which saves the chunked head a host-GPU sync."""
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logps = per_token(model, inputs, scored_targets(batch, whole_chosen), count)[:, :-1]  # of tokens 1..length-1
-    response = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logps.dtype)
-    sums, counts = (logps * response).sum(-1), response.sum(-1)
+    targets = scored_targets(batch, whole_chosen)
+    if "packed_index" in batch:  # --packing: one forward over the packed rows, read back into the 2B rows
+        index = batch["packed_index"]
+        inputs = dict(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False)
+        per_token = unpacked(per_token(model, inputs, packed(targets, index, inputs["input_ids"].shape), count), index)
+    else:
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        per_token = per_token(model, inputs, targets, count)
+    per_token = per_token[:, :-1]
+    response = (batch["labels"][:, 1:] != IGNORE_INDEX).to(per_token.dtype)
+    sums, counts = (per_token * response).sum(-1), response.sum(-1)
     pairs = batch["input_ids"].shape[0] // 2
-    in_chosen_sequence = batch["attention_mask"][:pairs, 1:].to(logps.dtype)
-    nll = -(logps[:pairs] * in_chosen_sequence).sum() if whole_chosen else logps.new_zeros(())
+    in_chosen_sequence = batch["attention_mask"][:pairs, 1:].to(per_token.dtype)
+    nll = -(per_token[:pairs] * in_chosen_sequence).sum() if whole_chosen else per_token.new_zeros(())
     return PairScores(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:], nll)
+
+
+def packed(targets: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """scored_targets of the 2B rows placed where their tokens sit in the packed rows (zerotune.data.pairs.
+    pack_sequences), -100 elsewhere. A sequence's last token has no target, so none crosses into the next."""
+    flat = targets.new_full((shape[0] * shape[1] + 1,), IGNORE_INDEX)
+    flat[index.flatten()] = targets.flatten()  # every padding token writes -100 to the spare slot at the end
+    return flat[:-1].view(shape)
+
+
+def unpacked(per_token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[2B, longest sequence]: the packed rows' per-token log-probabilities in the unpacked layout, 0 at padding,
+    so the per-sequence sums below add the same values in the same order as an unpacked forward's."""
+    flat = torch.cat([per_token.flatten(), per_token.new_zeros(1)])
+    return flat[index]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The optimizer step, the reference pass and the evaluation for preference pairs.
 
-A micro-batch of B pairs is one forward over 2B rows (chosen, then rejected). The reference log-probabilities
-come from the same model with its LoRA layers' contribution multiplied by zero (adapters_zeroed; no second copy
-of the weights), or, for full fine-tuning, from a frozen copy of the base taken before training. Loss normalisation:
+A micro-batch of B pairs is one forward over 2B rows (chosen, then rejected), or with --packing over those 2B
+sequences packed into rows of data.max_seq_len (the same pairs per micro-batch, so the same losses). The
+reference log-probabilities come from the same model with its LoRA layers' contribution multiplied by zero
+(adapters_zeroed; no second copy of the weights), or, for full fine-tuning, from a frozen copy of the base taken
+before training. Loss normalisation:
 each objective term is a sum over the micro-batch divided by its count over the global batch (all micro-batches
 on all ranks), reduced on the host before the forward as SFT's label-token count is (zerotune.step); each
 micro-batch backpropagates ``loss * world_size`` and the engines average over ranks.
@@ -26,6 +28,11 @@ from zerotune.step_io import HostCopy, LaunchedStep, WorkDone, host_values, to_d
 # per-pair metrics after the objective's terms, each a mean over the global batch's pairs
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
+
+
+def packed_row_length(config) -> int | None:
+    """With --packing, the length of the rows each batch's sequences are packed into (data.max_seq_len)."""
+    return config.data.max_seq_len if config.data.packing else None
 
 
 def frozen_reference(objective, model: torch.nn.Module, method: str, strategy_name: str, reference: str = "live"):
@@ -103,14 +110,15 @@ class PreferenceStep:
     objective's terms and the rewards."""
 
     def __init__(self, model, strategy, objective, reference: Reference, *, precision, pad_token_id: int,
-                 scorer: PairScorer = PairScorer()):
+                 scorer: PairScorer = PairScorer(), row_length: int | None = None):
         self.model, self.strategy, self.objective, self.reference = model, strategy, objective, reference
         self.precision, self.pad_token_id, self.scorer = precision, pad_token_id, scorer
+        self.row_length = row_length  # --packing: each micro-batch's sequences packed into rows of this length
         self.metric_names = metric_names(objective)
 
     def __call__(self, step: int, examples: list[list], votes) -> LaunchedStep:
         strategy = self.strategy
-        batches = [collate_pairs(micro, self.pad_token_id) for micro in examples]
+        batches = [collate_pairs(micro, self.pad_token_id, self.row_length) for micro in examples]
         normalisers = [sum(counts) for counts in zip(*(self.objective.normalisers(b) for b in batches))]
         scored = [self.scorer.count(b) for b in batches]  # on the host: the chunked head then needs no sync
         vote_values = votes()
@@ -118,7 +126,7 @@ class PreferenceStep:
         # loop reads those four), then the global counts the objective's terms are divided by.
         info = strategy.all_reduce_sum(host_values(strategy.device, [
             sum(count_label_tokens(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches),
-            sum(b["input_ids"].numel() for b in batches), *vote_values, *normalisers]))
+            sum(b.get("packed_input_ids", b["input_ids"]).numel() for b in batches), *vote_values, *normalisers]))
         info_copy = HostCopy(info)
         totals = info[3 + len(vote_values):].float()
         device_batches = [to_device(batch, strategy.device) for batch in batches]
@@ -155,14 +163,16 @@ class PreferenceStep:
 
 @torch.no_grad()
 def evaluate_pairs(model, strategy, objective, reference: Reference, examples, batch_size: int, pad_token_id: int,
-                   precision=None, scorer: PairScorer = PairScorer()) -> dict[str, float]:
-    """The objective's loss and pair metrics over every eval pair, across all ranks, as ``eval_`` metrics."""
+                   precision=None, scorer: PairScorer = PairScorer(), row_length: int | None = None
+                   ) -> dict[str, float]:
+    """The objective's loss and pair metrics over every eval pair, across all ranks, as ``eval_`` metrics;
+    ``row_length``: each batch's sequences packed (collate_pairs), which changes no value."""
     model.eval()
     term_count = len(objective.term_names)
     # term sums, their counts, then the pair metric sums
     totals = torch.zeros(2 * term_count + len(PAIR_METRICS), device=strategy.device)
     for indices, keep in even_batches(len(examples), batch_size, strategy.rank, strategy.world_size):
-        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
+        batch = collate_pairs([examples[i] for i in indices], pad_token_id, row_length)
         counts = objective.normalisers(batch)
         batch = to_device(batch, strategy.device)
         with (precision or contextlib.nullcontext)():
@@ -185,10 +195,11 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, precision, output_dir, is_lora: bool,
-                     note=print, scorer: PairScorer = PairScorer()) -> None:
+                     note=print, scorer: PairScorer = PairScorer(), row_length: int | None = None) -> None:
     """--reference precomputed: every train and eval pair's reference log-probs, attached to the pairs. Scored
     once at a fresh start by the model as loaded (LoRA switched off; full fine-tuning: before any update), each
-    worker a share, and kept in the run directory, which a resumed run reads back (its model has trained)."""
+    worker a share (packed with ``row_length``), and kept in the run directory, which a resumed run reads back
+    (its model has trained)."""
     from safetensors.torch import load_file, save_file
 
     path = Path(output_dir) / REFERENCE_FILE
@@ -197,8 +208,8 @@ def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, 
         values = load_file(str(path))
         note(f"reference log-probs read from {path}")
     else:
-        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora, scorer)
-                  for name, pairs in splits.items() if pairs}
+        values = {name: _score_all(model, strategy, pairs, batch_size, pad_token_id, precision, is_lora, scorer,
+                                   row_length) for name, pairs in splits.items() if pairs}
         if strategy.is_main:
             save_file(values, str(path))
         strategy.barrier()
@@ -213,7 +224,7 @@ def attach_reference(model, strategy, data, batch_size: int, pad_token_id: int, 
 
 @torch.no_grad()
 def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, precision, is_lora: bool,
-               scorer: PairScorer) -> torch.Tensor:
+               scorer: PairScorer, row_length: int | None) -> torch.Tensor:
     """(len(pairs), 2) reference log-probs, each worker scoring a share. Every worker runs the same number of
     forwards (even_batches)."""
     mine = {}
@@ -221,7 +232,7 @@ def _score_all(model, strategy, pairs, batch_size: int, pad_token_id: int, preci
     off = adapters_zeroed(strategy.unwrap(model)) if is_lora else contextlib.nullcontext()
     with off:
         for indices, keep in even_batches(len(pairs), batch_size, strategy.rank, strategy.world_size):
-            batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id), strategy.device)
+            batch = to_device(collate_pairs([pairs[i] for i in indices], pad_token_id, row_length), strategy.device)
             with (precision or contextlib.nullcontext)():
                 scores = scorer(model, batch)
             if keep:
