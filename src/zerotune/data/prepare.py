@@ -40,7 +40,8 @@ class PreparedData:
 
 
 def packed(config: DataConfig, data: PreparedData) -> PreparedData:
-    """Training rows are packed; evaluation stays one example per row, so eval loss is comparable."""
+    """Training rows are packed; evaluation stays one example per row, so eval loss is comparable. (The cache's
+    Arrow path packs with pack_table, in _prepare_tables.)"""
     if not config.packing:
         return data
     from zerotune.data.packing import pack_examples
@@ -269,6 +270,7 @@ def _prepare_tables(config: DataConfig, seed: int, scratch, encode) -> PreparedD
 
     from zerotune.data.cache import ExampleTable
     from zerotune.data.encode import DROPPED, table_report
+    from zerotune.data.records import quiet_datasets
 
     sources = training_sources(config)
     parts, lines = [], []
@@ -291,14 +293,22 @@ def _prepare_tables(config: DataConfig, seed: int, scratch, encode) -> PreparedD
     def rows(source_table, indices) -> ExampleTable:
         return ExampleTable(source_table.select(indices).select_columns(columns))
 
+    def prepared(train_rows, evaluation) -> PreparedData:
+        if not config.packing:
+            return PreparedData(rows(table, train_rows), evaluation, report, scratch=scratch)
+        from zerotune.data.packing import pack_table
+
+        with quiet_datasets():
+            packed_rows, packing = pack_table(table.select_columns(columns), train_rows, config.max_seq_len,
+                                              str(scratch / "packed.arrow"))
+        return PreparedData(ExampleTable(packed_rows), evaluation, report, packing, scratch)
+
     if config.eval_path:
         eval_table = encode(eval_source(config), "eval")
-        evaluation = rows(eval_table, _kept_rows(eval_table, config, table_report(eval_table)))
-        return packed(config, PreparedData(rows(table, kept), evaluation, report, scratch=scratch))
+        return prepared(kept, rows(eval_table, _kept_rows(eval_table, config, table_report(eval_table))))
     if config.eval_fraction == 0 or len(kept) < 2:
-        return packed(config, PreparedData(rows(table, kept), [], report, scratch=scratch))
+        return prepared(kept, [])
     order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).numpy()
     held_out = numpy.zeros(len(kept), dtype=bool)
     held_out[order[:max(1, round(config.eval_fraction * len(kept)))]] = True
-    return packed(config, PreparedData(rows(table, kept[~held_out]), rows(table, kept[held_out]), report,
-                                       scratch=scratch))
+    return prepared(kept[~held_out], rows(table, kept[held_out]))
