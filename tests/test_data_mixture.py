@@ -99,7 +99,8 @@ def renamed_mixture(two_datasets, tmp_path):
     questions = write_jsonl(tmp_path / "questions.jsonl", [
         {"question": r["instruction"], "context": r["input"], "answer": r["output"]} for r in alpaca])
     dialogs = write_jsonl(tmp_path / "dialogs.jsonl", [{"dialog": r["messages"]} for r in chats])
-    renamed = [f"{questions} weight=0.5 template=alpaca columns=question=instruction,context=input,answer=output",
+    renamed = [f"{questions} weight=0.5 template=alpaca columns=question=instruction,context=input "
+               "columns=answer=output",  # the key repeats, or takes several renames separated by commas
                f"{dialogs} examples=30 template=chat columns=dialog=messages"]
     return renamed, [f"{alpaca_path} weight=0.5 template=alpaca", f"{chat_path} examples=30 template=chat"]
 
@@ -125,7 +126,7 @@ def test_each_mixture_entry_renames_its_own_columns(tiny_llama, two_datasets, tm
     got, report = examples(renamed)
     assert got == expected and len(got) == 24 + 30
     assert report.templates == expected_report.templates == {"alpaca": 24, "chat": 30}
-    # data.columns renames the entry without its own columns=; the entry with its own ignores data.columns
+    # data.columns renames the entries without their own columns=
     default = [renamed[0].split(" columns=")[0], renamed[1]]
     assert examples(default, columns=["question=instruction", "context=input", "answer=output"])[0] == expected
 

@@ -3,8 +3,8 @@
 A mixture entry is ``PATH key=value ...``. ``weight`` scales the dataset's size (0.5: a seeded half of its
 records, 2: every record twice), ``examples`` asks for an exact count (repeating records when it exceeds the
 dataset); without either every record is used once. ``template``, ``split``, ``subset`` and ``columns`` (its
-field renames, comma-separated: ``columns=question=instruction,answer=output``; default: ``data.columns``) apply
-to that dataset only. The draw depends on the seed and the entry's position, never on the worker count.
+field renames, comma-separated or the key repeated: ``columns=question=instruction columns=answer=output``;
+default: ``data.columns``) apply to that dataset only. The draw depends on the seed and the entry's position, never on the worker count.
 """
 
 from __future__ import annotations
@@ -73,10 +73,13 @@ def parse_mix_entry(entry: str, index: int, config: DataConfig) -> Source:
     if "=" in path:
         raise ConfigError(f"{key}: starts with a setting; write the dataset path first, e.g. 'data/a.jsonl weight=2'")
     values: dict[str, str] = {}
+    renames: list[str] = []
     for setting in settings:
         name, equals, value = setting.partition("=")
         if not equals or name not in MIX_KEYS:
             raise ConfigError(f"{key}: {setting!r} is not one of {', '.join(k + '=...' for k in MIX_KEYS)}")
+        if name == "columns":  # repeatable: on the command line, commas separate mixture entries
+            renames += [item for item in value.split(",") if item]
         values[name] = value
     if "weight" in values and "examples" in values:
         raise ConfigError(f"{key}: give weight or examples, not both")
@@ -88,7 +91,7 @@ def parse_mix_entry(entry: str, index: int, config: DataConfig) -> Source:
         raise ConfigError(f"{key}: examples must be 1 or more, got {examples}")
     template = values.get("template", config.template)
     check_template_name(template)
-    columns = tuple(item for item in values["columns"].split(",") if item) if "columns" in values else None
+    columns = tuple(renames) if "columns" in values else None
     if columns is not None:
         parse_columns(list(columns), f"{key} columns", "write columns=question=instruction,answer=output")
     return Source(path, template, values.get("split", config.split), values.get("subset", config.subset),
