@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=ROOT / "src",
                         help="the zerotune source measured (another checkout's src, to compare commits in one run)")
     parser.add_argument("--note", default="", help="said in the results JSON, e.g. how busy the machine was")
+    parser.add_argument("--commit", default="", help="the commit measured, when --src is an exported copy of it "
+                                                     "(not a git checkout)")
     parser.add_argument("--skip", action="append", default=[], choices=["cold_prepare"],
                         help="leave out a measurement (cold_prepare: cold_train measures the same preparation)")
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
@@ -312,39 +314,54 @@ def main() -> None:
     work = args.out / f"work-{args.records}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    results = {}
-    results["floor"] = run_measure("floor", data, model_dir, work, args.src)
-    if "cold_prepare" not in args.skip:
-        results["cold_prepare"] = run_measure("cold_prepare", data, model_dir, work, args.src)
-        shutil.rmtree(work / "cache")  # cold again for the train command
-    results["cold_train"] = run_measure("cold_train", data, model_dir, work, args.src)
-    results["warm_train"] = run_measure("warm_train", data, model_dir, work, args.src)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.src, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "."], cwd=args.src, capture_output=True,
-                                text=True).stdout.strip())
-    summary = {
-        "benchmark": "data_pipeline", "date": started_at.isoformat(timespec="seconds"),
-        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit, "src_dirty": dirty, "machine": {**load_at_start, "load_average_at_end": os.getloadavg(), "uptime_at_end": uptime()},
-        "versions": versions(), "note": args.note,
-        "command": f"python3 benchmarks/data_pipeline.py --out {args.out} --records {args.records}"
-                   + (f" --src {args.src}" if args.src != ROOT / "src" else ""),
-        "commit_measured_is_of": str(args.src),
-        "records": args.records, "data_bytes": data.stat().st_size, "vocab_size": VOCAB, "max_seq_len": MAX_SEQ_LEN,
-        "median_tokens_per_example": results["floor"]["median_tokens"],
-        "cold_train_over_floor": results["cold_train"]["seconds"] / results["floor"]["seconds"],
-        "cold_first_step_over_floor": results["cold_train"]["seconds_to_first_step"] / results["floor"]["seconds"],
-        "cold_train_over_floor_cpu": results["cold_train"]["cpu_seconds"] / results["floor"]["cpu_seconds"],
-        "warm_train_seconds": results["warm_train"]["seconds"],
-        "warm_seconds_to_first_step": results["warm_train"]["seconds_to_first_step"],
-        "peak_rss_mib": {name: {key: results[name][key] for key in
-                                ("launcher_peak_rss_mib", "worker_peak_rss_mib", "largest_helper_peak_rss_mib")}
-                         for name in ("cold_train", "warm_train")},
-        "results": results,
-    }
     result_path = args.result or ROOT / "benchmarks" / "results" / (
         f"{started_at:%Y-%m-%d}-cpu-data-pipeline-{args.records // 1000}k.json")
-    result_path.write_text(json.dumps(summary, indent=2) + "\n")
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.src, capture_output=True,
+                                           text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "."], cwd=args.src, capture_output=True,
+                                text=True).stdout.strip())
+    results = {}
+
+    def write(complete: bool) -> dict:
+        """The results so far (after each measurement: a run stopped early keeps what it measured)."""
+        ratio = lambda name, key: (results[name][key] / results["floor"][key]  # noqa: E731
+                                   if name in results and results[name].get(key) is not None else None)
+        summary = {
+            "benchmark": "data_pipeline", "complete": complete, "date": started_at.isoformat(timespec="seconds"),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "src_dirty": dirty,
+            "machine": {**load_at_start, "load_average_at_end": os.getloadavg(), "uptime_at_end": uptime()},
+            "versions": versions(), "note": args.note,
+            "command": f"python3 benchmarks/data_pipeline.py --out {args.out} --records {args.records}"
+                       + (f" --src {args.src}" if args.src != ROOT / "src" else "")
+                       + "".join(f" --skip {name}" for name in args.skip),
+            "commit_measured_is_of": str(args.src),
+            "records": args.records, "data_bytes": data.stat().st_size, "vocab_size": VOCAB,
+            "max_seq_len": MAX_SEQ_LEN, "median_tokens_per_example": results["floor"]["median_tokens"],
+            "cold_prepare_over_floor": ratio("cold_prepare", "seconds"),
+            "cold_prepare_over_floor_cpu": ratio("cold_prepare", "cpu_seconds"),
+            "cold_train_over_floor": ratio("cold_train", "seconds"),
+            "cold_train_over_floor_cpu": ratio("cold_train", "cpu_seconds"),
+            "cold_first_step_seconds": results.get("cold_train", {}).get("seconds_to_first_step"),
+            "warm_first_step_seconds": results.get("warm_train", {}).get("seconds_to_first_step"),
+            "peak_rss_mib": {name: {key: results[name][key] for key in
+                                    ("launcher_peak_rss_mib", "worker_peak_rss_mib", "largest_helper_peak_rss_mib")}
+                             for name in ("cold_train", "warm_train") if name in results},
+            "results": results,
+        }
+        result_path.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    results["floor"] = run_measure("floor", data, model_dir, work, args.src)
+    write(False)
+    if "cold_prepare" not in args.skip:
+        results["cold_prepare"] = run_measure("cold_prepare", data, model_dir, work, args.src)
+        write(False)
+        shutil.rmtree(work / "cache")  # cold again for the train command
+    results["cold_train"] = run_measure("cold_train", data, model_dir, work, args.src)
+    write(False)
+    results["warm_train"] = run_measure("warm_train", data, model_dir, work, args.src)
+    summary = write(True)
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
     print(f"wrote {result_path}")
 

@@ -100,14 +100,29 @@ def empty_error(source: Source) -> DataError:
 
 
 def check_source(config: DataConfig, source: Source) -> None:
-    """Every record of one dataset read, normalized and checked a batch at a time, in this process."""
+    """Every record of one dataset read, normalized and checked a batch at a time, by datasets' map over
+    encode_table's processes (this process only waits: it never maps the dataset's pages)."""
+    import os
+    import uuid
+
+    from zerotune.data.cache import cache_root
+    from zerotune.data.encode import BATCH_RECORDS, PARALLEL_FROM
+    from zerotune.data.records import quiet_datasets
+
     table, read = read_source(config, source)
-    seen = 0
-    for start in range(0, len(table.rows), 1024):
-        batch = table.rows[start : start + 1024]
-        seen += len(read(batch, range(start, start + len(next(iter(batch.values()))))))
-    if not seen:
-        raise empty_error(source)
+    num_proc = min(8, len(os.sched_getaffinity(0))) if len(table.rows) >= PARALLEL_FROM else None
+    scratch = cache_root(config) / f"checking-{os.getpid()}.arrow"
+    try:
+        with quiet_datasets():
+            counted = table.rows.map(lambda batch, indices: {"records": [len(read(batch, indices))]}, batched=True,
+                                     with_indices=True, batch_size=BATCH_RECORDS, num_proc=num_proc,
+                                     remove_columns=table.rows.column_names, cache_file_name=str(scratch),
+                                     new_fingerprint=uuid.uuid4().hex)
+        if not sum(counted["records"]):
+            raise empty_error(source)
+    finally:
+        for leftover in scratch.parent.glob(f"{scratch.stem}*"):
+            leftover.unlink(missing_ok=True)
 
 
 def load_training_records(config: DataConfig, seed: int, pairs: bool = False) -> LoadedRecords:
