@@ -17,7 +17,7 @@ For the train commands, the peak RSS (VmHWM) of the launching process, of each o
 other process they start (datasets' map workers, forked from the launcher) is sampled from /proc every 0.1 s.
 
 Usage: python benchmarks/data_pipeline.py --out DIR --records N [--result FILE] [--src OTHER_CHECKOUT/src]
-       [--skip cold_prepare]
+       [--skip cold_prepare] [--floor-last] [--commit SHA]
 """
 
 from __future__ import annotations
@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=ROOT / "src",
                         help="the zerotune source measured (another checkout's src, to compare commits in one run)")
     parser.add_argument("--note", default="", help="said in the results JSON, e.g. how busy the machine was")
+    parser.add_argument("--floor-last", action="store_true",
+                        help="measure the floor after zerotune (a run cut short keeps zerotune's numbers)")
     parser.add_argument("--commit", default="", help="the commit measured, when --src is an exported copy of it "
                                                      "(not a git checkout)")
     parser.add_argument("--skip", action="append", default=[], choices=["cold_prepare"],
@@ -325,7 +327,7 @@ def main() -> None:
     def write(complete: bool) -> dict:
         """The results so far (after each measurement: a run stopped early keeps what it measured)."""
         ratio = lambda name, key: (results[name][key] / results["floor"][key]  # noqa: E731
-                                   if name in results and results[name].get(key) is not None else None)
+                                   if name in results and "floor" in results else None)
         summary = {
             "benchmark": "data_pipeline", "complete": complete, "date": started_at.isoformat(timespec="seconds"),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -334,10 +336,11 @@ def main() -> None:
             "versions": versions(), "note": args.note,
             "command": f"python3 benchmarks/data_pipeline.py --out {args.out} --records {args.records}"
                        + (f" --src {args.src}" if args.src != ROOT / "src" else "")
+                       + (" --floor-last" if args.floor_last else "")
                        + "".join(f" --skip {name}" for name in args.skip),
             "commit_measured_is_of": str(args.src),
             "records": args.records, "data_bytes": data.stat().st_size, "vocab_size": VOCAB,
-            "max_seq_len": MAX_SEQ_LEN, "median_tokens_per_example": results["floor"]["median_tokens"],
+            "max_seq_len": MAX_SEQ_LEN, "median_tokens_per_example": results.get("floor", {}).get("median_tokens"),
             "cold_prepare_over_floor": ratio("cold_prepare", "seconds"),
             "cold_prepare_over_floor_cpu": ratio("cold_prepare", "cpu_seconds"),
             "cold_train_over_floor": ratio("cold_train", "seconds"),
@@ -352,8 +355,9 @@ def main() -> None:
         result_path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
-    results["floor"] = run_measure("floor", data, model_dir, work, args.src)
-    write(False)
+    if not args.floor_last:
+        results["floor"] = run_measure("floor", data, model_dir, work, args.src)
+        write(False)
     if "cold_prepare" not in args.skip:
         results["cold_prepare"] = run_measure("cold_prepare", data, model_dir, work, args.src)
         write(False)
@@ -361,6 +365,9 @@ def main() -> None:
     results["cold_train"] = run_measure("cold_train", data, model_dir, work, args.src)
     write(False)
     results["warm_train"] = run_measure("warm_train", data, model_dir, work, args.src)
+    if args.floor_last:
+        write(False)
+        results["floor"] = run_measure("floor", data, model_dir, work, args.src)
     summary = write(True)
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
     print(f"wrote {result_path}")
