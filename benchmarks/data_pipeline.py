@@ -161,10 +161,27 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def classify(pid: int, parent: int, command: str, root: int) -> str:
+    """torch elastic spawns the workers from the launcher with multiprocessing; datasets' pools (save_to_disk)
+    use multiprocess (dill's fork of it), and its map forks the launcher."""
+    if pid == root:
+        return "launcher"
+    return "worker" if parent == root and "from multiprocessing.spawn import" in command else "helper"
+
+
+def role_summary(processes: list[dict]) -> dict:
+    by_role = {role: sorted((p for p in processes if p["role"] == role), key=lambda p: -p["peak_rss_mib"])
+               for role in ("launcher", "worker", "helper")}
+    return {"launcher_peak_rss_mib": by_role["launcher"][0]["peak_rss_mib"] if by_role["launcher"] else None,
+            "worker_peak_rss_mib": [p["peak_rss_mib"] for p in by_role["worker"]],
+            "largest_helper_peak_rss_mib": max((p["peak_rss_mib"] for p in by_role["helper"]), default=None),
+            "processes": processes}
+
+
 class PeakSampler(threading.Thread):
     """The last seen VmHWM (peak RSS) of every process below ``root``, sampled until stopped. A process's role:
-    launcher (root), worker (a spawned process: torch elastic's workers), or helper (a fork of the launcher:
-    datasets' map workers, which count the pages they share with it; or multiprocessing's resource tracker)."""
+    launcher (root), worker (torch elastic's), or helper (anything else: datasets' map and save_to_disk
+    processes, of which a fork counts the pages it shares with the launcher; multiprocessing's resource trackers)."""
 
     def __init__(self, root: int, interval: float = 0.1):
         super().__init__(daemon=True)
@@ -181,21 +198,14 @@ class PeakSampler(threading.Thread):
                     parent = int(_proc(pid, "stat").rsplit(")", 1)[1].split()[1])
                 except (OSError, StopIteration, IndexError, ValueError):
                     continue
-                # torch elastic spawns the workers from the launcher
-                role = ("launcher" if pid == self.root else "worker" if parent == self.root and "spawn_main" in
-                        command else "helper")
+                role = classify(pid, parent, command, self.root)
                 seen = self.peaks.setdefault(pid, {"role": role, "pid": pid, "parent": parent,
                                                    "command": command[:160], "peak_rss_mib": 0.0})
                 seen["peak_rss_mib"] = max(seen["peak_rss_mib"], hwm / 1024)
             self.stop.wait(self.interval)
 
     def summary(self) -> dict:
-        by_role = {role: sorted((p for p in self.peaks.values() if p["role"] == role),
-                                key=lambda p: -p["peak_rss_mib"]) for role in ("launcher", "worker", "helper")}
-        return {"launcher_peak_rss_mib": by_role["launcher"][0]["peak_rss_mib"] if by_role["launcher"] else None,
-                "worker_peak_rss_mib": [p["peak_rss_mib"] for p in by_role["worker"]],
-                "largest_helper_peak_rss_mib": max((p["peak_rss_mib"] for p in by_role["helper"]), default=None),
-                "processes": list(self.peaks.values())}
+        return role_summary(list(self.peaks.values()))
 
 
 def measure_train(data: Path, model_dir: Path, work: Path, output: str) -> dict:
