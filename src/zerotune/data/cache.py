@@ -167,10 +167,9 @@ def _to_table(examples: Sequence[EncodedExample]):
 def _save(table, folder: Path) -> None:
     """save_to_disk; a large table is copied by datasets' worker processes, so this process never maps all its
     pages (they would count in its resident memory, growing with the data)."""
-    from zerotune.data.encode import PARALLEL_FROM
+    from zerotune.data.encode import map_processes
 
-    workers = min(8, len(os.sched_getaffinity(0))) if len(table) >= PARALLEL_FROM else 1
-    table.save_to_disk(str(folder), num_proc=workers if workers > 1 else None)
+    table.save_to_disk(str(folder), num_proc=map_processes(len(table)))
 
 
 def _write(entry: Path, prepared) -> None:

@@ -148,6 +148,15 @@ BATCH_RECORDS = 1024
 PARALLEL_FROM = 4096  # fewer records than this are tokenized in one process: starting workers costs more
 
 
+def map_processes(num_rows: int) -> int | None:
+    """datasets' num_proc for a map over ``num_rows`` rows: the CPUs this process may use (at most 8), or None
+    (this process) below PARALLEL_FROM rows."""
+    import os
+
+    workers = min(8, len(os.sched_getaffinity(0))) if num_rows >= PARALLEL_FROM else 1
+    return workers if workers > 1 else None
+
+
 def encode_table(tokenizer, source, read, template: str, max_seq_len: int, overlong: str, cache_file: str,
                  num_proc: int | None = None):
     """encode_records' examples of one dataset, tokenized by datasets' batched map over ``num_proc`` processes
@@ -155,7 +164,6 @@ def encode_table(tokenizer, source, read, template: str, max_seq_len: int, overl
     process. ``source``: the dataset's RecordTable (zerotune.data.records); ``read(batch, indices)``: the checked
     records of a batch of its rows. Returns (the table: input_ids, labels and per record the template used,
     KEPT/TRUNCATED/DROPPED and what keeping a dropped one needs; its report)."""
-    import os
     import uuid
 
     import datasets
@@ -173,15 +181,14 @@ def encode_table(tokenizer, source, read, template: str, max_seq_len: int, overl
         return columns
 
     rows = source.rows
-    if num_proc is None:
-        num_proc = min(8, len(os.sched_getaffinity(0))) if len(rows) >= PARALLEL_FROM else 1
+    num_proc = map_processes(len(rows)) if num_proc is None else num_proc if num_proc > 1 else None
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "labels": datasets.Sequence(datasets.Value("int32")),
                                   "template": datasets.Value("string"), "outcome": datasets.Value("int8"),
                                   "needed": datasets.Value("int32")})
     # new_fingerprint: the cache key is zerotune's (zerotune.data.cache), so datasets need not hash the tokenizer
     table = rows.map(encode, batched=True, with_indices=True, batch_size=BATCH_RECORDS,
-                     num_proc=num_proc if num_proc > 1 else None, remove_columns=rows.column_names,
+                     num_proc=num_proc, remove_columns=rows.column_names,
                      features=features, cache_file_name=cache_file, new_fingerprint=uuid.uuid4().hex,
                      desc="tokenizing")
     return table, table_report(table)

@@ -104,7 +104,7 @@ def pack_table(table, rows_used, row_length: int, cache_file: str, num_proc: int
     import pyarrow
     import pyarrow.compute as compute
 
-    from zerotune.data.encode import PARALLEL_FROM
+    from zerotune.data.encode import map_processes
 
     lengths = compute.list_value_length(table.data.column("input_ids")).to_numpy()[rows_used]
     row_of, rows = first_fit_rows(lengths, row_length)
@@ -125,13 +125,10 @@ def pack_table(table, rows_used, row_length: int, cache_file: str, num_proc: int
             start = end
         return columns
 
-    if num_proc is None:
-        import os
-
-        num_proc = min(8, len(os.sched_getaffinity(0))) if len(rows_used) >= PARALLEL_FROM else 1
+    num_proc = map_processes(len(rows_used)) if num_proc is None else num_proc if num_proc > 1 else None
     features = datasets.Features({name: datasets.Sequence(datasets.Value("int32"))
                                   for name in ("input_ids", "labels", "position_ids")})
-    packed = groups.map(join, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+    packed = groups.map(join, batched=True, batch_size=256, num_proc=num_proc,
                         remove_columns=["members"], features=features, cache_file_name=cache_file,
                         new_fingerprint=uuid.uuid4().hex, desc="packing")
     return packed, PackingReport(len(rows_used), rows, int(lengths.sum()), row_length)

@@ -13,8 +13,8 @@ from zerotune.data.formats import normalize_records
 from zerotune.data.mixture import Source, training_sources
 from zerotune.data.pairs import check_pairs, encode_pairs
 from zerotune.data.records import check_records, read_records
-from zerotune.errors import DataError
 from zerotune.data.templates import check_template_name
+from zerotune.errors import DataError
 
 
 @dataclass
@@ -106,16 +106,16 @@ def check_source(config: DataConfig, source: Source) -> None:
     import uuid
 
     from zerotune.data.cache import cache_root
-    from zerotune.data.encode import BATCH_RECORDS, PARALLEL_FROM
+    from zerotune.data.encode import BATCH_RECORDS, map_processes
     from zerotune.data.records import quiet_datasets
 
     table, read = read_source(config, source)
-    num_proc = min(8, len(os.sched_getaffinity(0))) if len(table.rows) >= PARALLEL_FROM else None
     scratch = cache_root(config) / f"checking-{os.getpid()}.arrow"
     try:
         with quiet_datasets():
             counted = table.rows.map(lambda batch, indices: {"records": [len(read(batch, indices))]}, batched=True,
-                                     with_indices=True, batch_size=BATCH_RECORDS, num_proc=num_proc,
+                                     with_indices=True, batch_size=BATCH_RECORDS,
+                                     num_proc=map_processes(len(table.rows)),
                                      remove_columns=table.rows.column_names, cache_file_name=str(scratch),
                                      new_fingerprint=uuid.uuid4().hex)
         if not sum(counted["records"]):
@@ -187,10 +187,10 @@ def encode_sharded(config: DataConfig, tokenizer, records, where, rank: int, wor
     kept = [example for example in examples if example is not None]
     total.kept = len(kept)
     if loaded and len(loaded.sources) > 1:
-        total.sources = [mixture_line(source, sum(examples[i] is not None for i in drawn), len(drawn),
-                                      loaded.available[position])
-                         for position, source in enumerate(loaded.sources)
-                         for drawn in [[i for i, origin in enumerate(loaded.origins) if origin == position]]]
+        for position, source in enumerate(loaded.sources):
+            drawn = [i for i, origin in enumerate(loaded.origins) if origin == position]
+            kept_here = sum(examples[i] is not None for i in drawn)
+            total.sources.append(mixture_line(source, kept_here, len(drawn), loaded.available[position]))
     if not kept:
         raise all_dropped_error(total, config.max_seq_len, config.overlong)
     return kept, total
