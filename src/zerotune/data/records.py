@@ -234,12 +234,6 @@ class RecordTable:
             where.append(place)
         return records, where
 
-    def batches(self, size: int = 1024):
-        """(records, places) of each batch of ``size`` rows, in order, in this process."""
-        for start in range(0, len(self.rows), size):
-            batch = self.rows[start : start + size]
-            yield self.records(batch, list(range(start, start + len(next(iter(batch.values()), [])))))
-
 
 def read_table(path: str, split: str = "train", flag: str = "--data", subset: str = "",
                cache_dir: str | None = None) -> RecordTable:
