@@ -33,6 +33,11 @@ def is_bench(result: dict) -> bool:
     return BENCH_FIELDS <= result.keys() and "experiment" not in result
 
 
+def is_pairs(result: dict) -> bool:
+    """A `zerotune bench dpo` run: zerotune against TRL's DPOTrainer in pairs/s (no HF+PEFT baseline)."""
+    return result.get("metric") == "pairs/s" and "trl" in result.get("peers", {})
+
+
 def bench_results() -> list[tuple[str, dict]]:
     return [(name, result) for name, result in all_results() if is_bench(result)]
 
@@ -140,6 +145,27 @@ def table(results: list[tuple[str, dict]], with_commit: bool = True) -> str:
     return "\n".join(lines)
 
 
+def pair_table(results: list[tuple[str, dict]]) -> str:
+    """One markdown row per `zerotune bench dpo` file: pairs/s of TRL's DPOTrainer and of zerotune, peak memory
+    and both first losses (ln 2 = 0.693147 when both trained the same pairs from a new adapter)."""
+    lines = ["| workload | GPU | TRL pairs/s | zerotune pairs/s | ratio | peak GiB TRL / ours | first loss TRL / ours "
+             "| commit | command | file |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results:
+        ours, trl = r["ours"], r["peers"]["trl"]
+        if "pairs_per_second" not in trl:  # TRL did not run: the file says why
+            why = trl.get("not_available") or trl.get("error") or "-"
+            lines.append(f"| {r['workload']} | {gpu_name(r)} | {why} | {ours['pairs_per_second']:.2f} | - | - | - | "
+                         f"{r['commit'][:7]} | `{shown_command(r['command'])}` | `{name}` |")
+            continue
+        peaks = f"{trl['peak_gib']:.1f} / {ours['peak_gib']:.1f}" if ours.get("peak_gib") else "-"
+        lines.append(f"| {r['workload']} | {gpu_name(r)} | {trl['pairs_per_second']:.2f} | "
+                     f"{ours['pairs_per_second']:.2f} | **{trl['pairs_per_second_ratio']:.2f}x** | {peaks} | "
+                     f"{trl['losses'][0]:.6f} / {ours['losses'][0]:.6f} | {r['commit'][:7]} | "
+                     f"`{shown_command(r['command'])}` | `{name}` |")
+    caveats = [f"- `{name}`: {r['caveat']}" for name, r in results if r.get("caveat")]
+    return "\n".join(lines + (["", "Caveats, as each file states them:", "", *caveats] if caveats else []))
+
+
 def headline_table() -> str:
     """The README's table: the newest default run of each workload, dated rather than by commit."""
     return table(headline_results(), with_commit=False)
@@ -149,7 +175,7 @@ def other_table() -> str:
     """Files written by the scripts in benchmarks/ (profiles, variants, engines): one row each."""
     lines = ["| date | GPU | commit | command | file |", "|---|---|---|---|---|"]
     for name, r in all_results():
-        if is_bench(r):
+        if is_bench(r) or is_pairs(r):
             continue
         command = shown_command(r.get("command") or "; ".join(r.get("commands", [])) or "-")
         lines.append(f"| {r['date']} | {gpu_name(r)} | {r['commit'][:7]} | `{command}` | `{name}` |")
@@ -158,6 +184,15 @@ def other_table() -> str:
 
 def all_page() -> str:
     bench = bench_results()
+    pairs = [(name, result) for name, result in all_results() if is_pairs(result)]
+    pair_section = [
+        f"## `zerotune bench dpo` runs ({len(pairs)})",
+        "",
+        "zerotune's DPO against TRL's DPOTrainer with PEFT in the same run, pairs per second.",
+        "",
+        pair_table(pairs),
+        "",
+    ] if pairs else []
     return "\n".join([
         "# Every benchmark run",
         "",
@@ -174,6 +209,7 @@ def all_page() -> str:
         "",
         table(bench),
         "",
+        *pair_section,
         "## Other measurements",
         "",
         "Written by the scripts in `benchmarks/` (profiles, variants in one process, engines on several GPUs,",

@@ -1,5 +1,8 @@
-"""Run training in-process the way the CLI does."""
+"""Run training in-process the way the CLI does; watch a run's listening sockets."""
 
+import ipaddress
+import threading
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -117,3 +120,77 @@ def _counting_compile(results: list, count):
         kwargs.pop("options", None)  # inductor's (LAYER_COMPILE_OPTIONS); this backend runs the graph as traced
         return original(self, *args, backend=backend, **kwargs)
     return compile
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+class ListeningSockets:
+    """Polls, from a thread, the listening TCP sockets of a process tree (and of Ray's session) until stopped."""
+
+    def __init__(self, root_pid: int):
+        self.root_pid = root_pid
+        self.seen: dict[tuple[int, str, int], str] = {}  # (pid, ip, port) -> the owner's command line
+        self.session_dirs: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _processes(self) -> list:
+        import psutil
+
+        try:
+            root = psutil.Process(self.root_pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+        for process in processes:
+            self._note_session(process)
+        if self.session_dirs:  # Ray processes that are no descendants (re-parented) still name the session
+            for process in psutil.process_iter(["cmdline"]):
+                command = " ".join(process.info["cmdline"] or [])
+                if any(session in command for session in self.session_dirs):
+                    processes.append(process)
+        return processes
+
+    def _note_session(self, process) -> None:
+        import psutil
+
+        try:
+            for argument in process.cmdline():
+                for flag in ("--session-dir=", "--session_dir="):
+                    if argument.startswith(flag):
+                        self.session_dirs.add(argument[len(flag):])
+        except psutil.Error:
+            pass
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for process in self._processes():
+                try:
+                    connections = process.net_connections(kind="tcp")
+                    command = " ".join(process.cmdline()) or process.name()
+                except psutil.Error:
+                    continue
+                for connection in connections:
+                    if connection.status == psutil.CONN_LISTEN:
+                        self.seen.setdefault((process.pid, connection.laddr.ip, connection.laddr.port), command)
+            time.sleep(0.2)
+
+    def exposed(self) -> list[str]:
+        return [f"{ip}:{port} (pid {pid}: {command[:120]})" for (pid, ip, port), command in sorted(self.seen.items())
+                if not is_loopback(ip)]
+
+    def owners(self) -> list[str]:
+        return list(self.seen.values())

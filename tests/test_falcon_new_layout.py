@@ -39,6 +39,12 @@ def cli_losses(model, data, out, *flags) -> list[float]:
     return losses
 
 
+@pytest.fixture(scope="module")
+def plain_losses(falcon, alpaca_file, tmp_path_factory) -> list[float]:
+    """The plain path's losses, run once for every comparison with it below."""
+    return cli_losses(falcon, alpaca_file, tmp_path_factory.mktemp("plain") / "run", *PLAIN)
+
+
 def test_the_tiny_model_has_falcon_180bs_layout(falcon):
     from transformers import AutoModelForCausalLM
 
@@ -58,16 +64,15 @@ def test_the_tiny_model_has_falcon_180bs_layout(falcon):
     pytest.param(["--compile", "on", "--fused-projections", "on", "--gradient-checkpointing"], marks=pytest.mark.slow),
     pytest.param(["--compile", "on"], marks=pytest.mark.slow),
 ], ids=["defaults", "fused", "checkpointing", "fused-checkpointing", "compiled-fused-checkpointing", "compiled"])
-def test_cli_training_with_speed_features_equals_the_plain_path(falcon, alpaca_file, tmp_path, capsys, flags):
+def test_cli_training_with_speed_features_equals_the_plain_path(falcon, plain_losses, alpaca_file, tmp_path, capsys,
+                                                                flags):
     """The defaults and each speed feature forced on give the plain path's losses (eager PEFT, stock loss)."""
-    plain = cli_losses(falcon, alpaca_file, tmp_path / "plain", *PLAIN)
-    capsys.readouterr()
     losses = cli_losses(falcon, alpaca_file, tmp_path / "fast", *flags)
     out = capsys.readouterr().out
     if "--fused-projections" in flags:
         assert "adapter.fused_projections: 8 groups of projections fused" in out  # 4 per layer, each of one
     tolerance = 1e-4 if "--compile" in flags else 1e-5
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain), rtol=tolerance, atol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=tolerance, atol=0)
 
 
 @pytest.mark.slow

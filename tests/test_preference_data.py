@@ -58,6 +58,16 @@ def test_auto_template_per_pair(tokenizer):
     assert report.summary().startswith("3 of 3 pairs kept (0 truncated, 0 dropped")
 
 
+def test_token_pairs_are_taken_as_they_are(tokenizer):
+    """Pre-tokenized pairs (TRL's field names): no BOS or EOS added, picked by auto, cut like any pair."""
+    record = {"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10], "rejected_ids": [11, 12, 13]}
+    pairs, report = encode_pairs(tokenizer, [record, PAIR], ["a", "b"], "auto", 512, "truncate")
+    assert (pairs[0].prompt_ids, pairs[0].chosen_ids, pairs[0].rejected_ids) == ([5, 6, 7, 8], [9, 10], [11, 12, 13])
+    assert report.templates == {"tokens": 1, "alpaca": 1}
+    (cut,), report = encode_pairs(tokenizer, [record], ["a"], "tokens", 6, "truncate")
+    assert (cut.prompt_ids, cut.rejected_ids, report.truncated) == ([6, 7, 8], [11, 12, 13], 1)  # half the window
+
+
 def test_truncation_keeps_the_prompt_end_and_its_bos(tokenizer):
     full = encode_pair(tokenizer, PAIR, "alpaca", "record 1")
     room = len(full.rejected_ids) + 6  # the prompt's share of the window, more than half of it
@@ -111,6 +121,10 @@ BAD_PAIRS = {
     "empty_response": ('{"prompt": "a", "chosen": " ", "rejected": "c"}\n', r'bad\.jsonl line 1: "chosen" is empty'),
     "bad_message": ('{"messages": [{"role": "user"}], "chosen": "b", "rejected": "c"}\n',
                     r"bad\.jsonl line 1: messages\[0\] needs role and content"),
+    "token_ids_missing": ('{"prompt_ids": [1, 2], "chosen_ids": [3]}\n',
+                          r'bad\.jsonl line 1: field "rejected_ids" must be a non-empty list of token ids'),
+    "token_ids_identical": ('{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [3]}\n',
+                            r'bad\.jsonl line 1: "chosen_ids" and "rejected_ids" are identical'),
     "response_not_text": ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n',
                           r'bad\.jsonl line 1: field "chosen" must be a string'),
 }
@@ -135,12 +149,6 @@ def test_sft_on_pairs_points_to_the_objective(tiny_llama, tmp_path, capsys):
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     status, err = run_cli(capsys, "--model", tiny_llama, "--data", data, "--output-dir", tmp_path / "out")
     assert status == 2 and "line 1: a preference pair" in err and "--objective dpo" in err
-
-
-def test_packing_is_refused_for_pairs(tiny_llama, tmp_path, capsys):
-    status, err = run_cli(capsys, "--model", tiny_llama, "--output-dir", tmp_path / "out", "--objective", "orpo",
-                          "--packing")
-    assert status == 2 and err.startswith("zerotune: error: data.packing: not available with --objective orpo")
 
 
 def test_an_unknown_field_type_in_chat_pairs_raises(tokenizer):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from helpers import adapter_weights, train
+from helpers import ListeningSockets, adapter_weights, train
 from zerotune.checkpoints import check_resumable, complete_checkpoints, newest_checkpoint, step_name
 from zerotune.checkpoints.manifest import TRAINER_STATE
 from zerotune.checkpoints.save import commit
@@ -77,36 +77,53 @@ TWO_WORKERS = {"train.max_steps": 4, "train.batch_size": 2, "train.grad_accum": 
                "distributed.num_workers": 2, "distributed.use_cpu": True, "adapter.dropout": 0.1}
 ENGINES = {
     "ddp": {"distributed.strategy": "ddp"},
-    "fsdp": {"distributed.strategy": "fsdp"},
+    # FSDP2 without dropout: its uninterrupted run also serves test_fsdp_checkpoint_resumes_on_one_worker, where
+    # RNG streams cannot carry over to another worker count. Each rank's RNG state is saved and restored the same
+    # way under every engine (checkpoints.save.capture_rng, resume.restore_rng): DDP and ZeRO-3 here and the
+    # single-process tests above resume it with dropout 0.1.
+    "fsdp": {"distributed.strategy": "fsdp", "adapter.dropout": 0.0},
     "zero3": {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3},
 }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_two_workers(tiny_llama, alpaca_file, tmp_path_factory):
+    """engine -> (run directory, result) of its uninterrupted 2-worker run, each launched once per module."""
+    runs = {}
+
+    def run(engine: str):
+        if engine not in runs:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{engine}") / "run"
+            runs[engine] = out, train(make_config(tiny_llama, alpaca_file, out, **{**TWO_WORKERS, **ENGINES[engine]}))
+        return runs[engine]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
-def test_resume_two_workers_is_exact(engine, tiny_llama, alpaca_file, tmp_path):
+def test_resume_two_workers_is_exact(engine, uninterrupted_two_workers, tiny_llama, alpaca_file, tmp_path):
     if engine == "zero3":
         pytest.importorskip("deepspeed")
-    settings = {**TWO_WORKERS, **ENGINES[engine]}
-    expected = train(make_config(tiny_llama, alpaca_file, tmp_path / "full", **settings))
-    run_dir = interrupted_copy(tmp_path / "full", tmp_path / "resumed", 2)
-    result = train(make_config(tiny_llama, alpaca_file, run_dir, **settings, **{"checkpoint.resume": True}))
+    full, expected = uninterrupted_two_workers(engine)
+    run_dir = interrupted_copy(full, tmp_path / "resumed", 2)
+    result = train(make_config(tiny_llama, alpaca_file, run_dir, **{**TWO_WORKERS, **ENGINES[engine],
+                                                                   "checkpoint.resume": True}))
     assert result.resumed_from == 2 and result.losses == expected.losses
-    resumed, reference = adapter_weights(run_dir), adapter_weights(tmp_path / "full")
+    resumed, reference = adapter_weights(run_dir), adapter_weights(full)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_resumes_on_one_worker(tiny_llama, alpaca_file, tmp_path):
+def test_fsdp_checkpoint_resumes_on_one_worker(uninterrupted_two_workers, tiny_llama, alpaca_file, tmp_path):
     """FSDP2 shards are resharded by torch.distributed.checkpoint: 2 workers save, 1 worker resumes
     (the same global batch of 8). Dropout is off: RNG streams cannot carry over to another worker count."""
-    settings = {**TWO_WORKERS, **ENGINES["fsdp"], "adapter.dropout": 0.0}
-    expected = train(make_config(tiny_llama, alpaca_file, tmp_path / "full", **settings))
-    run_dir = interrupted_copy(tmp_path / "full", tmp_path / "resumed", 2)
-    one = {**settings, "distributed.num_workers": 1, "train.grad_accum": 4, "checkpoint.resume": True}
+    full, expected = uninterrupted_two_workers("fsdp")
+    run_dir = interrupted_copy(full, tmp_path / "resumed", 2)
+    one = {**TWO_WORKERS, **ENGINES["fsdp"], "distributed.num_workers": 1, "train.grad_accum": 4,
+           "checkpoint.resume": True}
     result = train(make_config(tiny_llama, alpaca_file, run_dir, **one))
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected.losses), rtol=1e-5, atol=0)
-    resumed, reference = adapter_weights(run_dir), adapter_weights(tmp_path / "full")
+    resumed, reference = adapter_weights(run_dir), adapter_weights(full)
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=1e-4, atol=1e-6)
 
@@ -192,26 +209,9 @@ def losses_of(out: Path) -> list[float]:
     return [event["loss"] for event in events if "loss" in event]
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_then_resume_matches(tiny_llama, alpaca_file, tmp_path):
-    steps = 40
-    reference = tmp_path / "reference"
-    subprocess.run(cli(*run_args(tiny_llama, alpaca_file, reference, steps)), check=True, capture_output=True)
-    out = tmp_path / "run"
-    process = subprocess.Popen(cli(*run_args(tiny_llama, alpaca_file, out, steps)), stderr=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, err
-    assert "--resume" in err and not (out / "adapter").exists()
-    stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
-    assert 3 <= stopped_at < steps
-    subprocess.run(cli(*run_args(tiny_llama, alpaca_file, out, steps), "--resume"), check=True,
-                   capture_output=True)
-    assert losses_of(out) == losses_of(reference)
-    resumed, expected = adapter_weights(out), adapter_weights(reference)
-    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+# SIGTERM to a single-process run, its checkpoint and the resumed run's exact losses and adapter: tested once, as
+# a preempted job is restarted (test_sigterm_then_the_same_command_plus_resume_in_the_jobs_directory in
+# tests/test_run_dir.py).
 
 
 SLOW_COMMIT = """
@@ -317,24 +317,38 @@ def kill_one_worker(parent_pid: int, marker: str) -> int:
     raise AssertionError(f"no worker process matching {marker!r}")
 
 
-def survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path, launcher_args, marker):
-    """Uninterrupted single-process reference vs a 2-worker run that loses a worker after checkpoint 2."""
-    steps = 16
-    reference = tmp_path / "reference"
+KILL_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tiny_llama, alpaca_file, tmp_path_factory) -> Path:
+    """The uninterrupted single-process run both launchers' worker-kill tests are compared with (run once)."""
+    reference = tmp_path_factory.mktemp("kill-reference") / "run"
     # No LoRA dropout: one process and two workers draw different random numbers.
-    subprocess.run(cli(*run_args(tiny_llama, alpaca_file, reference, steps), "--grad-accum", "2", "--lora-dropout",
-                       "0"), check=True, capture_output=True)
-    out = tmp_path / "run"
-    process = subprocess.Popen(cli(*run_args(tiny_llama, alpaca_file, out, steps), "--batch-size", "2",
-                                   "--grad-accum", "2", "--num-workers", "2", "--use-cpu", "--lora-dropout", "0", *launcher_args),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Once checkpoint 4 exists, checkpoint 2 has surely been reported to the launcher (Ray's report follows
-    # our commit): the restart must resume from 2 or 4, not start over.
-    wait_for(lambda: (out / "checkpoints" / step_name(4)).is_dir(), process, timeout=300)
-    kill_one_worker(process.pid, marker)
-    out_text, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-    assert "resumed from" in out_text + err
+    subprocess.run(cli(*run_args(tiny_llama, alpaca_file, reference, KILL_STEPS), "--grad-accum", "2",
+                       "--lora-dropout", "0"), check=True, capture_output=True)
+    return reference
+
+
+def kill_a_worker(tiny_llama, alpaca_file, out, launcher_args, marker):
+    """A 2-worker run through the CLI that loses a worker once checkpoint 4 exists, its listening sockets watched
+    throughout: (exit status, stdout and stderr, the sockets)."""
+    process = subprocess.Popen(cli(*run_args(tiny_llama, alpaca_file, out, KILL_STEPS), "--batch-size", "2",
+                                   "--grad-accum", "2", "--num-workers", "2", "--use-cpu", "--lora-dropout", "0",
+                                   *launcher_args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with ListeningSockets(process.pid) as sockets:
+        # Once checkpoint 4 exists, checkpoint 2 has surely been reported to the launcher (Ray's report follows
+        # our commit): the restart must resume from 2 or 4, not start over.
+        wait_for(lambda: (out / "checkpoints" / step_name(4)).is_dir(), process, timeout=300)
+        kill_one_worker(process.pid, marker)
+        out_text, err = process.communicate(timeout=600)
+    return process.returncode, out_text + err, sockets
+
+
+def assert_survived(out: Path, reference: Path, status: int, output: str) -> None:
+    """The restarted workers resumed, and the whole run equals the uninterrupted single-process reference."""
+    assert status == 0, output[-3000:]
+    assert "resumed from" in output
     torch.testing.assert_close(torch.tensor(losses_of(out)), torch.tensor(losses_of(reference)), rtol=1e-5, atol=0)
     resumed, expected = adapter_weights(out), adapter_weights(reference)
     for key in expected:
@@ -342,16 +356,40 @@ def survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path, launcher_args, mark
 
 
 @pytest.mark.slow
-def test_local_launcher_restarts_after_a_worker_dies(tiny_llama, alpaca_file, tmp_path):
-    survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path, ["--strategy", "ddp", "--max-restarts", "1"],
-                          "spawn_main")
+def test_local_launcher_restarts_after_a_worker_dies(kill_reference, tiny_llama, alpaca_file, tmp_path):
+    status, output, _ = kill_a_worker(tiny_llama, alpaca_file, tmp_path / "run",
+                                      ["--strategy", "ddp", "--max-restarts", "1"], "spawn_main")
+    assert_survived(tmp_path / "run", kill_reference, status, output)
+
+
+@pytest.fixture(scope="module")
+def ray_worker_killed(tiny_llama, alpaca_file, tmp_path_factory):
+    """2 FSDP2 workers on a local Ray through the CLI, one killed after checkpoint 4: (output directory, exit
+    status, output, sockets) for the two tests below, one Ray run for both."""
+    pytest.importorskip("ray")
+    out = tmp_path_factory.mktemp("ray-kill") / "run"
+    return (out, *kill_a_worker(tiny_llama, alpaca_file, out,
+                                ["--launcher", "ray", "--strategy", "fsdp", "--max-failures", "1"], "RayTrainWorker"))
 
 
 @pytest.mark.slow
-def test_ray_restarts_after_a_worker_dies(tiny_llama, alpaca_file, tmp_path):
-    pytest.importorskip("ray")
-    survive_a_worker_kill(tiny_llama, alpaca_file, tmp_path,
-                          ["--launcher", "ray", "--strategy", "fsdp", "--max-failures", "1"], "RayTrainWorker")
+def test_ray_restarts_after_a_worker_dies(ray_worker_killed, kill_reference):
+    """Ray restarts the workers, which resume from the newest checkpoint; the run's losses and adapter equal one
+    process's. This is also the suite's comparison of a Ray run with one process (tests/test_ray.py runs the
+    tutorial's line on a two-node cluster)."""
+    out, status, output, _ = ray_worker_killed
+    assert_survived(out, kill_reference, status, output)
+
+
+@pytest.mark.slow
+def test_local_ray_listens_on_loopback_only(ray_worker_killed):
+    """Every listening socket of a local Ray run's processes (GCS, raylet, agents, workers, the restarted ones
+    too) is on loopback (tests/test_network_exposure.py says why), watched on the run above."""
+    *_, sockets = ray_worker_killed
+    owners = " | ".join(sockets.owners())
+    for component in ("gcs_server", "raylet", "RayTrainWorker"):
+        assert component in owners, f"no listening socket of {component} seen: {owners[:2000]}"
+    assert sockets.exposed() == []
 
 
 def test_time_based_checkpoints(config_for):
@@ -374,21 +412,40 @@ def test_resume_continues_the_same_mlflow_run(uninterrupted, tiny_llama, alpaca_
     assert mlflow.tracking.MlflowClient(uri).get_run(first.mlflow_run_id).info.status == "FINISHED"
 
 
-@pytest.mark.slow
-def test_sigterm_reaches_local_workers(tiny_llama, alpaca_file, tmp_path):
-    """Two local workers: SIGTERM to the launching process goes through torch's elastic agent to the workers,
-    which finish the step, checkpoint and leave; the job exits 75, and --resume completes it."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def local_workers_stopped(tiny_llama, alpaca_file, tmp_path_factory):
+    """Two local DDP workers through the CLI, SIGTERMed once 3 steps are logged, their listening sockets watched
+    meanwhile: (command-line arguments, output directory, exit status, stderr, sockets) for the two tests below."""
+    out = tmp_path_factory.mktemp("local-sigterm") / "run"
     args = [*run_args(tiny_llama, alpaca_file, out, 40), "--batch-size", "2", "--num-workers", "2", "--use-cpu",
             "--strategy", "ddp", "--save-steps", "100"]
     process = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, err[-2000:]
+    with ListeningSockets(process.pid) as sockets:
+        wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    return args, out, process.returncode, err, sockets
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_local_workers(local_workers_stopped):
+    """Two local workers: SIGTERM to the launching process goes through torch's elastic agent to the workers,
+    which finish the step, checkpoint and leave; the job exits 75, and --resume completes it."""
+    args, out, status, err, _ = local_workers_stopped
+    assert status == EXIT_PREEMPTED, err[-2000:]
     stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
     assert 3 <= stopped_at < 40
     finished = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, 41))
+
+
+@pytest.mark.slow
+def test_local_launcher_listens_on_loopback_only(local_workers_stopped):
+    """The local launcher's processes (this one, torch's elastic agent, the workers) listen on loopback only
+    (tests/test_network_exposure.py says why), watched on the run above rather than on a run of its own."""
+    *_, sockets = local_workers_stopped
+    # The watch saw the run: both workers' gloo sockets and rank 0's store.
+    assert len(sockets.seen) >= 3 and len({pid for pid, _, _ in sockets.seen}) >= 2, sockets.seen
+    assert sockets.exposed() == []

@@ -285,7 +285,14 @@ def newest_step(out: Path) -> int:
 @pytest.mark.slow
 def test_sigterm_then_the_same_command_plus_resume_in_the_jobs_directory(tiny_llama, alpaca_file, tmp_path):
     """As Slurm or Kubernetes restart a preempted job: its own working directory, relative paths, SIGTERM, then
-    the same command plus --resume. The resumed run finishes with the same losses as an uninterrupted one."""
+    the same command plus --resume. SIGTERM checkpoints mid-run and exits 75 naming --resume, with no final
+    adapter; the resumed run finishes with the losses and adapter of an uninterrupted one, bit for bit (LoRA
+    dropout on, so the restored RNG state counts). The one test of SIGTERM to a single-process run."""
+    import torch
+
+    from helpers import adapter_weights
+    from zerotune.checkpoints import newest_checkpoint
+    from zerotune.checkpoints.manifest import TRAINER_STATE
     from zerotune.stopping import EXIT_PREEMPTED
 
     job, steps = copy_job(tiny_llama, alpaca_file, tmp_path), 16
@@ -298,9 +305,14 @@ def test_sigterm_then_the_same_command_plus_resume_in_the_jobs_directory(tiny_ll
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED, err
+    assert "--resume" in err and not (out / "adapter").exists()
+    stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
+    assert 3 <= stopped_at < steps
     resumed = subprocess.run(job_command(steps, "--resume"), cwd=job, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert losses_of(out) == losses_of(reference)
+    resumed_adapter, expected = adapter_weights(out), adapter_weights(reference)
+    assert all(torch.equal(resumed_adapter[k], expected[k]) for k in expected)
 
 
 @pytest.mark.slow

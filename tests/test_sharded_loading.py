@@ -38,13 +38,29 @@ def test_lora_starts_from_the_same_weights_as_the_default_path(tiny_llama, alpac
     assert saved["r"] == 16 and (tmp_path / "sharded" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_full_finetune_trains_identically(tiny_llama, alpaca_file, tmp_path):
-    extra = {"adapter.method": "full", "train.lr": 1e-3, "train.max_steps": 3, "data.eval_fraction": 0.0}
-    sharded = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "sharded", **extra,
+TRAINING = {"lora": {"adapter.method": "lora", "train.lr": 1e-2, "train.max_steps": 3, "data.eval_fraction": 0.0},
+            "full": {"adapter.method": "full", "train.lr": 1e-3, "train.max_steps": 3, "data.eval_fraction": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama, alpaca_file, tmp_path_factory):
+    """method -> per-step losses of one process loading the model the default way, at the global batch of the 2
+    workers (2 x grad_accum 2); each run once, for the FSDP2 and the ZeRO-3 comparisons alike."""
+    losses = {}
+
+    def run(method: str) -> list[float]:
+        if method not in losses:
+            out = tmp_path_factory.mktemp(f"one-process-{method}") / "run"
+            losses[method] = train(_fsdp(tiny_llama, alpaca_file, out, **TRAINING[method], **{
+                "distributed.num_workers": 1, "distributed.strategy": "single", "train.grad_accum": 2})).losses
+        return losses[method]
+    return run
+
+
+def test_full_finetune_trains_identically(one_process, tiny_llama, alpaca_file, tmp_path):
+    sharded = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "sharded", **TRAINING["full"],
                           **{"distributed.sharded_loading": True}))
-    plain = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "plain", **extra, **{
-        "distributed.num_workers": 1, "distributed.strategy": "single", "train.grad_accum": 2}))
-    assert sharded.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert sharded.losses == pytest.approx(one_process("full"), rel=1e-5)
 
 
 ZERO3_PROBE = """
@@ -88,17 +104,13 @@ def test_zero3_sharded_loading_creates_partitioned_parameters(init, tiny_llama, 
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_zero3_sharded_loading_trains_like_one_process(method, tiny_llama, alpaca_file, tmp_path):
+def test_zero3_sharded_loading_trains_like_one_process(method, one_process, tiny_llama, alpaca_file, tmp_path):
     """2 workers, ZeRO-3, the model loaded partitioned: the same per-step losses as one process loading it
     the default way, for LoRA and for full fine-tuning."""
     pytest.importorskip("deepspeed")
-    extra = {"adapter.method": method, "train.lr": 1e-3 if method == "full" else 1e-2, "train.max_steps": 3,
-             "data.eval_fraction": 0.0, "distributed.strategy": "deepspeed", "distributed.zero_stage": 3}
-    sharded = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "sharded", **extra,
-                          **{"distributed.sharded_loading": True}))
-    plain = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "plain", **{
-        **extra, "distributed.num_workers": 1, "distributed.strategy": "single", "train.grad_accum": 2}))
-    assert sharded.losses == pytest.approx(plain.losses, rel=1e-5)
+    sharded = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "sharded", **TRAINING[method], **{
+        "distributed.strategy": "deepspeed", "distributed.zero_stage": 3, "distributed.sharded_loading": True}))
+    assert sharded.losses == pytest.approx(one_process(method), rel=1e-5)
 
 
 def test_random_init_under_fsdp_is_the_same_model_for_any_worker_count(tiny_llama, alpaca_file, tmp_path):
@@ -156,17 +168,5 @@ def test_names_map_to_the_files_and_bad_combinations_are_refused():
             build_config({"distributed.sharded_loading": True, **extra})
 
 
-def test_tutorial_json_with_sharded_loading_matches_its_default_load(tiny_llama, alpaca_file, tmp_path):
-    """The tutorial's ZeRO-3 + CPU-offload JSON, unchanged, plus --sharded-loading: partitions are created
-    straight into the offloaded store, and the run's losses equal the same JSON loading the usual way."""
-    from pathlib import Path
-
-    pytest.importorskip("deepspeed")
-    tutorial = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_tutorial_zero3_offload.json"
-    extra = {"distributed.deepspeed_config": str(tutorial), "data.eval_fraction": 0.0, "train.max_steps": 3,
-             "distributed.strategy": "auto"}
-    sharded = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "sharded", **extra,
-                          **{"distributed.sharded_loading": True}))
-    plain = train(_fsdp(tiny_llama, alpaca_file, tmp_path / "plain", **extra))
-    assert sharded.strategy == plain.strategy == "deepspeed"
-    assert sharded.losses == pytest.approx(plain.losses, rel=1e-5)
+# The tutorial's ZeRO-3 + CPU-offload JSON with --sharded-loading: tests/test_distributed.py
+# (test_tutorial_json_with_sharded_loading_matches_its_default_load), which shares the JSON's usual-load run.

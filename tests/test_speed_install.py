@@ -18,13 +18,13 @@ from zerotune.config import build_config
 from zerotune.errors import ConfigError
 
 
-def _settings(compiled=True, graphs=False, fused=False, nf4=False):
+def _settings(compiled=True, graphs=False, fused=False, nf4=False, chunked=True):
     """Settings as zerotune.resolve decides them (these tests cover what install does with them)."""
     from zerotune.resolve import Settings
 
     return Settings(launcher="inprocess", device_type="cuda", strategy="single", zero_stage=None, dtype="bf16",
                     attention="sdpa", compile=compiled, fused_projections=fused, cuda_graph=graphs,
-                    compiled_nf4=nf4)
+                    compiled_nf4=nf4, chunked_loss=chunked)
 
 
 def _model(attention="sdpa"):

@@ -177,7 +177,9 @@ def _add_bench_parser(commands) -> None:
                        help="weights, data and LoRA seed (default 0)")
     bench.add_argument("--baseline", type=baseline_names, action="extend", default=None, metavar="NAME[,NAME]",
                        help="baselines to measure against, repeatable or comma-separated: hf (stock HF+PEFT, the "
-                            "default), trl, liger, unsloth")
+                            "default), trl, liger, unsloth; the dpo workloads: trl only")
+    bench.add_argument("--micro-batch", type=checked_number(int, "[1, inf)", "--micro-batch"), default=None,
+                       help="examples (pairs for dpo) per step on every side, instead of the workload's")
 
 
 def baseline_names(value: str) -> list[str]:
@@ -325,13 +327,14 @@ def command_data(args: argparse.Namespace) -> None:
 
 
 def command_bench(args: argparse.Namespace) -> None:
-    from zerotune.bench import run_bench
+    from zerotune.bench import WORKLOADS, run_bench
     from zerotune.config import parse_overrides
 
     command = "zerotune bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.workload])
     run_bench(args.workload, tiny=args.tiny, steps=args.steps, warmup=args.warmup_steps, out_dir=args.out_dir,
               work_dir=args.work_dir, seed=args.seed, ours_overrides=parse_overrides(args.overrides),
-              command=command, baselines=tuple(args.baseline or ["hf"]))
+              command=command, baselines=tuple(args.baseline or WORKLOADS[args.workload].baselines[:1]),
+              micro_batch=args.micro_batch)
 
 
 def with_bare_switches(argv: list[str]) -> list[str]:

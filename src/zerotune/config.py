@@ -68,8 +68,8 @@ class ModelConfig:
               "tensor cores; weights, gradients and optimizer stay fp32.", "--mixed-precision",
     )
     chunked_loss: bool = option(
-        True, "Cross-entropy from the last hidden states in chunks, its gradient computed on the fly, so full fp32 "
-              "logits never exist; --no-chunked-loss: the model's own loss.", "--chunked-loss",
+        True, "Cross-entropy (pairs: token log-probs) from the last hidden states in chunks, with gradients, so "
+              "full logits never exist; --no-chunked-loss: the logits.", "--chunked-loss",
     )
     trust_remote_code: bool = option(
         False, "Allow model code from the hub to run; leave it off unless you trust the model's repository.",
@@ -144,6 +144,9 @@ class DataConfig:
     cache_dir: str = option(
         "", "Where the data cache lives; empty: $ZEROTUNE_DATA_CACHE, else ~/.cache/zerotune/data (shared storage "
             "serves several nodes).", "--data-cache-dir")
+    streaming: bool = option(
+        False, "Read the training data lazily (hub or local JSONL/Parquet shards), tokenized and packed ahead of the "
+               "step; needs --max-steps (docs/data.md).", "--streaming")
 
 
 @dataclass

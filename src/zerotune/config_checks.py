@@ -46,6 +46,8 @@ def validate(config: RunConfig) -> None:
                           "or full (QLoRA quantizes while loading)")
     if config.objective.name != "sft":
         check_preference_settings(config)
+    if config.data.streaming:
+        check_streaming_settings(config)
     if config.train.cuda_graph == "on":
         if config.distributed.num_workers != 1 or config.distributed.use_cpu:
             raise ConfigError("train.cuda_graph: needs one worker on a CUDA GPU; drop --cuda-graph, or "
@@ -58,14 +60,26 @@ def validate(config: RunConfig) -> None:
 
 
 def check_preference_settings(config: RunConfig) -> None:
-    """What a preference objective does not combine with (yet): packed rows, step graphs, fused projections (the
-    reference pass switches the LoRA layers off, which fused weights cannot)."""
+    """What a preference objective does not combine with (yet): step graphs."""
     name = config.objective.name
-    if config.data.packing:
-        raise ConfigError(f"data.packing: not available with --objective {name} (pairs are batched unpacked); drop "
-                          "--packing")
     if config.train.cuda_graph == "on":
         raise ConfigError(f"train.cuda_graph: not available with --objective {name}; drop --cuda-graph")
-    if config.adapter.fused_projections == "on":
-        raise ConfigError(f"adapter.fused_projections: not available with --objective {name} (the reference pass "
-                          "turns the LoRA layers off); drop --fused-projections")
+
+
+def check_streaming_settings(config: RunConfig) -> None:
+    """What --streaming needs: a step count (the stream's length is unknown), nothing held out of the stream, one
+    SFT dataset (zerotune.data.streaming)."""
+    data = config.data
+    if config.train.max_steps == 0:
+        raise ConfigError("data.streaming: the stream's length is unknown, so give the run a length with --max-steps")
+    if config.train.epochs != 1.0:
+        raise ConfigError("train.epochs: not used with --streaming (the stream starts again at its end until "
+                          "--max-steps); drop --epochs")
+    if data.eval_fraction > 0 and not data.eval_path:
+        raise ConfigError("data.eval_fraction: --streaming holds nothing out of the stream; pass --eval-fraction 0, "
+                          "or --eval-data FILE to evaluate on a separate file")
+    if data.mix:
+        raise ConfigError("data.mix: mixtures do not stream yet; give one --data, or drop --streaming")
+    if config.objective.name != "sft":
+        raise ConfigError(f"data.streaming: not available with --objective {config.objective.name} (pairs are read "
+                          "whole); drop --streaming")

@@ -40,6 +40,8 @@ def preflight(config: RunConfig) -> PreparedData:
     from zerotune.data.prepare import check_data
 
     pairs = config.objective.name != "sft"  # preference pairs (zerotune.data.pairs)
+    if config.data.streaming:  # the stream is read as it trains: here only its first record, and --eval-data
+        return preflight_stream(config)
     check_data(config.data, config.train.seed, pairs)  # data errors first: they need no model files
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model)
@@ -50,13 +52,25 @@ def preflight(config: RunConfig) -> PreparedData:
     return data
 
 
+def preflight_stream(config: RunConfig) -> PreparedData:
+    from zerotune.data.prepare import load_and_check
+    from zerotune.data.streaming import check_stream, streamed_data
+
+    check_stream(config.data)
+    if config.data.eval_path:
+        load_and_check(config.data, config.data.eval_path)
+    check_model_source(config.model)
+    data, _ = streamed_data(config.data, load_tokenizer(config.model), 0, 1, lambda value: [value], 1)
+    return data
+
+
 def one_batch_shape(config: RunConfig, data: PreparedData | None = None) -> bool:
     """Whether every batch has one shape without packing's help: every tokenized training example fills
     data.max_seq_len (packing's rows always do). ``data``: already tokenized, else tokenized here."""
     if config.data.packing:
         return True
-    if config.objective.name != "sft":  # pairs are padded to the longest sequence of their micro-batch
-        return False
+    if config.objective.name != "sft" or config.data.streaming:  # pairs: padded to the longest of a micro-batch;
+        return False  # a stream: not known before it is read
     if data is None:
         data = prepare_data(config.data, load_tokenizer(config.model), config.train.seed)
     return all(len(example.input_ids) == config.data.max_seq_len for example in data.train)

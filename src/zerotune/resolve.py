@@ -71,6 +71,7 @@ class Settings:
     fused_projections: bool  # if its install-time check passes
     cuda_graph: bool  # if the plain-causal check passes
     compiled_nf4: bool  # QLoRA's 4-bit matmul compiled with its layer
+    chunked_loss: bool = False  # the output head's chunked loss or log-probs, if the model's head is plain linear
     decisions: tuple[Decision, ...] = field(default=())
 
     @property
@@ -135,15 +136,14 @@ def resolve(config: RunConfig, machine: Machine, world_size: int | None = None,
     nf4 = False
     if config.adapter.method == "qlora":
         nf4 = decide("model.compiled_nf4", config.model.compiled_nf4, *_explain_compiled_nf4(config, strategy, compiled))
-    if config.model.chunked_loss and config.objective.name != "sft":
-        decide("model.chunked_loss", True, False, f"--objective {config.objective.name} needs each sequence's "
-                                                  "log-probabilities, not a loss sum")
-    elif config.model.chunked_loss:
-        decide("model.chunked_loss", True, True, "if the model's output head is a plain linear layer (checked when "
-                                                 "installed; else the stock loss, with a note)")
+    chunked = decide("model.chunked_loss", config.model.chunked_loss,
+                     *explain_chunked_loss(config, strategy))
+    if config.data.packing and config.objective.name != "sft":
+        decide("data.packing", True, True, f"--objective {config.objective.name}: each micro-batch's chosen and "
+               "rejected sequences packed into rows of data.max_seq_len, one segment each (same pairs per step)")
     return Settings(launcher=launcher, device_type=device_type, strategy=strategy, zero_stage=zero_stage,
                     dtype=dtype, attention=attention, compile=compiled, fused_projections=fused, cuda_graph=graphs,
-                    compiled_nf4=nf4, decisions=tuple(rows))
+                    compiled_nf4=nf4, chunked_loss=chunked, decisions=tuple(rows))
 
 
 def _text(value) -> str:
@@ -299,13 +299,12 @@ def _explain_checkpoint_placement(config: RunConfig) -> tuple[str, str]:
 def explain_fused_projections(config: RunConfig, strategy: str, compiled: bool, device_type: str) -> tuple[bool, str]:
     """adapter.fused_projections. auto: with compiled layers on a CUDA GPU in one process (where it was
     measured); on: LoRA in one process or under DDP (each rank fuses its own copy; tested on CPU workers, not
-    measured on GPUs). Either way kept only if its install-time logits check equals PEFT's path."""
+    measured on GPUs). Either way kept only if its install-time logits check equals PEFT's path. A preference
+    objective's reference pass runs the same fused groups with the adapters' contribution multiplied by zero
+    (objectives.step.adapters_zeroed; tests/test_preference_speed.py)."""
     setting = config.adapter.fused_projections
     if setting == "off":
         return False, "asked for"
-    if config.objective.name != "sft":  # "on" is refused by config.check_preference_settings
-        return False, f"--objective {config.objective.name}: the reference pass switches LoRA off, which fused " \
-                      "weights cannot"
     if config.adapter.method != "lora":
         return False, f"covers LoRA on bf16/fp32 bases, not {config.adapter.method}"
     if setting == "on":
@@ -315,6 +314,24 @@ def explain_fused_projections(config: RunConfig, strategy: str, compiled: bool, 
     if not (compiled and device_type == "cuda" and strategy == "single"):
         return False, "auto fuses with compiled layers on one CUDA worker (where it was measured)"
     return True, "compiled layers on one CUDA worker; kept if its install-time check equals PEFT's logits"
+
+
+def explain_chunked_loss(config: RunConfig, strategy: str) -> tuple[bool, str]:
+    """model.chunked_loss: SFT's loss sum, or the preference objectives' per-token log-probabilities of the scored
+    tokens, from the output head in chunks (zerotune.speed.chunked_loss). Kept only if the model's head is a plain
+    linear layer (checked when installed). Where a preference run trains the head (full fine-tuning) its weight
+    gradient is computed again in the backward from the saved weight, which was tested in one process and
+    under DDP only: FSDP2 and DeepSpeed keep the logits there."""
+    if not config.model.chunked_loss:
+        return False, "asked for: the model's own logits"
+    if config.objective.name == "sft":
+        return True, "if the model's output head is a plain linear layer (checked when installed; else the stock " \
+                     "loss, with a note)"
+    if config.adapter.method == "full" and strategy not in ("single", "ddp"):
+        return False, f"--objective {config.objective.name} with --method full under {strategy}: the trained " \
+                      "head's chunked gradient was tested in one process and under DDP only"
+    return True, f"--objective {config.objective.name}: each scored token's log-probability from the head in " \
+                 "chunks, no [batch, seq, vocab] logits (if the head is a plain linear layer; checked when installed)"
 
 
 def explain_cuda_graph(config: RunConfig, *, device_type: str, strategy: str, compiled: bool, attention: str,

@@ -58,8 +58,10 @@ class StepLog:
         result.losses.append(loss)
         if step % config.train.log_every == 0 or step == training.total_steps:
             tracker.log(step, {
-                "loss": loss, "lr": launched.lr, "grad_norm": grad_norm, "epoch": launched.step /
-                training.plan.steps_per_epoch, "tokens_per_second": input_tokens / elapsed, "step_seconds": elapsed,
+                "loss": loss, "lr": launched.lr, "grad_norm": grad_norm,
+                # a stream's length is unknown (--streaming): its steps have no epoch
+                **({"epoch": launched.step / training.plan.steps_per_epoch} if training.plan.steps_per_epoch else {}),
+                "tokens_per_second": input_tokens / elapsed, "step_seconds": elapsed,
                 "label_tokens": label_tokens, "skipped_steps": result.skipped_steps,
                 "real_token_fraction": input_tokens / slots, **memory_metrics(training.strategy.device),
                 **objective_metrics,

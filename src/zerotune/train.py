@@ -23,16 +23,16 @@ import torch
 import yaml
 
 from zerotune import adapters, speed
-from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_trainer_state, restore_rng, \
-    save_checkpoint, verified_restore
+from zerotune.checkpoints import check_engine_matches, newest_checkpoint, read_rank_data, read_trainer_state, \
+    restore_rng, save_checkpoint, verified_restore
 from zerotune.config import RunConfig, dump_yaml
 from zerotune.data.batches import BatchPlan, collate, even_batches
 from zerotune.data.prepare import prepare_data
 from zerotune.errors import ZerotuneError
 from zerotune.model import DTYPES, load_tokenizer
-from zerotune.objectives import create_objective, speed_settings
+from zerotune.objectives import create_objective, pair_scorer
 from zerotune.objectives.step import REFERENCE_FILE, PreferenceStep, Reference, attach_reference, evaluate_pairs, \
-    frozen_reference
+    frozen_reference, packed_row_length
 from zerotune.resolve import Machine, Settings, choose_strategy, resolve
 from zerotune.speed.step_graphs import graph_learning_rate
 from zerotune.step import TrainStep, forward_precision, learning_rate_factor, token_loss_sum
@@ -96,12 +96,20 @@ class Run:
     trainable: list = field(default_factory=list)  # (name, element count) of every trainable tensor
     objective: object | None = None  # a preference objective (zerotune.objectives); None: SFT
     reference: object | None = None  # its reference model's scores (zerotune.objectives.step.Reference)
+    scorer: object | None = None  # how a pair batch is scored (zerotune.objectives.logps.PairScorer)
+    stream: object | None = None  # --streaming: this rank's zerotune.data.streaming.TrainingStream (data.train empty)
 
     def micro_batches(self, step: int) -> list[list]:
         """This rank's micro-batches of the global batch for ``step``: lists of examples."""
+        if self.stream:  # the stream's next rows; a resumed stream starts where its checkpoint left off
+            return self.stream.micro_batches(self.plan.micro_batch_size, self.plan.grad_accum)
         epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
         micro = self.plan.micro_batches(epoch, step_in_epoch, self.strategy.rank)
         return [[self.data.train[i] for i in indices] for indices in micro]
+
+    def close(self) -> None:
+        if self.stream:
+            self.stream.close()  # its reader thread
 
 
 def run(config: RunConfig, show_progress: bool = True, session: RunSession | None = None,
@@ -120,7 +128,8 @@ def run(config: RunConfig, show_progress: bool = True, session: RunSession | Non
     try:
         with StopSignals() as signals:
             training = setup(config, settings, strategy, show_progress, session)
-            return train_loop(training, signals, session)
+            with contextlib.closing(training):
+                return train_loop(training, signals, session)
     except BaseException as error:
         # The traceback would keep the loop's locals (a DDP model holds the process group) alive past
         # leave_process_group; freed then, gloo's group can deadlock at exit. Free them while it exists.
@@ -153,11 +162,18 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
     output_dir = Path(config.output.dir)
     tokenizer = load_tokenizer(config.model)
     seed = config.train.seed
-    # Each worker tokenizes its own slice of the records; the engine's all-gather assembles the whole set.
-    data = prepare_data(config.data, tokenizer, seed, strategy.rank, strategy.world_size, strategy.all_gather_object,
-                        pairs=config.objective.name != "sft")
+    stream = None
+    if config.data.streaming:  # each worker reads its own share of the stream (max_steps is set: config_checks)
+        from zerotune.data.streaming import streamed_data
+
+        data, stream = streamed_data(config.data, tokenizer, strategy.rank, strategy.world_size,
+                                     strategy.all_gather_object, config.train.batch_size * config.train.grad_accum)
+    else:  # each worker tokenizes its own slice of the records; the engine's all-gather assembles the whole set
+        data = prepare_data(config.data, tokenizer, seed, strategy.rank, strategy.world_size,
+                            strategy.all_gather_object, pairs=config.objective.name != "sft")
     plan = BatchPlan(len(data.train), config.train.batch_size, config.train.grad_accum, strategy.world_size, seed)
-    plan.check(config.data.path)
+    if not stream:
+        plan.check(config.data.path)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * plan.steps_per_epoch))
     # Every rank reads its share of the checksums; all ranks agree on the newest intact checkpoint.
     restore = verified_restore(session.restore_from(config, output_dir), output_dir, strategy)
@@ -165,6 +181,8 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
     if restore:
         check_engine_matches(state, restore, strategy, len(data.train))
         state["restore"] = restore
+        if stream:
+            stream.resume(read_rank_data(restore, strategy.rank, strategy.world_size))
     start_step = state.get("step", 0)
     # A fresh start keeps nothing a failed earlier attempt (a restart without a checkpoint) logged.
     tracker = Tracker(config, output_dir, show_progress, resume_step=start_step if restore else -1,
@@ -173,14 +191,15 @@ def _prepare(config: RunConfig, settings: Settings, strategy, show_progress: boo
                        losses=list(state.get("losses", [])), eval_losses=list(state.get("eval_losses", [])),
                        skipped_steps=state.get("skipped_steps", 0), resumed_from=start_step if restore else None)
     training = Run(config, settings, strategy, output_dir, tokenizer, data, plan, total_steps, tracker, result,
-                   start_step=start_step, state=state, objective=create_objective(config.objective))
+                   start_step=start_step, state=state, objective=create_objective(config.objective), stream=stream)
     if strategy.is_main:
         (output_dir / "config.yaml").write_text(dump_yaml(config))
         (output_dir / RESOLVED_FILE).write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
         tracker.note("settings as resolved (resolved.yaml):\n" + settings.table())
         source = config.data.path or ("of the mixture" if config.data.mix else
                                       "the bundled English+Spanish sample (no --data given)")
-        tracker.note(f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
+        tracker.note(f"data {source}: streamed, {len(data.eval)} eval examples" if stream else
+                     f"data {source}: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} eval"
                      + (f"; {data.packing.summary()}" if data.packing else ""))
         tracker.note(f"engine {strategy.name}, {strategy.world_size} worker(s) on {strategy.device.type}; global "
                      f"batch {plan.global_batch_size} = batch_size {plan.micro_batch_size} x grad_accum "
@@ -197,8 +216,7 @@ def _build_model(training: Run) -> None:
     model = adapters.apply_method(model, config.adapter, config.train.seed)
     # chunked loss, fused projections, the step graphs' attention hint, compiled 4-bit matmuls and layers: one
     # call, in the order speed.install documents (it says, one line each, what it left out and why)
-    speedups = speed.install(model, speed_settings(config), settings,
-                             precision=forward_precision(strategy, config, model))
+    speedups = speed.install(model, config, settings, precision=forward_precision(strategy, config, model))
     for note in speedups.notes:
         tracker.note(note)
     compiled, graphs = speedups.compiled, speedups.graphs
@@ -226,9 +244,16 @@ def _build_model(training: Run) -> None:
     training.model, training.speedups, training.loss_head, training.precision = model, speedups, \
         speedups.loss_head, precision
     if training.objective:  # pairs, scored against the base with LoRA off or against the frozen copy
-        training.reference = Reference(strategy, frozen)
+        training.scorer = pair_scorer(training.objective, speedups.loss_head)
+        frozen_scorer = None
+        if frozen is not None and speedups.loss_head is not None:  # the frozen copy's head chunked as the policy's
+            from zerotune.speed.chunked_loss import ChunkedLossHead
+
+            frozen_scorer = pair_scorer(training.objective, ChunkedLossHead(frozen, compiled=speedups.compiled))
+        training.reference = Reference(strategy, frozen, training.scorer, frozen_scorer)
         training.step = PreferenceStep(model, strategy, training.objective, training.reference,
-                                       precision=precision, pad_token_id=training.tokenizer.pad_token_id)
+                                       precision=precision, pad_token_id=training.tokenizer.pad_token_id,
+                                       scorer=training.scorer, row_length=packed_row_length(config))
         return
     training.step = TrainStep(model, strategy, loss_head=speedups.loss_head, precision=precision, graphs=graphs,
                               pad_token_id=training.tokenizer.pad_token_id, pad_to=pad_to, note=tracker.note)
@@ -242,7 +267,8 @@ def _attach_reference(training: Run) -> None:
                             "reference again; start a new run in another --output-dir")
     attach_reference(training.model, training.strategy, training.data, training.config.train.batch_size,
                      training.tokenizer.pad_token_id, training.precision, training.output_dir,
-                     is_lora=training.config.adapter.method != "full", note=training.tracker.note)
+                     is_lora=training.config.adapter.method != "full", note=training.tracker.note,
+                     scorer=training.scorer, row_length=packed_row_length(training.config))
 
 
 def _restore(training: Run) -> None:
@@ -327,7 +353,8 @@ def _evaluate(training: Run, step: int) -> None:
     if training.objective:
         metrics = evaluate_pairs(
             training.model, training.strategy, training.objective, training.reference, training.data.eval,
-            training.config.train.batch_size, training.tokenizer.pad_token_id, training.precision)
+            training.config.train.batch_size, training.tokenizer.pad_token_id, training.precision, training.scorer,
+            packed_row_length(training.config))
         training.result.eval_losses.append(metrics["eval_loss"])
         training.tracker.log(step, metrics)
         return
@@ -340,16 +367,20 @@ def _evaluate(training: Run, step: int) -> None:
 def _save(training: Run, step: int, clock: SaveClock, session: RunSession) -> None:
     """A checkpoint of everything needed to continue exactly after ``step`` (zerotune.checkpoints)."""
     strategy, plan, result = training.strategy, training.plan, training.result
+    # A stream's place is each rank's own (rank_data); a map-style run's follows from the step.
+    epochs = {"streaming": True} if training.stream else {
+        "epoch": step // plan.steps_per_epoch, "step_in_epoch": step % plan.steps_per_epoch}
     trainer_state = {
-        "step": step, "epoch": step // plan.steps_per_epoch, "step_in_epoch": step % plan.steps_per_epoch,
-        "examples_seen": step * plan.global_batch_size, "global_batch_size": plan.global_batch_size,
+        "step": step, **epochs, "examples_seen": step * plan.global_batch_size,
+        "global_batch_size": plan.global_batch_size,
         "train_examples": len(training.data.train), "world_size": strategy.world_size, "strategy": strategy.name,
         "format": strategy.checkpoint_format, "losses": result.losses, "eval_losses": result.eval_losses,
         "skipped_steps": result.skipped_steps, "mlflow_run_id": training.tracker.run_id,
         "elapsed_seconds": clock.elapsed(),
     }
     result.checkpoint = save_checkpoint(strategy, training.model, training.output_dir, step, trainer_state,
-                                        training.config.checkpoint.keep)
+                                        training.config.checkpoint.keep,
+                                        training.stream.position() if training.stream else None)
     clock.saved()
     session.checkpoint_saved(step, result.checkpoint, {"loss": result.losses[-1], "step": step}, strategy.is_main)
 

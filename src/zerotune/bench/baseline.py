@@ -142,7 +142,10 @@ def measured(ranks: list[dict], warmup: int) -> dict:
     per_step = [(sum(r["steps"][i]["tokens"] for r in ranks), slowest["steps"][i]["seconds"])
                 for i in range(len(steps))][timed]
     first = steps[timed][0]
-    return {"tokens_per_second": tokens / seconds, "tokens_per_second_per_gpu": tokens / seconds / len(ranks),
+    # a preference trainer's batches also count their pairs and each side's response tokens
+    pair_counts = {f"timed_{key}": sum(sum(s[key] for s in r["steps"][timed]) for r in ranks)
+                   for key in ("pairs", "chosen_tokens", "rejected_tokens") if key in first}
+    return {**pair_counts, "tokens_per_second": tokens / seconds, "tokens_per_second_per_gpu": tokens / seconds / len(ranks),
             **step_spread(per_step),
             "peak_gib": max(peaks) if peaks else None, "real_token_fraction": tokens / slots,
             "losses": [sum(r["steps"][i]["loss"] for r in ranks) / len(ranks) for i in range(len(steps))],

@@ -9,16 +9,18 @@ import math
 import os
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from zerotune.bench.baseline import run_baseline
-from zerotune.bench.peers import PEER_NAMES, PEERS, cannot_do, run_peer
+from zerotune.bench.peers import PEER_NAMES, cannot_do, description, run_peer
 from zerotune.bench.power import PowerSampler
 from zerotune.bench.timing import step_spread
 from zerotune.adapters import ADAPTER_DIR
-from zerotune.bench.workloads import ARCHITECTURES, WORKLOADS, Workload, lora_mfu, tiny_version, token_records
+from zerotune.bench.workloads import ARCHITECTURES, WORKLOADS, Workload, lora_mfu, pair_lengths, tiny_version, \
+    token_records
 
 
 def gpu_name() -> str:
@@ -86,9 +88,13 @@ def run_config(workload: Workload, model_dir: Path, data_path: Path, output: Pat
         "tracking.backend": "none", "output.dir": str(output), "distributed.num_workers": workload.gpus,
         "distributed.use_cpu": tiny, "distributed.strategy": "auto",
     }
+    if workload.objective != "sft":  # pairs of token ids (data.pairs' tokens form); the reference: LoRA off
+        layers |= {"objective.name": workload.objective, "objective.beta": DPO_BETA, "objective.reference": "live"}
     layers.update(extra)
     return build_config(layers)
 
+
+DPO_BETA = 0.1
 
 # Steady W1/W2 baselines on H200s spread up to 1.04 (the 90th-percentile step over the 10th); on some machines
 # the HF side's steps wandered by 15-25% within a run, and its ratio then flattered ours (docs/benchmarks.md,
@@ -152,10 +158,13 @@ def claim_work_dir(work: Path) -> None:
 
 def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: int | None = None,
               out_dir: str = "benchmarks/results", work_dir: str | None = None, seed: int = 0,
-              ours_overrides: dict | None = None, command: str = "", baselines: tuple[str, ...] = ("hf",)) -> dict:
+              ours_overrides: dict | None = None, command: str = "", baselines: tuple[str, ...] | None = None,
+              micro_batch: int | None = None) -> dict:
     """Run one workload: the baselines first (HF+PEFT in this process and its workers, each peer in a process of
-    its own), then ours. Returns the result."""
-    workload, steps, warmup, baselines = _checked_request(name, tiny, steps, warmup, baselines, ours_overrides or {})
+    its own), then ours. ``baselines``: the workload's default (the first it allows) unless given; ``micro_batch``
+    replaces the workload's on every side. Returns the result."""
+    workload, steps, warmup, baselines = _checked_request(name, tiny, steps, warmup, baselines, ours_overrides or {},
+                                                          micro_batch)
     arch = ARCHITECTURES[workload.architecture]
     work = Path(work_dir or tempfile.mkdtemp(prefix="zerotune-bench-"))
     claim_work_dir(work)
@@ -168,7 +177,10 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
     spec = {"model_dir": str(model_dir), "data": str(data), "steps": steps, "warmup": warmup, "seed": seed,
             "micro_batch": workload.micro_batch, "checkpointing": workload.checkpointing, "tiny": tiny,
             "method": workload.method, "out": str(work / "baseline.json"), "seq_len": workload.seq_len,
-            "short_examples": workload.short_examples, "work": str(work), "architecture": workload.architecture}
+            "short_examples": workload.short_examples, "work": str(work), "architecture": workload.architecture,
+            "objective": workload.objective}
+    if workload.objective != "sft":
+        spec |= dict(zip(("prompt_length", "response_length"), pair_lengths(workload)), beta=DPO_BETA)
     gpu = gpu_name()
     print(f"[bench] {workload.description}\n[bench] {gpu}; {steps} steps, first {warmup} not timed", flush=True)
     with PowerSampler(period=0.02) as sampler:  # GPU 0's watts and clock (nothing on CPU or without NVML)
@@ -177,10 +189,15 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
         config = run_config(workload, model_dir, data, work / "ours", steps, tiny, seed, ours_overrides or {})
         ours = run_ours(config, warmup, workload.gpus)
 
+    pairs = workload.objective != "sft"
+    if pairs:  # zerotune's steps each train micro_batch pairs per GPU (the peers count theirs from their batches)
+        ours["timed_pairs"] = ours["timed_steps"] * workload.micro_batch * workload.gpus
     for side in [ours, *(s for s in sides.values() if "tokens_per_second" in s)]:
         mfu = None if workload.short_examples else lora_mfu(side["tokens_per_second_per_gpu"], arch,
-                                                           workload.seq_len, gpu)
+                                                           workload.seq_len, gpu, reference=pairs)
         side["lora_mfu"] = mfu
+        if pairs:
+            side["pairs_per_second"] = side["timed_pairs"] / sum(side["step_seconds"])
         power = sampler.window(*side.pop("timed_window"), seconds_per_step=sum(side["step_seconds"])
                                / len(side["step_seconds"]))
         if power:
@@ -190,11 +207,14 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
         **provenance(command or f"zerotune bench {name}" + (" --tiny" if tiny else "")),
         "settings": {"architecture": workload.architecture, "seq_len": workload.seq_len, "steps": steps,
                      "warmup_steps": warmup, "micro_batch": workload.micro_batch, "method": workload.method,
-                     "gradient_checkpointing": workload.checkpointing,
+                     "gradient_checkpointing": workload.checkpointing, "objective": workload.objective,
+                     **({"prompt_tokens": spec["prompt_length"], "response_tokens": spec["response_length"],
+                         "beta": DPO_BETA, "reference": "the base with the adapter off"} if pairs else {}),
                      "ours": {k: v for k, v in config.to_dict()["model"].items() if k != "name"}
                      | {"packing": config.data.packing, "strategy": config.distributed.strategy,
-                        "cuda_graph": config.train.cuda_graph}},
-        "metric": "effective (non-pad) tokens/s" if workload.short_examples else "tokens/s",
+                        "cuda_graph": config.train.cuda_graph}
+                     | ({"objective": config.to_dict()["objective"]} if pairs else {})},
+        "metric": "pairs/s" if pairs else "effective (non-pad) tokens/s" if workload.short_examples else "tokens/s",
         "baselines": list(baselines), "ours": ours,
     }
     if "hf" in sides:
@@ -208,20 +228,28 @@ def run_bench(name: str, tiny: bool = False, steps: int | None = None, warmup: i
     return result
 
 
-def _checked_request(name: str, tiny: bool, steps: int | None, warmup: int | None, baselines: tuple[str, ...],
-                     ours_overrides: dict) -> tuple[Workload, int, int, tuple[str, ...]]:
-    """The workload (its tiny version with ``tiny``), the step counts and the baselines without repeats, or a
-    ConfigError before anything runs: an unknown workload or baseline, too few GPUs, no more steps than warm-up
-    steps, an override of what bench decides."""
+def _checked_request(name: str, tiny: bool, steps: int | None, warmup: int | None, baselines: tuple[str, ...] | None,
+                     ours_overrides: dict, micro_batch: int | None = None) -> tuple[Workload, int, int, tuple[str, ...]]:
+    """The workload (its tiny version with ``tiny``, its micro-batch replaced), the step counts and the baselines
+    without repeats (the workload's default if none), or a ConfigError before anything runs: an unknown workload
+    or baseline, one the workload is not compared with, too few GPUs, no more steps than warm-up steps, an
+    override of what bench decides."""
     from zerotune.errors import ConfigError
 
     if name not in WORKLOADS:
         raise ConfigError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
     workload = WORKLOADS[name]
+    baselines = workload.baselines[:1] if baselines is None else baselines
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown or not baselines:
         raise ConfigError(f"--baseline {','.join(unknown)}: choose from {', '.join(BASELINES)}")
+    refused = [b for b in baselines if b not in workload.baselines]
+    if refused:
+        raise ConfigError(f"--baseline {','.join(refused)}: workload {name} is compared with "
+                          f"{', '.join(workload.baselines)} only; pass --baseline {','.join(workload.baselines)}")
     baselines = tuple(dict.fromkeys(baselines))
+    if micro_batch is not None:
+        workload = replace(workload, micro_batch=micro_batch)
     if tiny:
         workload = tiny_version(workload)
     elif not torch.cuda.is_available():
@@ -244,7 +272,7 @@ def _run_baselines(baselines: tuple[str, ...], workload: Workload, spec: dict) -
     of its own, or {"not_measured": why} for a peer that cannot run this workload. Memory is freed after each."""
     sides = {}
     for baseline in baselines:
-        print(f"[bench] baseline: {baseline_label(baseline)} ...", flush=True)
+        print(f"[bench] baseline: {baseline_label(baseline, workload.objective)} ...", flush=True)
         if baseline == "hf":
             sides["hf"] = run_baseline(workload, spec)
         else:
@@ -269,14 +297,16 @@ def _write_result(result: dict, target: Path, gpu: str, gpus: int) -> Path:
 
 def ratios(ours: dict, baseline: dict) -> dict:
     """Ours against one baseline: mean tokens/s, tokens/s at the median step, peak memory."""
-    return {"ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
+    pairs = {"pairs_per_second_ratio": ours["pairs_per_second"] / baseline["pairs_per_second"]} \
+        if "pairs_per_second" in ours and "pairs_per_second" in baseline else {}
+    return {**pairs, "ratio": ours["tokens_per_second"] / baseline["tokens_per_second"],
             "median_step_ratio": ours["median_step_tokens_per_second"] / baseline["median_step_tokens_per_second"],
             "peak_memory_ratio": (ours["peak_gib"] / baseline["peak_gib"]) if ours["peak_gib"] and baseline["peak_gib"]
             else None}
 
 
-def baseline_label(name: str) -> str:
-    return "HF+PEFT eager" if name == "hf" else PEERS[name].description
+def baseline_label(name: str, objective: str = "sft") -> str:
+    return "HF+PEFT eager" if name == "hf" else description(name, objective)
 
 
 def summary(result: dict) -> str:
@@ -285,11 +315,15 @@ def summary(result: dict) -> str:
         measured["HF+PEFT"] = result["baseline"]
     measured |= {name: side for name, side in result.get("peers", {}).items() if "tokens_per_second" in side}
     powered = any("power" in side for side in measured.values())
+    pairs = result["metric"] == "pairs/s"
 
     def row(label, side):
         mfu = f"{side['lora_mfu']:.1%}" if side.get("lora_mfu") else "-"
         peak = f"{side['peak_gib']:.1f}" if side.get("peak_gib") else "-"
-        line = f"  {label:<10} {side['tokens_per_second']:>12,.0f} {mfu:>9} {peak:>9}"
+        line = f"  {label:<10} " + (f"{side['pairs_per_second']:>8.2f} " if pairs else "")
+        line += f"{side['tokens_per_second']:>12,.0f} {mfu:>9} {peak:>9}"
+        if pairs:
+            line += f" {side['losses'][0]:>10.6f}"
         if powered:
             power = side.get("power") or {}
             watts, mhz, joules = (f"{power[k]:,.0f}" if power.get(k) else "-"
@@ -299,10 +333,12 @@ def summary(result: dict) -> str:
 
     def ratio_line(label, side):
         memory = f", peak memory x{side['peak_memory_ratio']:.2f}" if side.get("peak_memory_ratio") else ""
-        return (f"  ratio against {label}: {side['ratio']:.2f}x (at the median step {side['median_step_ratio']:.2f}x)"
-                f"{memory}")
+        what = f"pairs/s {side['pairs_per_second_ratio']:.2f}x, tokens/s " if "pairs_per_second_ratio" in side else ""
+        return (f"  ratio against {label}: {what}{side['ratio']:.2f}x (at the median step "
+                f"{side['median_step_ratio']:.2f}x){memory}")
 
-    header = f"  {'':<10} {'tokens/s':>12} {'LoRA-MFU':>9} {'peak GiB':>9}"
+    header = f"  {'':<10} " + (f"{'pairs/s':>8} " if pairs else "") + f"{'tokens/s':>12} {'LoRA-MFU':>9} {'peak GiB':>9}"
+    header += f" {'first loss':>10}" if pairs else ""
     lines = [f"[bench] {result['workload']} on {result['gpu']} ({result['metric']})",
              header + (f" {'watts':>7} {'SM MHz':>7} {'J/step':>8}" if powered else "")]
     lines += [row(label, side) for label, side in measured.items() if label != "zerotune"]

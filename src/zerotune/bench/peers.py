@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 PEER_NAMES = ("trl", "liger", "unsloth")
+OBJECTIVE_TRAINERS = {"dpo": "TRL DPOTrainer"}  # trl's description on a preference workload
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class StepRecorder:
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
-        self.batches: list[tuple] = []  # (real tokens, slots, label tokens, loss), device tensors until the end
+        self.batches: list[dict] = []  # real tokens, slots, label tokens, loss (and a pair batch's counts)
         self.seconds: list[float] = []
         self.ends: list[float] = []
         self.last: float | None = None
@@ -110,8 +111,14 @@ class StepRecorder:
         ids = inputs["input_ids"]
         # padded batches carry an attention mask; padding-free ones (flattened or packed rows) hold no padding
         real = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(ids.numel())
-        labels = inputs["labels"]
-        self.batches.append((real, ids.numel(), (labels[:, 1:] != -100).sum(), loss.detach()))
+        record = {"tokens": real, "slots": ids.numel(), "loss": loss.detach()}
+        if "labels" in inputs:
+            record["label_tokens"] = (inputs["labels"][:, 1:] != -100).sum()
+        else:  # TRL's preference batch: the chosen rows, then the rejected ones; completion_mask marks responses
+            chosen, rejected = (inputs["completion_mask"][:, 1:] != 0).sum(1).chunk(2)
+            record |= {"label_tokens": chosen.sum() + rejected.sum(), "chosen_tokens": chosen.sum(),
+                       "rejected_tokens": rejected.sum(), "pairs": len(chosen)}
+        self.batches.append(record)  # device tensors until the end
 
     def now(self) -> float:
         if self.cuda:
@@ -144,9 +151,9 @@ class StepRecorder:
         if len(self.batches) != len(self.seconds):
             raise RuntimeError(f"{len(self.batches)} batches trained in {len(self.seconds)} optimizer steps: "
                                "bench expects one batch per step")
-        return [{"seconds": seconds, "end": end, "tokens": int(real), "slots": int(slots),
-                 "label_tokens": int(label_tokens), "loss": float(loss)}
-                for (real, slots, label_tokens, loss), seconds, end in zip(self.batches, self.seconds, self.ends)]
+        return [{"seconds": seconds, "end": end,
+                 **{key: float(value) if key == "loss" else int(value) for key, value in batch.items()}}
+                for batch, seconds, end in zip(self.batches, self.seconds, self.ends)]
 
 
 def recording(trainer_class, recorder: StepRecorder):
@@ -222,6 +229,11 @@ def run_sft(spec: dict, model, cuda: bool, peft_config=None, **extra) -> tuple[d
 
 def trl_peer(spec: dict, device: torch.device, cuda: bool):
     from zerotune.bench.baseline import base_model, lora_config
+
+    if spec["objective"] == "dpo":
+        from zerotune.bench.dpo import trl_dpo_peer
+
+        return trl_dpo_peer(spec, device, cuda)
 
     model = base_model(spec, device)
     return run_sft(spec, model, cuda, peft_config=lora_config())
@@ -333,7 +345,11 @@ def measure(name: str, spec: dict) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"steps": recorder.steps(), "peak_gib": peak, "trainable_parameters": trainable,
-            "settings": settings, "packages": versions(peer), "description": peer.description}
+            "settings": settings, "packages": versions(peer), "description": description(name, spec["objective"])}
+
+
+def description(name: str, objective: str = "sft") -> str:
+    return OBJECTIVE_TRAINERS.get(objective, PEERS[name].description) if name == "trl" else PEERS[name].description
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,14 @@ class Workload:
     short_examples: bool = False  # W3: lognormal lengths; baseline pads to the longest, zerotune packs
     gpus: int = 1
     method: str = "lora"
+    objective: str = "sft"  # dpo: seq_len is prompt + response, half each; micro_batch counts pairs
+    baselines: tuple[str, ...] = ("hf", "trl", "liger", "unsloth")  # what it can be compared with; the first is
+    # the default
+
+
+PAIR_DESCRIPTION = ("Llama-2-7B arch, LoRA r16 all-linear, pairs of a 512-token prompt and 512-token chosen and "
+                    "rejected responses, sigmoid loss beta 0.1, reference = the adapter off, against TRL's "
+                    "DPOTrainer with PEFT")
 
 
 WORKLOADS = {w.name: w for w in [
@@ -45,6 +53,10 @@ WORKLOADS = {w.name: w for w in [
                       "checkpointing; HF path with prepare_model_for_kbit_training", checkpointing=True,
              method="qlora"),
     Workload("qlora-mb4", "QLoRA as above, micro-batch 4", micro_batch=4, checkpointing=True, method="qlora"),
+    Workload("dpo", f"DPO: {PAIR_DESCRIPTION}; micro-batch 2 pairs, no checkpointing (zerotune's default)",
+             seq_len=1024, micro_batch=2, objective="dpo", baselines=("trl",)),
+    Workload("dpo-ckpt", f"DPO: {PAIR_DESCRIPTION}; micro-batch 4 pairs, gradient checkpointing", seq_len=1024,
+             micro_batch=4, checkpointing=True, objective="dpo", baselines=("trl",)),
 ]}
 
 
@@ -62,9 +74,20 @@ def lengths(count: int, seq_len: int, seed: int) -> list[int]:
             for _ in range(count)]
 
 
+def pair_lengths(workload: Workload) -> tuple[int, int]:
+    """A DPO workload's prompt and response lengths in tokens: each sequence (prompt + response) is seq_len."""
+    return workload.seq_len // 2, workload.seq_len - workload.seq_len // 2
+
+
 def token_records(workload: Workload, vocab_size: int, count: int, seed: int) -> list[dict]:
-    """Random-token records: full rows (labels = inputs), or W3's short examples with a third as prompt."""
+    """Random-token records: full rows (labels = inputs), W3's short examples with a third as prompt, or for a
+    preference objective pairs of a prompt and two responses of pair_lengths (TRL's tokenized field names)."""
     rng = random.Random(seed)
+    if workload.objective != "sft":
+        prompt, response = pair_lengths(workload)
+        return [{"prompt_ids": [rng.randrange(4, vocab_size) for _ in range(prompt)],
+                 "chosen_ids": [rng.randrange(4, vocab_size) for _ in range(response)],
+                 "rejected_ids": [rng.randrange(4, vocab_size) for _ in range(response)]} for _ in range(count)]
     if not workload.short_examples:
         return [{"input_ids": [rng.randrange(4, vocab_size) for _ in range(workload.seq_len)]} for _ in range(count)]
     records = []
@@ -81,10 +104,14 @@ def matmul_weights(arch: dict) -> int:
     return layers * (2 * d * d + 2 * d * kv + 3 * d * inter) + arch["vocab_size"] * d
 
 
-def lora_mfu(tokens_per_second: float, arch: dict, seq_len: int, gpu: str) -> float | None:
-    """tokens/s x (4N + 6 L d s) / peak: model FLOPs of LoRA (no weight gradients of frozen weights)."""
+def lora_mfu(tokens_per_second: float, arch: dict, seq_len: int, gpu: str, reference: bool = False) -> float | None:
+    """tokens/s x (4N + 6 L d s) / peak: model FLOPs of LoRA (no weight gradients of frozen weights); with
+    ``reference`` (DPO) each token also goes through the reference forward, 2N + 2 L d s more."""
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in gpu), None)
     if peak is None:
         return None
-    flops = 4 * matmul_weights(arch) + 6 * arch["num_hidden_layers"] * arch["hidden_size"] * seq_len
+    attention = arch["num_hidden_layers"] * arch["hidden_size"] * seq_len
+    flops = 4 * matmul_weights(arch) + 6 * attention
+    if reference:
+        flops += 2 * matmul_weights(arch) + 2 * attention
     return tokens_per_second * flops / peak

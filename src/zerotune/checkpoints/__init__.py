@@ -8,10 +8,10 @@ The names the rest of zerotune uses are importable from here.
 """
 
 from zerotune.checkpoints.manifest import complete_checkpoints, newest_checkpoint, step_name, step_of
-from zerotune.checkpoints.resume import (check_engine_matches, check_resumable, read_trainer_state, restore_rng,
-                                         verified_restore)
+from zerotune.checkpoints.resume import (check_engine_matches, check_resumable, read_rank_data, read_trainer_state,
+                                         restore_rng, verified_restore)
 from zerotune.checkpoints.save import CheckpointSpaceError, save_checkpoint
 
 __all__ = ["CheckpointSpaceError", "check_engine_matches", "check_resumable", "complete_checkpoints",
-           "newest_checkpoint", "read_trainer_state", "restore_rng", "save_checkpoint", "step_name", "step_of",
-           "verified_restore"]
+           "newest_checkpoint", "read_rank_data", "read_trainer_state", "restore_rng", "save_checkpoint", "step_name",
+           "step_of", "verified_restore"]

@@ -29,6 +29,7 @@ import torch
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+RANK_DATA = "data-rank-{rank}.json"  # a rank's own data state: its place in a stream
 STAGING_PREFIX = ".staging-"
 FORMAT_VERSION = 2  # 1: each file with its size; 2: each file with {"size", "sha256"}
 # SHA-256 runs on the CPU's SHA instructions (x86 SHA-NI, ARMv8): 0.87 GB/s a core on the 2-core CPU box,

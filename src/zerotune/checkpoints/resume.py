@@ -16,12 +16,23 @@ from typing import Any
 
 import torch
 
-from zerotune.checkpoints.manifest import (CHECKPOINTS, TRAINER_STATE, checkpoint_root, problem_with,
+from zerotune.checkpoints.manifest import (CHECKPOINTS, RANK_DATA, TRAINER_STATE, checkpoint_root, problem_with,
                                            step_directories, step_of)
 from zerotune.errors import ConfigError
 
+
+
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def read_rank_data(checkpoint: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's own data state (its stream position); a ConfigError when the checkpoint has none for it."""
+    path = checkpoint / RANK_DATA.format(rank=rank)
+    if not path.is_file():
+        raise ConfigError(f"{checkpoint}: holds no stream position for worker {rank} of {world_size} (it was "
+                          "written by another worker count, or without --streaming); resume as it was written")
+    return json.loads(path.read_text())
 
 
 def verified_restore(candidate: Path | None, output_dir: Path, strategy) -> Path | None:
@@ -81,7 +92,7 @@ def restore_rng(checkpoint: Path, rank: int, device: torch.device) -> bool:
 RESUME_FIELDS = (
     "model.name", "adapter.method", "adapter.r", "adapter.alpha", "adapter.target_modules", "data.path",
     "data.eval_path", "data.template", "data.max_seq_len", "data.overlong", "data.eval_fraction", "data.packing",
-    "data.subset", "data.mix", "data.columns", "data.system_prompt", "train.seed",
+    "data.subset", "data.mix", "data.columns", "data.system_prompt", "data.streaming", "train.seed",
 )
 
 
@@ -131,7 +142,7 @@ def check_resumable(config, output_dir: Path) -> Path:
     current = config.to_dict()
     for key in RESUME_FIELDS:
         before, now = _lookup(saved, key), _lookup(current, key)
-        if before is None and now in ("", []):  # a field added since that run, left at its empty default
+        if before is None and now in ("", [], False):  # a field added since that run, left at its empty default
             continue
         if before != now:
             raise ConfigError(f"cannot resume {output_dir}: {key} was {before!r} in its config.yaml, now {now!r}; "
@@ -144,6 +155,9 @@ def check_resumable(config, output_dir: Path) -> Path:
             f"cannot resume {output_dir}: the global batch was {state['global_batch_size']} examples, now "
             f"{global_batch} (train.batch_size x train.grad_accum x distributed.num_workers); keep it equal "
             "so the data position stays exact")
+    if state.get("streaming") and dist["num_workers"] != state["world_size"]:
+        raise ConfigError(f"cannot resume {output_dir}: its stream was split between {state['world_size']} workers, "
+                          f"each keeping its own place; use --num-workers {state['world_size']}")
     if state["format"] == "deepspeed" and dist["num_workers"] != state["world_size"]:
         raise ConfigError(f"cannot resume {output_dir}: its DeepSpeed checkpoint was written by "
                           f"{state['world_size']} workers and DeepSpeed does not reshard; use --num-workers "

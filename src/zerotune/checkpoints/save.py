@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from zerotune.checkpoints.manifest import (FORMAT_VERSION, MANIFEST, STAGING_DIRECTORY, STAGING_PREFIX, STEP_DIRECTORY,
-                                           TRAINER_STATE, checkpoint_root, complete_checkpoints, fsync_file,
-                                           newest_checkpoint, seal_files, share_of, step_name, step_of)
+from zerotune.checkpoints.manifest import (FORMAT_VERSION, MANIFEST, RANK_DATA, STAGING_DIRECTORY, STAGING_PREFIX,
+                                           STEP_DIRECTORY, TRAINER_STATE, checkpoint_root, complete_checkpoints,
+                                           fsync_file, newest_checkpoint, seal_files, share_of, step_name, step_of)
 from zerotune.errors import ZerotuneError
 
 # A full disk that raises no OSError with errno ENOSPC: torch.save's zip writer says "unexpected pos" (or "file
@@ -156,9 +156,11 @@ class _Save:
         self.staging.mkdir(parents=True)
         (self.staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
 
-    def write_rank_files(self, model) -> None:
+    def write_rank_files(self, model, rank_data: dict[str, Any] | None) -> None:
         self.strategy.save_state(model, self.staging)
         torch.save(capture_rng(self.strategy.device), self.staging / f"rng-rank-{self.strategy.rank}.pt")
+        if rank_data is not None:  # this rank's place in a stream (zerotune.data.streaming)
+            (self.staging / RANK_DATA.format(rank=self.strategy.rank)).write_text(json.dumps(rank_data))
 
     def commit(self, sealed: list[dict[str, dict[str, Any]]], keep: int) -> None:
         entries = {name: entry for share in sealed for name, entry in share.items()}
@@ -166,13 +168,15 @@ class _Save:
         prune(self.output_dir, keep, self.step)
 
 
-def save_checkpoint(strategy, model, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(strategy, model, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int,
+                    rank_data: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls this. Returns the committed directory. Raises CheckpointSpaceError on
-    every rank when the disk fills up on any; the previous checkpoints stay as they were."""
+    every rank when the disk fills up on any; the previous checkpoints stay as they were. ``rank_data``: this
+    rank's own JSON state (its stream position), written as RANK_DATA."""
     save = _Save(strategy, output_dir, step)
     main = strategy.is_main
     save.together((lambda: save.open_staging(trainer_state)) if main else None)
-    save.together(lambda: save.write_rank_files(model))
+    save.together(lambda: save.write_rank_files(model, rank_data))
     # Every rank has written: each reads back, hashes and fsyncs its share of the files.
     sealed = save.together(lambda: seal_share(save.staging, strategy.rank, strategy.world_size))
     save.together((lambda: save.commit(sealed, keep)) if main else None)

@@ -85,12 +85,40 @@ def _joined(members_ids, members_labels) -> tuple[list[int], list[int], list[int
 def pack_examples(examples: list[EncodedExample], row_length: int) -> tuple[list[EncodedExample], PackingReport]:
     row_of, rows = first_fit_rows([len(example.input_ids) for example in examples], row_length)
     flat, offsets = _members(row_of, rows)
-    packed = []
-    for row in range(rows):
-        members = [examples[i] for i in flat[offsets[row]:offsets[row + 1]].tolist()]
-        packed.append(EncodedExample(*_joined([m.input_ids for m in members], [m.labels for m in members])))
+    packed = [packed_row([examples[i] for i in flat[offsets[row]:offsets[row + 1]].tolist()]) for row in range(rows)]
     real = sum(len(example.input_ids) for example in examples)
     return packed, PackingReport(len(examples), len(packed), real, row_length)
+
+
+def packed_row(examples: list[EncodedExample]) -> EncodedExample:
+    """One row of ``examples`` in this order, each with its own positions and no target on its first token."""
+    return EncodedExample(*_joined([example.input_ids for example in examples],
+                                   [example.labels for example in examples]))
+
+
+class StreamPacker:
+    """Packing for a stream (zerotune.data.streaming), where the whole set is never in hand: first-fit into at
+    most ``open_limit`` open rows, in arrival order; an example that fits none closes the oldest row. The open
+    rows are the packer's whole state, so a checkpoint that holds them resumes the packing exactly."""
+
+    def __init__(self, row_length: int, open_limit: int = 8, open_rows: list[list[EncodedExample]] | None = None):
+        self.row_length, self.open_limit = row_length, open_limit
+        self.open_rows: list[list[EncodedExample]] = [list(row) for row in open_rows or []]
+
+    def add(self, example: EncodedExample) -> EncodedExample | None:
+        """Place ``example``; returns the row it closed, if any."""
+        length = len(example.input_ids)
+        for row in self.open_rows:
+            if sum(len(member.input_ids) for member in row) + length <= self.row_length:
+                row.append(example)
+                return None
+        closed = self.open_rows.pop(0) if len(self.open_rows) == self.open_limit else None
+        self.open_rows.append([example])
+        return packed_row(closed) if closed else None
+
+    def snapshot(self) -> list[list[EncodedExample]]:
+        """The open rows as they are now (the examples are never changed, so sharing them is safe)."""
+        return [list(row) for row in self.open_rows]
 
 
 def pack_table(table, rows_used, row_length: int, cache_file: str, num_proc: int | None = None):

@@ -3,7 +3,9 @@
 Two record forms, rendered with the same templates as SFT records:
   {"prompt": "...", "chosen": "...", "rejected": "..."}  (optional "input", "lang": "es"), alpaca or alpaca_es;
   {"messages": [...], "chosen": ..., "rejected": ...}    the chat template; "prompt" may hold the messages
-  instead, and each response is a string, an assistant message or a list of messages.
+  instead, and each response is a string, an assistant message or a list of messages;
+  {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}  pre-tokenized (template tokens), taken as
+  they are: no BOS or EOS is added (the names TRL's DPOTrainer gives tokenized pairs).
 Only response tokens are scored. EOS ends each response, as in SFT. A pair longer than data.max_seq_len keeps
 its prompt's end (and its BOS), so the responses survive; the responses are cut only where the longest of them
 alone is longer than half the window.
@@ -21,6 +23,7 @@ from zerotune.data.templates import get_alpaca_template
 from zerotune.errors import DataError
 
 SIDES = ("chosen", "rejected")
+TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass
@@ -46,13 +49,16 @@ class EncodedPair:
 
 
 def is_pair(record: Any) -> bool:
-    return isinstance(record, dict) and ("chosen" in record or "rejected" in record)
+    return isinstance(record, dict) and any(side in record or f"{side}_ids" in record for side in SIDES)
 
 
 def pair_template(record: dict, configured: str) -> str:
-    """The template a pair renders with; auto: chat for messages, alpaca_es for "lang": "es", else alpaca."""
+    """The template a pair renders with; auto: tokens for token ids, chat for messages, alpaca_es for
+    "lang": "es", else alpaca."""
     if configured != "auto":
         return configured
+    if "prompt_ids" in record or "chosen_ids" in record:
+        return "tokens"
     if "messages" in record or isinstance(record.get("prompt"), list):
         return "chat"
     return "alpaca_es" if record.get("lang") == "es" else "alpaca"
@@ -67,8 +73,8 @@ def check_pairs(records: list[dict[str, Any]], where: list[str], template: str, 
             raise DataError(f"{place}: expected a JSON object, got {type(record).__name__}")
         name = pair_template(record, template)
         if name == "tokens":
-            raise DataError(f"{place}: --template tokens is for SFT records; preference pairs render with alpaca, "
-                            "alpaca_es or chat (or auto)")
+            _check_token_pair(record, place)
+            continue
         for side in SIDES:
             if side not in record or record[side] is None:
                 raise DataError(f'{place}: missing field "{side}" (preference records need prompt (or messages), '
@@ -83,6 +89,17 @@ def check_pairs(records: list[dict[str, Any]], where: list[str], template: str, 
         if texts[0] == texts[1]:
             raise DataError(f'{place}: "chosen" and "rejected" are identical, so the pair prefers nothing; fix or '
                             "delete the record")
+
+
+def _check_token_pair(record: dict, place: str) -> None:
+    for field in TOKEN_FIELDS:
+        ids = record.get(field)
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise DataError(f'{place}: field "{field}" must be a non-empty list of token ids (integers >= 0); '
+                            "pre-tokenized pairs need prompt_ids, chosen_ids and rejected_ids")
+    if record["chosen_ids"] == record["rejected_ids"]:
+        raise DataError(f'{place}: "chosen_ids" and "rejected_ids" are identical, so the pair prefers nothing; fix or '
+                        "delete the record")
 
 
 def _prompt_messages(record: dict, place: str) -> list[dict]:
@@ -113,6 +130,8 @@ def _response_text(value: Any, side: str, place: str) -> str:
 
 
 def encode_pair(tokenizer, record: dict, template_name: str, place: str) -> EncodedPair:
+    if template_name == "tokens":
+        return EncodedPair(*(list(record[field]) for field in TOKEN_FIELDS))
     if template_name == "chat":
         return _encode_chat_pair(tokenizer, record, place)
     template = get_alpaca_template(template_name)
@@ -187,10 +206,12 @@ def encode_pairs(tokenizer, records, where, template: str | list[str], max_seq_l
     return pairs, report
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[EncodedPair], pad_token_id: int, row_length: int | None = None
+                  ) -> dict[str, torch.Tensor]:
     """One batch for one forward: the B chosen sequences, then the B rejected ones (2B rows, right-padded).
     Labels hold the response tokens only; the attention mask is kept even without padding (ORPO's NLL term
-    reads it)."""
+    reads it). ``row_length`` (--packing): the forward runs on those sequences packed into rows of up to
+    that many tokens (pack_sequences); the 2B rows stay in the batch, as the layout scores are read in."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     longest = max(len(prompt) + len(response) for prompt, response in rows)
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
@@ -204,4 +225,45 @@ def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> dict[str, torc
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if pairs[0].reference is not None:  # precomputed (zerotune.objectives.step.attach_reference): chosen, rejected
         batch["reference_logps"] = torch.tensor([p.reference[0] for p in pairs] + [p.reference[1] for p in pairs])
+    if row_length is not None:
+        batch.update(pack_sequences(input_ids, attention_mask, row_length, pad_token_id))
     return batch
+
+
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, row_length: int, pad_token_id: int
+                   ) -> dict[str, torch.Tensor]:
+    """The right-padded sequences of a pair batch (every prompt + chosen, then every prompt + rejected) packed
+    first-fit-decreasing into rows of up to ``row_length`` tokens (ties broken by position, so deterministic),
+    each a segment with its own position ids 0, 1, ...: called with those and no attention mask, transformers
+    makes attention block-diagonal (flash-attention 2 runs varlen), so no token sees another sequence.
+      packed_input_ids, packed_position_ids  [packed rows, longest row]: the forward's inputs (padding at the
+        end of a row counts 0, 1, ... as a sequence of its own, as in zerotune.data.batches.collate);
+      packed_index  [2B, longest sequence]: where token j of sequence s sits in the packed rows, flattened;
+        padding points one past the end (rows x longest row), a slot that reads as 0 (objectives.logps)."""
+    lengths = attention_mask.sum(-1).tolist()
+    order = sorted(range(len(lengths)), key=lambda s: (-lengths[s], s))
+    members: list[list[int]] = []
+    room: list[int] = []
+    for sequence in order:
+        for row, free in enumerate(room):
+            if lengths[sequence] <= free:
+                members[row].append(sequence)
+                room[row] -= lengths[sequence]
+                break
+        else:
+            members.append([sequence])
+            room.append(row_length - lengths[sequence])
+    width = max(sum(lengths[s] for s in row) for row in members)
+    packed_ids = torch.full((len(members), width), pad_token_id, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(members), 1)
+    index = torch.full(input_ids.shape, len(members) * width, dtype=torch.long)
+    for row, sequences in enumerate(members):
+        start = 0
+        for sequence in sorted(sequences):
+            length = lengths[sequence]
+            packed_ids[row, start:start + length] = input_ids[sequence, :length]
+            positions[row, start:start + length] = torch.arange(length)
+            index[sequence, :length] = torch.arange(row * width + start, row * width + start + length)
+            start += length
+        positions[row, start:] = torch.arange(width - start)
+    return {"packed_input_ids": packed_ids, "packed_position_ids": positions, "packed_index": index}

@@ -39,10 +39,11 @@ class PreparedData:
     scratch: Any = None  # a folder of Arrow files the sets read from, removed once the cache entry is written
 
 
-def packed(config: DataConfig, data: PreparedData) -> PreparedData:
-    """Training rows are packed; evaluation stays one example per row, so eval loss is comparable. (The cache's
+def packed(config: DataConfig, data: PreparedData, pairs: bool = False) -> PreparedData:
+    """Training rows are packed; evaluation stays one example per row, so eval loss is comparable. Preference
+    pairs are packed per micro-batch instead, when collated (zerotune.data.pairs.collate_pairs). (The cache's
     Arrow path packs with pack_table, in _prepare_tables.)"""
-    if not config.packing:
+    if not config.packing or pairs:
         return data
     from zerotune.data.packing import pack_examples
 
@@ -227,15 +228,15 @@ def prepare_uncached(config: DataConfig, tokenizer, seed: int, rank: int = 0, wo
         eval_records, eval_where = load_and_check(config, config.eval_path, pairs=pairs)
         eval_examples, _ = encode_sharded(config, tokenizer, eval_records, eval_where, rank, world_size, gather,
                                           pairs=pairs)
-        return packed(config, PreparedData(examples, eval_examples, report))
+        return packed(config, PreparedData(examples, eval_examples, report), pairs)
     if config.eval_fraction == 0 or len(examples) < 2:
-        return packed(config, PreparedData(examples, [], report))
+        return packed(config, PreparedData(examples, [], report), pairs)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = max(1, round(config.eval_fraction * len(examples)))
     eval_set = set(order[:held_out])
     train = [example for index, example in enumerate(examples) if index not in eval_set]
     evaluation = [examples[index] for index in sorted(eval_set)]
-    return packed(config, PreparedData(train, evaluation, report))
+    return packed(config, PreparedData(train, evaluation, report), pairs)
 
 
 def prepare_tables(config: DataConfig, tokenizer, seed: int, num_proc: int | None = None) -> PreparedData:

@@ -35,11 +35,10 @@ def create_objective(config: ObjectiveConfig):
     return None
 
 
-def speed_settings(config):
-    """The config speed.install reads: a preference objective leaves out the chunked loss, which returns a loss
-    sum, not the per-sequence log-probabilities pairs need (zerotune.resolve decides the other features)."""
-    if config.objective.name == "sft":
-        return config
-    from dataclasses import replace
+def pair_scorer(objective, head=None):
+    """The PairScorer a run scores pairs with: per-token log-probabilities from ``head`` (a ChunkedLossHead that
+    speed.install put on the model where zerotune.resolve turned model.chunked_loss on), else from the logits."""
+    from zerotune.objectives.logps import HeadTokenLogps, PairScorer, logits_token_logps
 
-    return replace(config, model=replace(config.model, chunked_loss=False))
+    per_token = HeadTokenLogps(head) if head is not None else logits_token_logps
+    return PairScorer(per_token, whole_chosen=objective.needs_chosen_sequence_nll)

@@ -10,6 +10,7 @@ from zerotune.objectives.logps import PairLoss, PairScores, sigmoid_loss
 class DPO:
     name = "dpo"
     uses_reference = True
+    needs_chosen_sequence_nll = False  # whether PairScores.chosen_sequence_nll is read (scores the prompts)
     term_names = ("loss",)
 
     def __init__(self, beta: float, label_smoothing: float = 0.0):

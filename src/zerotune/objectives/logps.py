@@ -1,5 +1,6 @@
 """Per-sequence log-probabilities of a pair batch (zerotune.data.pairs.collate_pairs: B chosen rows, then B
-rejected rows), from one forward of the model over all 2B rows."""
+rejected rows), from one forward of the model over all 2B rows, or over those sequences packed into fewer rows
+(--packing: collate_pairs' row_length), read back into the 2B rows before they are summed."""
 
 from __future__ import annotations
 
@@ -31,16 +32,90 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def score_pairs(model, batch: dict[str, torch.Tensor]) -> PairScores:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    targets = batch["input_ids"][:, 1:]
-    per_token = token_logps(logits[:, :-1], targets)
+def scored_targets(batch: dict[str, torch.Tensor], whole_chosen: bool = True) -> torch.Tensor:
+    """[rows, length]: the next token at each position whose log-probability a score needs, -100 elsewhere (and
+    at the last position): the response tokens, and with ``whole_chosen`` every chosen sequence token after the
+    first (ORPO's NLL term). Cheap on the host or the device."""
+    next_tokens = batch["input_ids"][:, 1:]
+    wanted = batch["labels"][:, 1:] != IGNORE_INDEX
+    if whole_chosen:
+        pairs = batch["input_ids"].shape[0] // 2
+        wanted[:pairs] |= batch["attention_mask"][:pairs, 1:].bool()
+    targets = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    targets[:, :-1] = next_tokens.masked_fill(~wanted, IGNORE_INDEX)
+    return targets
+
+
+def logits_token_logps(model, inputs: dict, targets: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """[rows, length] log-probabilities of ``targets`` (scored_targets) from the model's full logits; 0 at -100."""
+    logits = model(**inputs).logits
+    return token_logps(logits, targets.clamp(min=0)) * (targets != IGNORE_INDEX)
+
+
+class HeadTokenLogps:
+    """logits_token_logps's values from a zerotune.speed.chunked_loss.ChunkedLossHead: the output head computes
+    only the wanted positions' log-probabilities, in chunks, so no [rows, length, vocab] logits exist."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def __call__(self, model, inputs: dict, targets: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        with self.head.scoring(targets, count):
+            return model(**inputs).logits
+
+
+def score_pairs(model, batch: dict[str, torch.Tensor], per_token=logits_token_logps, whole_chosen: bool = True,
+                count: int | None = None) -> PairScores:
+    """One forward over the pair batch. ``per_token``: logits_token_logps or a HeadTokenLogps; ``whole_chosen``:
+    also score the chosen prompts (for chosen_sequence_nll; else it is 0); ``count``: how many positions are
+    scored (scored_targets' non -100 count, known on the host), which saves the chunked head a host-GPU sync."""
+    targets = scored_targets(batch, whole_chosen)
+    if "packed_index" in batch:  # --packing: one forward over the packed rows, read back into the 2B rows
+        index = batch["packed_index"]
+        inputs = dict(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"], use_cache=False)
+        per_token = unpacked(per_token(model, inputs, packed(targets, index, inputs["input_ids"].shape), count), index)
+    else:
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        per_token = per_token(model, inputs, targets, count)
+    per_token = per_token[:, :-1]
     response = (batch["labels"][:, 1:] != IGNORE_INDEX).to(per_token.dtype)
     sums, counts = (per_token * response).sum(-1), response.sum(-1)
     pairs = batch["input_ids"].shape[0] // 2
     in_chosen_sequence = batch["attention_mask"][:pairs, 1:].to(per_token.dtype)
-    return PairScores(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:],
-                      -(per_token[:pairs] * in_chosen_sequence).sum())
+    nll = -(per_token[:pairs] * in_chosen_sequence).sum() if whole_chosen else per_token.new_zeros(())
+    return PairScores(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:], nll)
+
+
+def packed(targets: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """scored_targets of the 2B rows placed where their tokens sit in the packed rows (zerotune.data.pairs.
+    pack_sequences), -100 elsewhere. A sequence's last token has no target, so none crosses into the next."""
+    flat = targets.new_full((shape[0] * shape[1] + 1,), IGNORE_INDEX)
+    flat[index.flatten()] = targets.flatten()  # every padding token writes -100 to the spare slot at the end
+    return flat[:-1].view(shape)
+
+
+def unpacked(per_token: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[2B, longest sequence]: the packed rows' per-token log-probabilities in the unpacked layout, 0 at padding,
+    so the per-sequence sums below add the same values in the same order as an unpacked forward's."""
+    flat = torch.cat([per_token.flatten(), per_token.new_zeros(1)])
+    return flat[index]
+
+
+@dataclass(frozen=True)
+class PairScorer:
+    """score_pairs as a run calls it, chosen once: the per-token log-probabilities from the chunked head or the
+    logits (zerotune.resolve decides model.chunked_loss), and whether the objective reads the chosen sequences'
+    NLL (ORPO) or only the responses."""
+
+    per_token: object = logits_token_logps
+    whole_chosen: bool = True
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], count: int | None = None) -> PairScores:
+        return score_pairs(model, batch, self.per_token, self.whole_chosen, count)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """The positions one forward scores, counted on the host batch."""
+        return int((scored_targets(batch, self.whole_chosen) != IGNORE_INDEX).sum())
 
 
 def chosen_sequence_tokens(batch: dict[str, torch.Tensor]) -> int:

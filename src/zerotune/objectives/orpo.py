@@ -14,6 +14,7 @@ from zerotune.objectives.logps import PairLoss, PairScores, chosen_sequence_toke
 class ORPO:
     name = "orpo"
     uses_reference = False
+    needs_chosen_sequence_nll = True  # whether PairScores.chosen_sequence_nll is read (scores the prompts)
     term_names = ("odds_ratio_loss", "nll_loss")
 
     def __init__(self, beta: float):

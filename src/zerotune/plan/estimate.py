@@ -295,7 +295,8 @@ def alternatives(base: Scenario, limit: int = 5) -> list[Estimate]:
         ("ddp", 3, "none"), ("fsdp", 3, "none"), ("deepspeed", 2, "none"), ("deepspeed", 3, "none"),
         ("deepspeed", 3, "optimizer"), ("deepspeed", 3, "all")]
     found = []
-    packings = {base.packing, True} if base.objective == "sft" else {False}  # pairs are never packed
+    # pairs pack within each micro-batch (data.pairs), which this model does not capture: none suggested for them
+    packings = {base.packing, True} if base.objective == "sft" else {False}
     for (strategy, stage, offload), mb, (ckpt, every), packing in itertools.product(
             engines, (1, 2, 4, 8, 16), ((False, 1), (True, 1), (True, 2), (True, 4)), packings):
         if base.method == "qlora" and strategy == "deepspeed" and offload != "none":

@@ -9,7 +9,7 @@ from zerotune.errors import ConfigError
 from zerotune.plan import calibration as cal
 from zerotune.plan.catalog import GPU, architecture_for
 from zerotune.plan.estimate import Estimate, Scenario, alternatives, effective_fraction, estimate
-from zerotune.resolve import explain_compile
+from zerotune.resolve import explain_chunked_loss, explain_compile
 
 
 def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes: int) -> Scenario:
@@ -36,7 +36,7 @@ def scenario_from_config(config: RunConfig, gpu: GPU, gpus_per_node: int, nodes:
         r=config.adapter.r, micro_batch=config.train.batch_size, seq_len=config.data.max_seq_len,
         grad_accum=config.train.grad_accum, checkpointing=config.model.gradient_checkpointing,
         checkpoint_every=config.model.checkpoint_every,
-        packing=config.data.packing, chunked_loss=config.model.chunked_loss and config.objective.name == "sft",
+        packing=config.data.packing, chunked_loss=explain_chunked_loss(config, strategy)[0],
         compile=explain_compile(config.model.compile, "cuda",  # the plan is for GPUs
                                 zero3=strategy == "deepspeed" and stage == 3)[0],
         mixed_precision=config.model.mixed_precision, strategy=strategy, zero_stage=stage, offload=offload,

@@ -28,7 +28,7 @@ from zerotune.errors import ConfigError
 class Installed:
     """What ``install()`` put on the model, and the one-line notes saying what and why not."""
 
-    loss_head: object | None = None  # a chunked_loss.ChunkedLossHead for token_loss_sum; None: the model's logits
+    loss_head: object | None = None  # a chunked_loss.ChunkedLossHead (token_loss_sum, score_pairs); None: logits
     graphs: bool = False  # whether steps replay as CUDA graphs (False where the attention rules them out)
     compiled: bool = False  # whether the decoder layers were compiled
     fused_groups: int = 0  # groups of projections fused (q/k/v, gate/up, o, down)
@@ -60,7 +60,7 @@ def install(model: torch.nn.Module, config: RunConfig, settings, *, precision) -
 
         without_hub_kernel_dispatch(model)
     # 2. the chunked loss on the output head: outside the decoder layers, so the order there does not matter
-    if config.model.chunked_loss:
+    if settings.chunked_loss:
         from zerotune.speed.chunked_loss import install_chunked_loss
 
         installed.loss_head, why_not = install_chunked_loss(model, compiled=compiled)

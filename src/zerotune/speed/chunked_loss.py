@@ -64,8 +64,9 @@ def compiled_chunk_math():
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, label_count, compiled=False):
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, chunk_tokens, label_count, compiled=False, grad_enabled=True):
+        # needs_input_grad says True under torch.no_grad too: an evaluation would compute gradients it drops
+        want_hidden, want_weight = (grad_enabled and wanted for wanted in ctx.needs_input_grad[:2])
         wide = torch.promote_types(hidden.dtype, torch.float32)  # the softmax runs in fp32 (or fp64 if given)
         if label_count == ALL_ROWS:
             rows, picked, keep = None, hidden, (labels != IGNORE_INDEX).to(wide)
@@ -102,7 +103,88 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def chunk_token_losses_and_grad(logits: torch.Tensor, target: torch.Tensor,
+                                want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """chunk_loss_and_grad row by row: each row's cross-entropy (fp32, or fp64 for fp64 logits), and its gradient
+    with respect to the row's logits, softmax - one_hot, in the logits' dtype."""
+    wide_logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_norm = torch.logsumexp(wide_logits, dim=-1)
+    losses = log_norm - wide_logits.gather(1, target[:, None]).squeeze(1)
+    if not want_grad:
+        return losses, None
+    grad = wide_logits.sub_(log_norm[:, None]).exp_()
+    grad.scatter_add_(1, target[:, None], grad.new_full((target.size(0), 1), -1.0))
+    return losses, grad.to(logits.dtype)
+
+
+@functools.cache
+def compiled_token_math():
+    """chunk_token_losses_and_grad through torch.compile, made once per process."""
+    return torch.compile(chunk_token_losses_and_grad)
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] of each row whose target is not -100 (0 for the others), in
+    chunks. A row's log-prob depends on its own hidden state only, so its gradient with respect to that state
+    is computed with the forward, as _LinearCrossEntropy does, and the backward scales each row by its upstream
+    gradient. The weight's gradient sums the rows weighted by those upstream gradients, which only the backward
+    knows: where the head trains (full fine-tuning), the backward computes each chunk's logits again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens, target_count, compiled, grad_enabled):
+        want_hidden, want_weight = (grad_enabled and wanted for wanted in ctx.needs_input_grad[:2])
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        rows = label_rows(targets, target_count)
+        picked, picked_targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+        logps = torch.empty(rows.size(0), dtype=wide, device=hidden.device)
+        grad_picked = torch.empty_like(picked) if want_hidden else None  # d log-prob / d hidden, per row
+        math = compiled_token_math() if compiled else chunk_token_losses_and_grad
+        for start in range(0, picked.size(0), chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
+            losses, grad_logits = math(picked[chunk] @ weight.t(), picked_targets[chunk], want_hidden)
+            logps[chunk] = -losses
+            if want_hidden:
+                grad_picked[chunk] = -(grad_logits.to(hidden.dtype) @ weight)
+        ctx.save_for_backward(rows, grad_picked, *((picked, picked_targets, weight) if want_weight else ()))
+        ctx.hidden_shape, ctx.chunk_tokens, ctx.math = hidden.shape, chunk_tokens, math
+        device = hidden.device.type  # the backward's logits under the forward's autocast, if any
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return torch.zeros(hidden.size(0), dtype=wide, device=hidden.device).index_copy_(0, rows, logps)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        rows, grad_picked, *for_weight = ctx.saved_tensors
+        upstream = grad_output.index_select(0, rows)
+        grad_hidden = grad_weight = None
+        if grad_picked is not None:  # the product in fp32, then the compute dtype
+            scaled = (grad_picked.to(upstream.dtype) * upstream[:, None]).to(grad_picked.dtype)
+            grad_hidden = scaled.new_zeros(ctx.hidden_shape).index_copy_(0, rows, scaled)
+        if for_weight:
+            picked, picked_targets, weight = for_weight
+            grad_weight = torch.zeros(weight.shape, dtype=upstream.dtype, device=weight.device)
+            device, dtype, enabled = ctx.autocast
+            for start in range(0, picked.size(0), ctx.chunk_tokens):
+                chunk = slice(start, start + ctx.chunk_tokens)
+                with torch.autocast(device, dtype, enabled=enabled):
+                    logits = picked[chunk] @ weight.t()
+                _, grad_logits = ctx.math(logits, picked_targets[chunk], True)
+                grad_logits = (grad_logits.to(upstream.dtype) * -upstream[chunk, None]).to(picked.dtype)
+                grad_weight += (grad_logits.t() @ picked[chunk]).to(upstream.dtype)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_tokens: int | None = None, target_count: int | None = None,
+                       compiled: bool = False) -> torch.Tensor:
+    """Per row, log softmax(hidden @ weight.T)[target] (fp32; 0 where the target is -100), without a
+    [rows, vocab] tensor beyond one chunk. ``hidden`` [N, d], ``weight`` [V, d], ``targets`` [N];
+    ``target_count``: how many targets are not -100, when the caller knows it (saves a host-GPU sync)."""
+    chunk = chunk_tokens or chunk_tokens_for(weight.size(0))
+    return _LinearTokenLogps.apply(hidden, weight, targets, chunk, target_count, compiled, torch.is_grad_enabled())
 
 
 def label_rows(labels: torch.Tensor, label_count: int | None = None) -> torch.Tensor:
@@ -125,7 +207,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     ALL_ROWS: every row at fixed shapes, -100 rows weighing zero (no count needed, for CUDA graphs).
     ``compiled``: each chunk's softmax and gradient through torch.compile (compiled_chunk_math)."""
     chunk = chunk_tokens or chunk_tokens_for(weight.size(0))
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, label_count, compiled)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, label_count, compiled, torch.is_grad_enabled())
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -144,7 +226,9 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 class ChunkedLossHead:
     """Installed on a causal LM's output head. Inside ``computing(labels)``, the model's forward returns the
-    summed loss in place of ``logits``; outside it (generation, plain calls) the head behaves as before.
+    summed loss in place of ``logits``; inside ``scoring(targets)``, each position's log-probability of its
+    target ([batch, seq], for the preference objectives); outside both (generation, plain calls) the head
+    behaves as before.
     ``compiled``: each chunk's softmax and gradient run through torch.compile (compiled_chunk_math), as the
     layers do under --compile."""
 
@@ -154,14 +238,19 @@ class ChunkedLossHead:
         self.compiled = compiled
         self._labels: torch.Tensor | None = None
         self._count: int | None = None
+        self._per_token = False
         original = self.head.forward
 
         def forward(hidden: torch.Tensor) -> torch.Tensor:
             if self._labels is None:
                 return original(hidden)
             labels, self._labels = self._labels, None
-            return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), self.head.weight, labels,
-                                            self.chunk_tokens, self._count, self.compiled)
+            rows = hidden.reshape(-1, hidden.size(-1))
+            if self._per_token:
+                return linear_token_logps(rows, self.head.weight, labels, self.chunk_tokens, self._count,
+                                          self.compiled).view(hidden.shape[:-1])
+            return linear_cross_entropy_sum(rows, self.head.weight, labels, self.chunk_tokens, self._count,
+                                            self.compiled)
 
         self.head.forward = forward
 
@@ -176,6 +265,18 @@ class ChunkedLossHead:
             yield
         finally:
             self._labels = self._count = None
+
+    @contextmanager
+    def scoring(self, targets: torch.Tensor, target_count: int | None = None):
+        """``targets`` [batch, seq]: the token whose log-probability each position gives (already aligned:
+        position t's target, usually token t + 1), -100 where none is wanted; the model's forward then returns
+        those log-probabilities [batch, seq], fp32, 0 at -100. ``target_count``: how many are not -100."""
+        self._labels, self._count, self._per_token = targets.reshape(-1), target_count, True
+        try:
+            yield
+        finally:
+            self._labels = self._count = None
+            self._per_token = False
 
 
 def install_chunked_loss(model: torch.nn.Module, compiled: bool = False) -> tuple[ChunkedLossHead | None, str | None]:
