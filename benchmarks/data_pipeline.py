@@ -9,11 +9,15 @@ then measures, each in a fresh subprocess whose peak RSS is read with resource.g
   template, prompt labels -100, EOS appended, num_proc=2), no cache reuse;
 - cold_prepare: zerotune's own preparation as preflight runs it (check_data, load_tokenizer, prepare_data) with
   an empty data cache: the prepared data written to the cache and mapped back;
-- cold_train: ``zerotune train --max-steps 1`` from command start to exit (one step on the tiny model, adapter
-  saved) with an empty data cache;
+- cold_train: ``zerotune train --max-steps 1 --num-workers 2 --use-cpu`` (two CPU workers, DDP) from command start
+  to exit (one step on the tiny model, adapter saved) with an empty data cache;
 - warm_train: the same command again, the data cache now filled (a cache hit).
 
+For the train commands, the peak RSS (VmHWM) of the launching process, of each of the two workers and of every
+other process they start (datasets' map workers, forked from the launcher) is sampled from /proc every 0.1 s.
+
 Usage: python benchmarks/data_pipeline.py --out DIR --records N [--result FILE] [--src OTHER_CHECKOUT/src]
+       [--skip cold_prepare] [--floor-last] [--commit SHA]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +51,8 @@ def write_records(path: Path, count: int, seed: int = 0) -> None:
     lexicon = np.array(["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(60_000)])
     weights = 1.0 / np.arange(1, len(lexicon) + 1) ** 1.05
     weights /= weights.sum()
-    lengths = rng.lognormal(mean=np.log(85), sigma=0.6, size=count).clip(8, 1500).astype(int)
+    # median 56 words: about 150 tokens per example with the template and the 32k tokenizer below
+    lengths = rng.lognormal(mean=np.log(56), sigma=0.6, size=count).clip(8, 1500).astype(int)
     with path.open("w", encoding="utf-8") as handle:
         for start in range(0, count, 10_000):
             block = lengths[start:start + 10_000]
@@ -129,17 +135,100 @@ def train_command(data: Path, model_dir: Path, work: Path, output: str) -> list[
     return [sys.executable, "-m", "zerotune", "train", "--model", str(model_dir), "--data", str(data),
             "--template", "alpaca", "--eval-fraction", "0", "--max-seq-len", str(MAX_SEQ_LEN),
             "--data-cache-dir", str(work / "cache"), "--max-steps", "1", "--batch-size", "1", "--use-cpu",
-            "--dtype", "fp32", "--tracking", "none", "--output-dir", str(work / output)]
+            "--dtype", "fp32", "--tracking", "none", "--output-dir", str(work / output), "--num-workers", "2"]
+
+
+def _proc(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/{name}", "rb") as handle:
+        return handle.read().decode(errors="replace")
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from /proc's parent ids."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(_proc(int(entry), "stat").rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def classify(pid: int, parent: int, command: str, root: int) -> str:
+    """torch elastic spawns the workers from the launcher with multiprocessing; datasets' pools (save_to_disk)
+    use multiprocess (dill's fork of it), and its map forks the launcher."""
+    if pid == root:
+        return "launcher"
+    return "worker" if parent == root and "from multiprocessing.spawn import" in command else "helper"
+
+
+def role_summary(processes: list[dict]) -> dict:
+    by_role = {role: sorted((p for p in processes if p["role"] == role), key=lambda p: -p["peak_rss_mib"])
+               for role in ("launcher", "worker", "helper")}
+    return {"launcher_peak_rss_mib": by_role["launcher"][0]["peak_rss_mib"] if by_role["launcher"] else None,
+            "worker_peak_rss_mib": [p["peak_rss_mib"] for p in by_role["worker"]],
+            "largest_helper_peak_rss_mib": max((p["peak_rss_mib"] for p in by_role["helper"]), default=None),
+            "processes": processes}
+
+
+class PeakSampler(threading.Thread):
+    """The last seen VmHWM (peak RSS) of every process below ``root``, sampled until stopped. A process's role:
+    launcher (root), worker (torch elastic's), or helper (anything else: datasets' map and save_to_disk
+    processes, of which a fork counts the pages it shares with the launcher; multiprocessing's resource trackers)."""
+
+    def __init__(self, root: int, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.root, self.interval, self.stop = root, interval, threading.Event()
+        self.peaks: dict[int, dict] = {}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for pid in descendants(self.root):
+                try:
+                    hwm = next(int(line.split()[1]) for line in _proc(pid, "status").splitlines()
+                               if line.startswith("VmHWM:"))
+                    command = _proc(pid, "cmdline").replace("\0", " ").strip()
+                    parent = int(_proc(pid, "stat").rsplit(")", 1)[1].split()[1])
+                except (OSError, StopIteration, IndexError, ValueError):
+                    continue
+                role = classify(pid, parent, command, self.root)
+                seen = self.peaks.setdefault(pid, {"role": role, "pid": pid, "parent": parent,
+                                                   "command": command[:160], "peak_rss_mib": 0.0})
+                seen["peak_rss_mib"] = max(seen["peak_rss_mib"], hwm / 1024)
+            self.stop.wait(self.interval)
+
+    def summary(self) -> dict:
+        return role_summary(list(self.peaks.values()))
 
 
 def measure_train(data: Path, model_dir: Path, work: Path, output: str) -> dict:
     command = train_command(data, model_dir, work, output)
     started = time.perf_counter()
-    finished = subprocess.run(command, capture_output=True, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = PeakSampler(process.pid)
+    sampler.start()
+    chunks, first_step = [], None
+    while chunk := os.read(process.stderr.fileno(), 1 << 16):  # tqdm's step bar ends in \r, not a line
+        chunks.append(chunk)
+        if first_step is None and b"loss=" in b"".join(chunks[-2:]):
+            first_step = time.perf_counter() - started  # the first step's loss is shown: it has run
+    process.wait()
     seconds = time.perf_counter() - started
-    if finished.returncode:
-        raise SystemExit(f"zerotune train failed:\n{finished.stderr[-3000:]}")
-    return {"seconds": seconds, "command": " ".join(command), "log_tail": finished.stderr.splitlines()[-8:]}
+    sampler.stop.set()
+    sampler.join()
+    stderr = b"".join(chunks).decode(errors="replace")
+    if process.returncode:
+        raise SystemExit(f"zerotune train failed:\n{stderr[-3000:]}")
+    return {"seconds": seconds, "seconds_to_first_step": first_step, "command": " ".join(command),
+            **sampler.summary(),
+            "log_tail": [line for line in stderr.splitlines() if "data " in line or "%|" not in line][-8:]}
 
 
 MEASURES = {"floor": measure_floor, "cold_prepare": measure_prepare,
@@ -180,11 +269,16 @@ def run_measure(name: str, data: Path, model_dir: Path, work: Path, src: Path) -
     return result
 
 
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def machine() -> dict:
     with open("/proc/cpuinfo") as handle:
         model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
     return {"cpu": model, "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
-            "python": platform.python_version(), "platform": platform.platform()}
+            "uptime_at_start": uptime(), "nice": os.nice(0), "python": platform.python_version(),
+            "platform": platform.platform()}
 
 
 def versions() -> dict:
@@ -205,6 +299,12 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=ROOT / "src",
                         help="the zerotune source measured (another checkout's src, to compare commits in one run)")
     parser.add_argument("--note", default="", help="said in the results JSON, e.g. how busy the machine was")
+    parser.add_argument("--floor-last", action="store_true",
+                        help="measure the floor after zerotune (a run cut short keeps zerotune's numbers)")
+    parser.add_argument("--commit", default="", help="the commit measured, when --src is an exported copy of it "
+                                                     "(not a git checkout)")
+    parser.add_argument("--skip", action="append", default=[], choices=["cold_prepare"],
+                        help="leave out a measurement (cold_prepare: cold_train measures the same preparation)")
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -226,33 +326,59 @@ def main() -> None:
     work = args.out / f"work-{args.records}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    results = {}
-    results["floor"] = run_measure("floor", data, model_dir, work, args.src)
-    results["cold_prepare"] = run_measure("cold_prepare", data, model_dir, work, args.src)
-    shutil.rmtree(work / "cache")  # cold again for the train command
-    results["cold_train"] = run_measure("cold_train", data, model_dir, work, args.src)
-    results["warm_train"] = run_measure("warm_train", data, model_dir, work, args.src)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.src, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "."], cwd=args.src, capture_output=True,
-                                text=True).stdout.strip())
-    summary = {
-        "benchmark": "data_pipeline", "date": started_at.isoformat(timespec="seconds"),
-        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit, "src_dirty": dirty, "machine": {**load_at_start, "load_average_at_end": os.getloadavg()},
-        "versions": versions(), "note": args.note,
-        "command": f"python3 benchmarks/data_pipeline.py --out {args.out} --records {args.records}"
-                   + (f" --src {args.src}" if args.src != ROOT / "src" else ""),
-        "commit_measured_is_of": str(args.src),
-        "records": args.records, "data_bytes": data.stat().st_size, "vocab_size": VOCAB, "max_seq_len": MAX_SEQ_LEN,
-        "median_tokens_per_example": results["floor"]["median_tokens"],
-        "cold_prepare_over_floor": results["cold_prepare"]["seconds"] / results["floor"]["seconds"],
-        "cold_train_over_floor": results["cold_train"]["seconds"] / results["floor"]["seconds"],
-        "cold_prepare_over_floor_cpu": results["cold_prepare"]["cpu_seconds"] / results["floor"]["cpu_seconds"],
-        "results": results,
-    }
     result_path = args.result or ROOT / "benchmarks" / "results" / (
         f"{started_at:%Y-%m-%d}-cpu-data-pipeline-{args.records // 1000}k.json")
-    result_path.write_text(json.dumps(summary, indent=2) + "\n")
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.src, capture_output=True,
+                                           text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "."], cwd=args.src, capture_output=True,
+                                text=True).stdout.strip())
+    results = {}
+
+    def write(complete: bool) -> dict:
+        """The results so far (after each measurement: a run stopped early keeps what it measured)."""
+        ratio = lambda name, key: (results[name][key] / results["floor"][key]  # noqa: E731
+                                   if name in results and "floor" in results else None)
+        summary = {
+            "benchmark": "data_pipeline", "complete": complete, "date": started_at.isoformat(timespec="seconds"),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "src_dirty": dirty,
+            "machine": {**load_at_start, "load_average_at_end": os.getloadavg(), "uptime_at_end": uptime()},
+            "versions": versions(), "note": args.note,
+            "command": f"python3 benchmarks/data_pipeline.py --out {args.out} --records {args.records}"
+                       + (f" --src {args.src}" if args.src != ROOT / "src" else "")
+                       + (" --floor-last" if args.floor_last else "")
+                       + "".join(f" --skip {name}" for name in args.skip),
+            "commit_measured_is_of": str(args.src),
+            "records": args.records, "data_bytes": data.stat().st_size, "vocab_size": VOCAB,
+            "max_seq_len": MAX_SEQ_LEN, "median_tokens_per_example": results.get("floor", {}).get("median_tokens"),
+            "cold_prepare_over_floor": ratio("cold_prepare", "seconds"),
+            "cold_prepare_over_floor_cpu": ratio("cold_prepare", "cpu_seconds"),
+            "cold_train_over_floor": ratio("cold_train", "seconds"),
+            "cold_train_over_floor_cpu": ratio("cold_train", "cpu_seconds"),
+            "cold_first_step_seconds": results.get("cold_train", {}).get("seconds_to_first_step"),
+            "warm_first_step_seconds": results.get("warm_train", {}).get("seconds_to_first_step"),
+            "peak_rss_mib": {name: {key: results[name][key] for key in
+                                    ("launcher_peak_rss_mib", "worker_peak_rss_mib", "largest_helper_peak_rss_mib")}
+                             for name in ("cold_train", "warm_train") if name in results},
+            "results": results,
+        }
+        result_path.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    if not args.floor_last:
+        results["floor"] = run_measure("floor", data, model_dir, work, args.src)
+        write(False)
+    if "cold_prepare" not in args.skip:
+        results["cold_prepare"] = run_measure("cold_prepare", data, model_dir, work, args.src)
+        write(False)
+        shutil.rmtree(work / "cache")  # cold again for the train command
+    results["cold_train"] = run_measure("cold_train", data, model_dir, work, args.src)
+    write(False)
+    results["warm_train"] = run_measure("warm_train", data, model_dir, work, args.src)
+    if args.floor_last:
+        write(False)
+        results["floor"] = run_measure("floor", data, model_dir, work, args.src)
+    summary = write(True)
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
     print(f"wrote {result_path}")
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_config, read_jsonl, write_jsonl
 from helpers import train
 from test_bad_input import no_model_loading, run_cli  # noqa: F401 (a fixture)
+from zerotune.config import DataConfig
 from zerotune.data.formats import parse_columns, sharegpt_messages
 from zerotune.errors import ConfigError, DataError
 
@@ -223,3 +224,23 @@ def test_malformed_arrow_shards_and_subsets(tiny_llama, alpaca_records, tmp_path
                      error_for(repository, "--subset", "fr"))
     assert re.search(r"data\.columns: 'question' is not source=target",
                      error_for(shards, "--columns", "question"))
+
+
+@pytest.mark.parametrize("line, bad, pattern", [
+    (4321, "{not json", r"big\.jsonl line 4321: malformed JSON"),
+    (4999, json.dumps({"instruction": "q", "output": 7}), r'big\.jsonl line 4999: field "output" has the wrong type'),
+])
+def test_errors_in_a_large_file_name_their_line(tmp_path, line, bad, pattern):
+    """A file large enough to be checked by datasets' map in 2 processes (zerotune.data.records.read_table):
+    the error still names its line, counted with the blank lines that are skipped."""
+    from zerotune.data.prepare import check_data
+
+    lines = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(5000)]
+    lines[99] = ""  # a blank line: skipped, and still counted
+    lines[line - 1] = bad
+    data = tmp_path / "big.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=pattern) as raised:
+        check_data(DataConfig(path=str(data), cache_dir=str(tmp_path / "cache")), seed=0)
+    assert len(str(raised.value).splitlines()) == 1
+    assert not list((tmp_path / "cache").glob("checking-*"))  # the check's scratch files are gone

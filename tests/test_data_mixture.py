@@ -38,7 +38,9 @@ def test_mix_entry_parsing():
                            ("a.jsonl examples=0", "examples must be 1 or more"),
                            ("a.jsonl size=3", r"'size=3' is not one of weight=\.\.\."),
                            ("weight=2 a.jsonl", "write the dataset path first"),
-                           ("a.jsonl template=vicuna", "unknown template 'vicuna'")):
+                           ("a.jsonl template=vicuna", "unknown template 'vicuna'"),
+                           ("a.jsonl columns=question", r"columns: 'question' is not source=target"),
+                           ("a.jsonl columns=q=instruction,a=instruction", "two columns are mapped to")):
         with pytest.raises(ConfigError, match=pattern):
             parse_mix_entry(entry, 1, config)
 
@@ -88,6 +90,54 @@ def test_mixture_counts_dropped_examples_per_dataset(tiny_llama, two_datasets):
     kept = [int(re.search(r"\) (\d+) examples", line).group(1)) for line in data.report.sources]
     assert sum(kept) == data.report.kept == len(data.train) and data.report.total == 48 + 40
     assert 0 < kept[0] < 48 and kept[1] == 40 and data.report.dropped == 88 - sum(kept)
+
+
+def renamed_mixture(two_datasets, tmp_path):
+    """The two datasets with other field names each (question/answer; a ShareGPT-like ``dialog``), and the
+    mixture entries that rename them back, each with its own columns=."""
+    (alpaca_path, alpaca), (chat_path, chats) = two_datasets
+    questions = write_jsonl(tmp_path / "questions.jsonl", [
+        {"question": r["instruction"], "context": r["input"], "answer": r["output"]} for r in alpaca])
+    dialogs = write_jsonl(tmp_path / "dialogs.jsonl", [{"dialog": r["messages"]} for r in chats])
+    renamed = [f"{questions} weight=0.5 template=alpaca columns=question=instruction,context=input "
+               "columns=answer=output",  # the key repeats, or takes several renames separated by commas
+               f"{dialogs} examples=30 template=chat columns=dialog=messages"]
+    return renamed, [f"{alpaca_path} weight=0.5 template=alpaca", f"{chat_path} examples=30 template=chat"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_each_mixture_entry_renames_its_own_columns(tiny_llama, two_datasets, tmp_path, cache):
+    """Per-entry columns= give exactly the examples of the same records with the template's field names, on the
+    cache's Arrow path and on the list path (--no-data-cache); data.columns stays the default of the others."""
+    from zerotune.config import ModelConfig
+    from zerotune.data.prepare import prepare_data
+    from zerotune.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name=str(tiny_llama)))
+    renamed, original = renamed_mixture(two_datasets, tmp_path)
+
+    def examples(mix, **extra):
+        config = DataConfig(mix=mix, max_seq_len=256, eval_fraction=0.1, cache=cache,
+                            cache_dir=str(tmp_path / "cache"), **extra)
+        data = prepare_data(config, tokenizer, seed=0)
+        return [(e.input_ids, e.labels) for split in (data.train, data.eval) for e in split], data.report
+
+    expected, expected_report = examples(original)
+    got, report = examples(renamed)
+    assert got == expected and len(got) == 24 + 30
+    assert report.templates == expected_report.templates == {"alpaca": 24, "chat": 30}
+    # data.columns renames the entries without their own columns=
+    default = [renamed[0].split(" columns=")[0], renamed[1]]
+    assert examples(default, columns=["question=instruction", "context=input", "answer=output"])[0] == expected
+
+
+@pytest.mark.slow
+def test_mixture_with_renamed_columns_trains_like_renamed_records(tiny_llama, two_datasets, tmp_path):
+    renamed, original = renamed_mixture(two_datasets, tmp_path)
+    runs = [train(make_config(tiny_llama, "", tmp_path / name, **{"data.path": "", "data.mix": mix,
+                                                                  "data.max_seq_len": 256})).losses
+            for name, mix in (("renamed", renamed), ("original", original))]
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6) and len(runs[0]) == 3
 
 
 def test_bad_mixtures_fail_before_any_model_loads(tiny_llama, two_datasets, tmp_path, capsys,

@@ -37,6 +37,55 @@ def test_pack_examples_places_each_example_once():
     assert report.efficiency == pytest.approx(34 / 40)
 
 
+def first_fit_by_scanning(lengths, row_length):
+    """The plain first-fit decreasing (each example scans the open rows in order): the reference."""
+    rows, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for row, free in enumerate(room):
+            if lengths[index] <= free:
+                rows[row].append(index)
+                room[row] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            room.append(row_length - lengths[index])
+    return [sorted(members) for members in rows]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_first_fit_tree_places_examples_as_scanning_does(seed):
+    from zerotune.data.packing import _members, first_fit_rows
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 300, (2000,), generator=generator).tolist() + [512, 1, 511, 256, 256]
+    row_of, rows = first_fit_rows(lengths, 512)
+    flat, offsets = _members(row_of, rows)
+    got = [flat[offsets[row]:offsets[row + 1]].tolist() for row in range(rows)]
+    assert got == first_fit_by_scanning(lengths, 512)
+
+
+def test_packing_an_arrow_table_gives_pack_examples_rows(tmp_path):
+    """pack_table (the cache's path: lengths from Arrow, rows joined by datasets' map in 2 processes) packs a
+    subset of a table's rows exactly as pack_examples packs the same examples as lists."""
+    import datasets
+    import numpy
+
+    from zerotune.data.packing import pack_table
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 200, (6000,), generator=generator).tolist()
+    examples = [example(range(start, start + n)) for start, n in enumerate(lengths)]
+    table = datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                                        "labels": [e.labels for e in examples]})
+    used = numpy.arange(0, 6000, 3)  # e.g. the training rows once an eval set is held out
+    packed, report = pack_table(table, used, 256, str(tmp_path / "packed.arrow"), num_proc=2)
+    expected_rows, expected_report = pack_examples([examples[i] for i in used], 256)
+    assert report == expected_report and len(packed) == report.rows
+    assert packed.to_dict() == {"input_ids": [r.input_ids for r in expected_rows],
+                                "labels": [r.labels for r in expected_rows],
+                                "position_ids": [r.position_ids for r in expected_rows]}
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_row_never_attends_across_examples(tiny_llama, attention):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention, dtype=torch.float32)

@@ -114,7 +114,7 @@ class DataConfig:
                              "that defines several.", "--subset")
     mix: list[str] = option(
         [], "Datasets to mix instead of --data, each 'PATH key=value ...' with keys weight, examples, template, "
-            "split, subset (see docs/data.md).", "--mix")
+            "split, subset, columns (see docs/data.md).", "--mix")
     columns: list[str] = option(
         [], "Rename record fields before use, each 'source=target', e.g. question=instruction,answer=output.",
         "--columns")

@@ -7,6 +7,7 @@ or two workers run 4 each. With token-weighted loss this makes runs comparable a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,19 +41,25 @@ class BatchPlan:
             )
 
     def epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
+        return _epoch_order(self.num_examples, self.seed, epoch).tolist()
 
     def micro_batches(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:
         """Example indices of this rank's micro-batches for one optimizer step."""
-        order = self.epoch_order(epoch)
         start = step_in_epoch * self.global_batch_size
-        batch = order[start : start + self.global_batch_size]
+        batch = _epoch_order(self.num_examples, self.seed, epoch)[start : start + self.global_batch_size].tolist()
         size = self.micro_batch_size
         return [
             batch[(micro * self.world_size + rank) * size : (micro * self.world_size + rank + 1) * size]
             for micro in range(self.grad_accum)
         ]
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's permutation, drawn once per epoch (not per step) and kept as a tensor (8 bytes an example),
+    not a Python list."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator)
 
 
 def collate(examples: list[EncodedExample], pad_token_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ cache directory, one in all with a shared one). An entry appears complete or not
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,14 @@ def cache_root(config: DataConfig) -> Path:
 
 
 def _sha256(path: Path) -> str:
+    status = path.stat()
+    return _sha256_of(str(path), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(name: str, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, once per process while its size and modification time stay (preflight asks twice)."""
+    path = Path(name)
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -155,6 +164,14 @@ def _to_table(examples: Sequence[EncodedExample]):
     return datasets.Dataset.from_dict(columns, features=features)
 
 
+def _save(table, folder: Path) -> None:
+    """save_to_disk; a large table is copied by datasets' worker processes, so this process never maps all its
+    pages (they would count in its resident memory, growing with the data)."""
+    from zerotune.data.encode import map_processes
+
+    table.save_to_disk(str(folder), num_proc=map_processes(len(table)))
+
+
 def _write(entry: Path, prepared) -> None:
     from zerotune.data.records import quiet_datasets
 
@@ -162,9 +179,9 @@ def _write(entry: Path, prepared) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     with quiet_datasets():
-        _to_table(prepared.train).save_to_disk(str(staging / "train"))
+        _save(_to_table(prepared.train), staging / "train")
         if len(prepared.eval):  # datasets writes no data file for an empty table
-            _to_table(prepared.eval).save_to_disk(str(staging / "eval"))
+            _save(_to_table(prepared.eval), staging / "eval")
     report = {"report": dataclasses.asdict(prepared.report),
               "packing": dataclasses.asdict(prepared.packing) if prepared.packing else None}
     (staging / REPORT_FILE).write_text(json.dumps(report))

@@ -148,19 +148,29 @@ BATCH_RECORDS = 1024
 PARALLEL_FROM = 4096  # fewer records than this are tokenized in one process: starting workers costs more
 
 
-def encode_table(tokenizer, records: list[dict[str, Any]], templates: list[str], max_seq_len: int, overlong: str,
-                 cache_file: str, num_proc: int | None = None):
-    """encode_records' examples, tokenized by datasets' batched map over ``num_proc`` processes (default: the
-    CPUs this process may use, at most 8) into an Arrow file, never into Python lists in this process. Returns
-    (the table: input_ids, labels and per record the template used, KEPT/TRUNCATED/DROPPED and what keeping a
-    dropped one needs; its report). Records travel to the workers as JSON text, one row each."""
-    import datasets
-    import json
+def map_processes(num_rows: int) -> int | None:
+    """datasets' num_proc for a map over ``num_rows`` rows: the CPUs this process may use (at most 8), or None
+    (this process) below PARALLEL_FROM rows."""
     import os
 
-    def encode(batch):
-        rows = [json.loads(text) for text in batch["record"]]
-        names = [template_for_record(record, configured) for record, configured in zip(rows, batch["template"])]
+    workers = min(8, len(os.sched_getaffinity(0))) if num_rows >= PARALLEL_FROM else 1
+    return workers if workers > 1 else None
+
+
+def encode_table(tokenizer, source, read, template: str, max_seq_len: int, overlong: str, cache_file: str,
+                 num_proc: int | None = None):
+    """encode_records' examples of one dataset, tokenized by datasets' batched map over ``num_proc`` processes
+    (default: the CPUs this process may use, at most 8) into an Arrow file, never into Python lists in this
+    process. ``source``: the dataset's RecordTable (zerotune.data.records); ``read(batch, indices)``: the checked
+    records of a batch of its rows. Returns (the table: input_ids, labels and per record the template used,
+    KEPT/TRUNCATED/DROPPED and what keeping a dropped one needs; its report)."""
+    import uuid
+
+    import datasets
+
+    def encode(batch, indices):
+        rows = read(batch, indices)
+        names = [template_for_record(record, template) for record in rows]
         columns = {"input_ids": [], "labels": [], "template": names, "outcome": [], "needed": []}
         for example in _encode_in_batches(tokenizer, rows, names):
             example, outcome, needed = fit(example, max_seq_len, overlong)
@@ -170,17 +180,17 @@ def encode_table(tokenizer, records: list[dict[str, Any]], templates: list[str],
             columns["needed"].append(needed)
         return columns
 
-    source = datasets.Dataset.from_dict({"record": [json.dumps(r, default=str) for r in records],
-                                         "template": templates})
-    if num_proc is None:
-        num_proc = min(8, len(os.sched_getaffinity(0))) if len(records) >= PARALLEL_FROM else 1
+    rows = source.rows
+    num_proc = map_processes(len(rows)) if num_proc is None else num_proc if num_proc > 1 else None
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "labels": datasets.Sequence(datasets.Value("int32")),
                                   "template": datasets.Value("string"), "outcome": datasets.Value("int8"),
                                   "needed": datasets.Value("int32")})
-    table = source.map(encode, batched=True, batch_size=BATCH_RECORDS, num_proc=num_proc if num_proc > 1 else None,
-                       remove_columns=source.column_names, features=features, cache_file_name=cache_file,
-                       desc="tokenizing")
+    # new_fingerprint: the cache key is zerotune's (zerotune.data.cache), so datasets need not hash the tokenizer
+    table = rows.map(encode, batched=True, with_indices=True, batch_size=BATCH_RECORDS,
+                     num_proc=num_proc, remove_columns=rows.column_names,
+                     features=features, cache_file_name=cache_file, new_fingerprint=uuid.uuid4().hex,
+                     desc="tokenizing")
     return table, table_report(table)
 
 

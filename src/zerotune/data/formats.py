@@ -15,13 +15,14 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 
 
-def parse_columns(items: list[str], key: str = "data.columns") -> dict[str, str]:
-    """``['question=instruction', 'answer=output']`` -> {'question': 'instruction', 'answer': 'output'}."""
+def parse_columns(items: list[str], key: str = "data.columns", how: str = "flag --columns") -> dict[str, str]:
+    """``['question=instruction', 'answer=output']`` -> {'question': 'instruction', 'answer': 'output'}. ``key``
+    and ``how`` name where the renames were given in an error."""
     mapping: dict[str, str] = {}
     for item in items:
         source, equals, target = (part.strip() for part in item.partition("="))
         if not equals or not source or not target:
-            raise ConfigError(f"{key}: {item!r} is not source=target; write e.g. question=instruction (flag --columns)")
+            raise ConfigError(f"{key}: {item!r} is not source=target; write e.g. question=instruction ({how})")
         if source in mapping:
             raise ConfigError(f"{key}: column {source!r} is mapped twice; map each source column once")
         mapping[source] = target

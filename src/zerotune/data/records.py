@@ -1,9 +1,19 @@
-"""Read instruction records from local files or the hub, and check every record before any model loads."""
+"""Read instruction records from local files or the hub, and check every record before any model loads.
+
+Two ways in. ``read_table`` (the data cache's cold path and its preflight check) reads a dataset into a
+memory-mapped Arrow table that is parsed and checked a batch at a time, so no process holds every record in
+Python: a JSON lines file becomes one row per line (datasets' text reader; the JSON is parsed in the batch, so
+an error names its line), Parquet, save_to_disk directories and hub datasets keep their own columns. A .json
+document (one JSON value, parsed whole) and CSV/TSV (csv's row checks, every value read as text) still go
+through ``read_records``, which returns Python lists; so do preference pairs and ``--no-data-cache``.
+"""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +151,11 @@ def quiet_datasets():
 
 def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a save_to_disk directory; of a DatasetDict, the rows of ``split`` (--split)."""
+    rows = _load_saved(path, split).to_list()
+    return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
+
+
+def _load_saved(path: Path, split: str):
     try:
         import datasets
     except ImportError:
@@ -153,11 +168,15 @@ def _read_saved_dataset(path: Path, split: str) -> tuple[list[dict[str, Any]], l
             raise DataError(f"{path}: no split {split!r} in this saved dataset (it has {', '.join(table)}); "
                             "pass --split")
         table = table[split]
-    rows = table.to_list()
-    return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
+    return table
 
 
 def _read_hub(dataset_id: str, split: str, subset: str = "") -> tuple[list[dict[str, Any]], list[str]]:
+    rows = _load_hub(dataset_id, split, subset).to_list()
+    return rows, [f"{dataset_id} row {i + 1}" for i in range(len(rows))]
+
+
+def _load_hub(dataset_id: str, split: str, subset: str = ""):
     try:
         import datasets
     except ImportError:
@@ -175,8 +194,107 @@ def _read_hub(dataset_id: str, split: str, subset: str = "") -> tuple[list[dict[
             f"cannot load hub dataset {named}: {reason}; check --subset and --split, and if you are offline, "
             "download it once or pass a local .jsonl/.json/.parquet file"
         ) from None
-    rows = table.to_list()
-    return rows, [f"{dataset_id} row {i + 1}" for i in range(len(rows))]
+    return table
+
+
+@dataclass
+class RecordTable:
+    """One dataset's records in an Arrow table (datasets.Dataset, memory-mapped), read a batch at a time.
+
+    ``kind``: "lines" (column ``text``, one row per line of JSON lines files, blank ones included), "columns"
+    (the records' own columns) or "json" (columns ``record``, a record as JSON text, and ``where``: the list
+    path's records, for the formats read whole)."""
+
+    rows: Any
+    kind: str
+    parts: list[tuple[int, str]]  # per file: its first row and how a place in it is named ("data.jsonl line")
+
+    def place(self, index: int) -> str:
+        first, prefix = self.parts[bisect.bisect_right([start for start, _ in self.parts], index) - 1]
+        return f"{prefix} {index - first + 1}"
+
+    def records(self, batch: dict[str, list], indices: list[int]) -> tuple[list[Any], list[str]]:
+        """The records of one batch of rows (``datasets.map(batched=True, with_indices=True)``) with their places;
+        blank lines are skipped, a malformed one raises DataError naming file and line."""
+        if self.kind == "json":
+            return [json.loads(text) for text in batch["record"]], batch["where"]
+        if self.kind == "columns":
+            names = list(batch)
+            records = [dict(zip(names, values)) for values in zip(*batch.values())] if names else []
+            return records, [self.place(index) for index in indices]
+        records, where = [], []
+        for line, index in zip(batch["text"], indices):
+            if not line.strip():
+                continue
+            place = self.place(index)
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{place}: malformed JSON ({error.msg}); fix or delete that line") from None
+            where.append(place)
+        return records, where
+
+
+def read_table(path: str, split: str = "train", flag: str = "--data", subset: str = "",
+               cache_dir: str | None = None) -> RecordTable:
+    """``read_records``' records, as a RecordTable. ``cache_dir``: where datasets writes the Arrow copy of a
+    local file (its own cache when None)."""
+    if not path:
+        from zerotune.resources import SAMPLE_DATA, resource_path
+
+        path = str(resource_path(SAMPLE_DATA))
+    local = Path(path).expanduser()
+    if not looks_local(path) or (subset and local.is_dir() and not is_saved_dataset(local)):
+        return _columns(_load_hub(path, split, subset), f"{path} row")
+    if is_saved_dataset(local):
+        return _columns(_load_saved(local, split), f"{local} row")
+    if local.is_dir():
+        return _table_of_shards(local, split, flag, cache_dir)
+    if local.is_file() and local.suffix == ".jsonl":
+        import datasets
+
+        with quiet_datasets():
+            rows = datasets.load_dataset("text", data_files=str(local), split="train", cache_dir=cache_dir,
+                                         encoding="utf-8-sig")
+        return RecordTable(rows, "lines", [(0, f"{local} line")])
+    if local.is_file() and local.suffix == ".parquet":
+        import datasets
+
+        with quiet_datasets():
+            rows = datasets.load_dataset("parquet", data_files=str(local), split="train", cache_dir=cache_dir)
+        return _columns(rows, f"{local} row")
+    records, where = _read_local(local, split, flag)  # .json, .csv, .tsv, or a missing or unknown file's error
+    return _json_table(records, where)
+
+
+def _columns(rows, prefix: str) -> RecordTable:
+    return RecordTable(rows, "columns", [(0, prefix)])
+
+
+def _json_table(records: list[Any], where: list[str]) -> RecordTable:
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"record": [json.dumps(r, default=str) for r in records], "where": where})
+    return RecordTable(rows, "json", [(0, "")])
+
+
+def _table_of_shards(folder: Path, split: str, flag: str, cache_dir: str | None) -> RecordTable:
+    """A folder of .jsonl or .parquet shards as one table (rows in name order, each named by its own file)."""
+    import datasets
+
+    shards = sorted(item for item in folder.iterdir() if item.is_file() and item.suffix in LOCAL_SUFFIXES)
+    if not shards or {shard.suffix for shard in shards} not in ({".jsonl"}, {".parquet"}):
+        return _json_table(*_read_shards(folder, split, flag))  # its error, or the formats read whole
+    tables = [read_table(str(shard), split, flag, cache_dir=cache_dir) for shard in shards]
+    try:
+        rows = datasets.concatenate_datasets([table.rows for table in tables])
+    except ValueError:  # Parquet shards of different columns: as lists, as read_records does
+        return _json_table(*_read_shards(folder, split, flag))
+    parts, first = [], 0
+    for table in tables:
+        parts.append((first, table.parts[0][1]))
+        first += len(table.rows)
+    return RecordTable(rows, tables[0].kind, parts)
 
 
 def check_records(records: list[dict[str, Any]], where: list[str], template: str, source: str) -> None:
