@@ -1,6 +1,7 @@
 """Run training in-process the way the CLI does; watch a run's listening sockets."""
 
 import ipaddress
+import json
 import threading
 import time
 from pathlib import Path
@@ -194,3 +195,37 @@ class ListeningSockets:
 
     def owners(self) -> list[str]:
         return list(self.seen.values())
+
+
+def losses_of(out: Path) -> list[float]:
+    """The training losses a run directory's metrics.jsonl holds, in order."""
+    events = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [event["loss"] for event in events if "loss" in event]
+
+
+def wait_for(predicate, process, timeout=120.0):
+    """Poll ``predicate`` while ``process`` runs; fail if it ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"run ended early: {process.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def preempt_after_three_steps(process, out: Path, steps: int) -> str:
+    """SIGTERM to a `zerotune train` process once it has logged 3 steps: it must exit 75 naming --resume, with no
+    final adapter and a checkpoint from step 3 on, before step ``steps``. Its stderr."""
+    import signal
+
+    from zerotune.checkpoints import newest_checkpoint
+    from zerotune.checkpoints.manifest import TRAINER_STATE
+    from zerotune.stopping import EXIT_PREEMPTED
+
+    wait_for(lambda: (Path(out) / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, err
+    assert "--resume" in err and not (Path(out) / "adapter").exists()
+    stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
+    assert 3 <= stopped_at < steps
+    return err

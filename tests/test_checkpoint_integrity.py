@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import adapter_weights
+from helpers import adapter_weights, losses_of
 from zerotune.checkpoints import (CheckpointSpaceError, newest_checkpoint, save_checkpoint, step_name, step_of,
                                   verified_restore)
 from zerotune.checkpoints import save as checkpoint_save
@@ -38,11 +38,6 @@ def run_args(model, data, out, *extra: str) -> list[str]:
             str(STEPS), "--batch-size", "4", "--grad-accum", "2", "--dtype", "fp32", "--max-seq-len", "128",
             "--eval-fraction", "0", "--lr", "1e-2", "--seed", "0", "--tracking", "none", "--quiet",
             "--save-steps", "2", "--keep-checkpoints", "5", "--lora-dropout", "0.1", *extra]
-
-
-def losses_of(out: Path) -> list[float]:
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [event["loss"] for event in events if "loss" in event]
 
 
 def checkpoint(out: Path, step: int) -> Path:

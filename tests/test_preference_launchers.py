@@ -1,20 +1,15 @@
 """Preference tuning under what SFT runs have: SIGTERM then `--resume` gives the uninterrupted run's losses and
 adapter exactly, and the Ray launcher on 2 CPU workers gives the one-process losses (1e-5)."""
 
-import json
-import signal
 import subprocess
 
 import pytest
 import torch
 
 from conftest import make_config
-from helpers import adapter_weights, train
-from test_resume import cli, losses_of, wait_for
-from zerotune.checkpoints import newest_checkpoint
+from helpers import adapter_weights, losses_of, preempt_after_three_steps, train
+from test_resume import cli
 from zerotune.cli import main
-from zerotune.checkpoints.manifest import TRAINER_STATE
-from zerotune.stopping import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +27,7 @@ def test_sigterm_checkpoints_then_resume_matches(tiny_llama, pairs_file, tmp_pat
     out = tmp_path / "run"
     process = subprocess.Popen(cli(*dpo_args(tiny_llama, pairs_file, out, steps)), stderr=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, err
-    assert "--resume" in err and not (out / "adapter").exists()
-    stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
-    assert 3 <= stopped_at < steps
+    preempt_after_three_steps(process, out, steps)
     subprocess.run(cli(*dpo_args(tiny_llama, pairs_file, out, steps), "--resume"), check=True, capture_output=True)
     assert losses_of(out) == losses_of(reference)
     resumed, expected = adapter_weights(out), adapter_weights(reference)

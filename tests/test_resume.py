@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_config
-from helpers import ListeningSockets, adapter_weights, train
+from helpers import ListeningSockets, adapter_weights, losses_of, train, wait_for  # noqa: F401 (re-exported)
 from zerotune.checkpoints import check_resumable, complete_checkpoints, newest_checkpoint, step_name
 from zerotune.checkpoints.manifest import TRAINER_STATE
 from zerotune.checkpoints.save import commit
@@ -194,19 +193,6 @@ def run_args(tiny_llama, alpaca_file, out, steps):
     return ["--model", tiny_llama, "--data", alpaca_file, "--output-dir", out, "--max-steps", steps,
             "--batch-size", "4", "--dtype", "fp32", "--max-seq-len", "128", "--eval-fraction", "0", "--lr", "1e-2",
             "--seed", "0", "--tracking", "none", "--quiet", "--save-steps", "2"]
-
-
-def wait_for(predicate, process, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, f"run ended early: {process.communicate()}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
-def losses_of(out: Path) -> list[float]:
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [event["loss"] for event in events if "loss" in event]
 
 
 # SIGTERM to a single-process run, its checkpoint and the resumed run's exact losses and adapter: tested once, as

@@ -8,7 +8,6 @@ before any weight loads, and every file of the user's must still be there afterw
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import losses_of, preempt_after_three_steps, wait_for
 from zerotune.cli import main
 from zerotune.config import dump_yaml
 from zerotune.run_dir import LOCK_FILE, MARKER, RunLock, check_owned, claim_output_dir, prepare_output_dir, \
@@ -259,19 +259,6 @@ def test_resume_with_relative_paths_from_another_directory(tiny_llama, alpaca_fi
     assert [event["step"] for event in events if "loss" in event] == [1, 2, 3]
 
 
-def losses_of(out: Path) -> list[float]:
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [event["loss"] for event in events if "loss" in event]
-
-
-def wait_for(predicate, process, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, f"run ended early: {process.communicate()}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def job_command(steps: int, *more: str, out: str = "runs/r") -> list[str]:
     """The job's command line, with paths relative to its working directory."""
     return [sys.executable, "-m", "zerotune", *train_args("model", "data.jsonl", out, "--save-steps", "2", *more,
@@ -291,9 +278,6 @@ def test_sigterm_then_the_same_command_plus_resume_in_the_jobs_directory(tiny_ll
     import torch
 
     from helpers import adapter_weights
-    from zerotune.checkpoints import newest_checkpoint
-    from zerotune.checkpoints.manifest import TRAINER_STATE
-    from zerotune.stopping import EXIT_PREEMPTED
 
     job, steps = copy_job(tiny_llama, alpaca_file, tmp_path), 16
     reference = job / "runs" / "reference"
@@ -301,13 +285,7 @@ def test_sigterm_then_the_same_command_plus_resume_in_the_jobs_directory(tiny_ll
     out = job / "runs" / "r"
     process = subprocess.Popen(job_command(steps), cwd=job, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, err
-    assert "--resume" in err and not (out / "adapter").exists()
-    stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
-    assert 3 <= stopped_at < steps
+    preempt_after_three_steps(process, out, steps)
     resumed = subprocess.run(job_command(steps, "--resume"), cwd=job, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert losses_of(out) == losses_of(reference)

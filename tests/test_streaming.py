@@ -5,16 +5,13 @@ Tolerances: as tests/test_resume.py, fp32 CPU on one worker count is bit-exact, 
 """
 
 import json
-import signal
 import subprocess
 
 import pytest
 
 from conftest import make_config, read_jsonl, write_jsonl
-from helpers import train
-from test_resume import EXIT_PREEMPTED, cli, interrupted_copy, losses_of, wait_for
-from zerotune.checkpoints import newest_checkpoint
-from zerotune.checkpoints.manifest import TRAINER_STATE
+from helpers import losses_of, preempt_after_three_steps, train
+from test_resume import cli, interrupted_copy
 from zerotune.config import build_config
 from zerotune.data.batches import BatchPlan
 from zerotune.data.encode import EncodedExample, encode_records
@@ -222,12 +219,7 @@ def test_streaming_sigterm_then_resume_matches(shards, tiny_llama, tmp_path):
     subprocess.run(cli(*args(reference)), check=True, capture_output=True)
     out = tmp_path / "run"
     process = subprocess.Popen(cli(*args(out)), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses_of(out)) >= 3, process)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == EXIT_PREEMPTED, err
-    stopped_at = json.loads((newest_checkpoint(out) / TRAINER_STATE).read_text())["step"]
-    assert 3 <= stopped_at < 16
+    preempt_after_three_steps(process, out, 16)
     subprocess.run(cli(*args(out), "--resume"), check=True, capture_output=True)
     assert losses_of(out) == losses_of(reference)
 
