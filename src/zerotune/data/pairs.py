@@ -240,19 +240,13 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, row_le
         end of a row counts 0, 1, ... as a sequence of its own, as in zerotune.data.batches.collate);
       packed_index  [2B, longest sequence]: where token j of sequence s sits in the packed rows, flattened;
         padding points one past the end (rows x longest row), a slot that reads as 0 (objectives.logps)."""
+    from zerotune.data.packing import first_fit_rows
+
     lengths = attention_mask.sum(-1).tolist()
-    order = sorted(range(len(lengths)), key=lambda s: (-lengths[s], s))
-    members: list[list[int]] = []
-    room: list[int] = []
-    for sequence in order:
-        for row, free in enumerate(room):
-            if lengths[sequence] <= free:
-                members[row].append(sequence)
-                room[row] -= lengths[sequence]
-                break
-        else:
-            members.append([sequence])
-            room.append(row_length - lengths[sequence])
+    row_of, rows = first_fit_rows(lengths, row_length)
+    members: list[list[int]] = [[] for _ in range(rows)]
+    for sequence, row in enumerate(row_of.tolist()):
+        members[row].append(sequence)
     width = max(sum(lengths[s] for s in row) for row in members)
     packed_ids = torch.full((len(members), width), pad_token_id, dtype=torch.long)
     positions = torch.arange(width).repeat(len(members), 1)
